@@ -1,0 +1,168 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Decide, in pure Python, whether a quantized matmul goes to a split-K kernel.
+
+A plan's shape (warps along K, rows per block) is chosen from (N, K, mode,
+bits, device) and never from M, so a row's result does not depend on how many
+other rows share the call (batch invariance: a verify pass reproduces decode
+bit for bit at the matmul level). M only decides *whether* the kernel is used:
+up to a cut-over measured on the device and kept in ``tuning/<device>.json``.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import mlx.core as mx
+
+TUNING_DIR = os.path.join(os.path.dirname(__file__), "tuning")
+
+ROWS_PER_TILE = 16  # weight rows per MMA tile (the m16 side of m16n8k16)
+K_PER_CHUNK = 128  # K covered by one warp step: 4 lanes x 32 weights
+TOKENS_PER_TILE = 8  # tokens per MMA tile (the n8 side)
+MAX_TOKEN_TILES = 8  # so at most 64 rows of x per call
+WARP_CHOICES = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Plan:
+    backend: str  # "cuda" or "metal"
+    mode: str
+    bits: int
+    group_size: int
+    N: int
+    K: int
+    warps_k: int  # split factor: warps of a block that share its rows, each a K slice
+    token_tiles: int  # ceil(M / 8); the only M-dependent field, it never changes the math
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.N // ROWS_PER_TILE)
+
+
+@dataclass(frozen=True)
+class Device:
+    backend: str  # "cuda", "metal" or "cpu"
+    name: str
+    sm_count: int
+
+
+@lru_cache(maxsize=1)
+def current_device() -> Device:
+    """The default device as the planner sees it (cached; call cache_clear to re-read)."""
+    if mx.default_device() == mx.cpu:
+        return Device("cpu", "cpu", 0)
+    info = mx.device_info()
+    name = str(info.get("device_name", "unknown"))
+    if mx.cuda.is_available():
+        sms = int(info.get("multi_processor_count", info.get("sm_count", 132)))
+        return Device("cuda", name, sms)
+    if mx.metal.is_available():
+        # Apple GPUs report no core count through MLX; 10 cores is the smallest M-series.
+        return Device("metal", name, int(info.get("gpu_cores", 10)))
+    return Device("cpu", name, 0)
+
+
+def tuning_key(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
+
+
+@lru_cache(maxsize=None)
+def load_tuning(device_name: str) -> dict:
+    """The committed tuning table for this device, or {} if none was measured."""
+    path = os.path.join(TUNING_DIR, tuning_key(device_name) + ".json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def supported(mode: str, bits: int, group_size: int, K: int, dtype) -> bool:
+    """What the kernels implement; everything else stays on MLX's path."""
+    if dtype not in (mx.bfloat16, mx.float16):
+        return False  # float32 keeps MLX's full-precision path
+    if mode == "affine" and bits not in (2, 3, 4, 5, 6, 8):
+        return False
+    # Each lane owns 32 consecutive weights of a row, so K must be a multiple of 32.
+    return K % 32 == 0 and K >= K_PER_CHUNK
+
+
+def choose_warps_k(N: int, K: int, sm_count: int, target_warps_per_sm: int = 16) -> int:
+    """Split factor from the shape and the device alone (never from M).
+
+    Enough warps in flight to keep the memory system busy: about
+    ``target_warps_per_sm`` per SM, but no more warps than K has chunks.
+    """
+    blocks = -(-N // ROWS_PER_TILE)
+    chunks = -(-K // K_PER_CHUNK)
+    want = max(1, sm_count * target_warps_per_sm // blocks)
+    best = 1
+    for w in WARP_CHOICES:
+        if w <= want and w <= chunks:
+            best = w
+    return best
+
+
+def max_m_for(tuning: dict, mode: str, bits: int, N: int, K: int) -> int:
+    """Largest M for which the kernel beat MLX on the device (0 = never)."""
+    key = f"{mode}{bits}"
+    table = tuning.get("max_m", {})
+    entry = table.get(f"{key}:{N}x{K}", table.get(key, tuning.get("default_max_m", 0)))
+    return int(entry)
+
+
+def plan_dense(
+    M: int,
+    N: int,
+    K: int,
+    bits: int,
+    group_size: int,
+    mode: str,
+    dtype,
+    device: Optional[Device] = None,
+) -> Optional[Plan]:
+    """A Plan for ``x (M, K) @ dequant(w (N, K)).T``, or None for MLX's own op."""
+    device = device or current_device()
+    if device.backend not in ("cuda", "metal") or M < 1:
+        return None
+    override = forced_split()
+    if override == 0 or not supported(mode, bits, group_size, K, dtype):
+        return None
+    tuning = load_tuning(device.name)
+    limit = MAX_TOKEN_TILES * TOKENS_PER_TILE
+    if override is None:
+        limit = min(limit, max_m_for(tuning, mode, bits, N, K))
+    if M > limit:
+        return None
+    warps = override or tuning.get("warps_k", {}).get(f"{N}x{K}")
+    warps = warps or choose_warps_k(N, K, device.sm_count)
+    return Plan(
+        backend=device.backend,
+        mode=mode,
+        bits=bits,
+        group_size=group_size,
+        N=N,
+        K=K,
+        warps_k=int(warps),
+        token_tiles=-(-M // TOKENS_PER_TILE),
+    )
+
+
+# --split-k from the CLI: None = auto (tuning table), 0 = off, n = force n warps along K.
+_forced: Optional[int] = None
+
+
+def forced_split() -> Optional[int]:
+    return _forced
+
+
+def set_split(value: Optional[int]) -> None:
+    """Set the split policy: None = auto, 0 = always MLX, n > 0 = n warps along K."""
+    global _forced
+    if value is not None and (value < 0 or (value and value not in WARP_CHOICES)):
+        raise ValueError(
+            f"split-K must be 'auto', 'off' or one of {', '.join(map(str, WARP_CHOICES))}; got {value}."
+        )
+    _forced = value

@@ -15,7 +15,7 @@ from . import plan as planner
 
 # (group sizes, bits) MLX accepts per mode, and its defaults (first entries).
 MODES = {
-    "affine": ((64, 32, 128), (4, 2, 3, 5, 6, 8)),
+    "affine": ((64, 32, 128), (4, 1, 2, 3, 5, 6, 8)),
     "mxfp4": ((32,), (4,)),
     "mxfp8": ((32,), (8,)),
     "nvfp4": ((16,), (4,)),
@@ -117,9 +117,9 @@ def quantized_matmul(
         return mx.quantized_matmul(
             x, w, scales, biases, transpose, group_size, bits, mode, stream=stream
         )
-    from . import kernels
+    from . import launch
 
-    y = kernels.dense(plan, x.reshape(M, K), w, scales, biases)
+    y = launch.dense(plan, x.reshape(M, K), w, scales, biases)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -1,0 +1,268 @@
+// Copyright © 2026 mtp_splitk contributors
+//
+// Split-K quantized matmul for small M on NVIDIA GPUs (sm_80+), launched
+// through mx.fast.cuda_kernel. y[M, N] = x[M, K] @ dequant(w[N, K]).T
+//
+// Shape of the work:
+//   * a block owns 16 weight rows (the m16 side of mma.m16n8k16) and has WK
+//     warps; warp j takes K chunks j, j+WK, j+2WK, ... (split-K inside the
+//     block), so the grid has ceil(N/16) blocks however small M is;
+//   * a chunk is 128 K: lane (g = lane/4, c = lane%4) owns the 32 consecutive
+//     codes at k0 = 128*chunk + 32c of rows g and g+8 (16-byte loads at
+//     4 bits), dequantizes them in registers, and applies them to every token
+//     tile with the tensor cores: weights stream from memory once per call;
+//   * the WK partial sums meet in shared memory and are added in warp order
+//     0..WK-1 by one thread per output: a fixed order, no atomics, one MLX
+//     primitive per matmul.
+// Batch invariance: nothing above depends on M, and each output column of
+// an MMA depends only on its own token, so a row's result is bit-identical
+// whatever the other rows of the call are.
+//
+// The K labels inside an MMA are free as long as A and B agree: lane c's four
+// K slots of each k16 step are filled with its own codes, paired as
+// (8v + j, 8v + j + 4) (the order in which 4-bit codes come out of a word two
+// at a time), and x is permuted into the same pairs with byte permutes.
+
+#define QC_FN __device__ __forceinline__
+#define QC_THREAD
+typedef uint32_t qc_u32;
+__device__ __forceinline__ float qc_bits_to_float(uint32_t u) { return __uint_as_float(u); }
+__device__ __forceinline__ float qc_half_bits_to_float(uint32_t u) {
+  return __half2float(__ushort_as_half((unsigned short)u));
+}
+
+// (quant_core.h is pasted here by the launcher)
+#include "quant_core.h"
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  // 128 + q as a bf16 pair; the mantissa holds q exactly for q < 128.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  __device__ __forceinline__ static uint32_t sub_magic(uint32_t v) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&v), __floats2bfloat162_rn(128.f, 128.f));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ __forceinline__ static uint32_t fma2(uint32_t q, uint32_t s, uint32_t b) {
+    __nv_bfloat162 r = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&q), *reinterpret_cast<__nv_bfloat162*>(&s),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static void run(float* c, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  // 1024 + q as a half pair.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  __device__ __forceinline__ static uint32_t sub_magic(uint32_t v) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&v), __floats2half2_rn(1024.f, 1024.f));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ __forceinline__ static uint32_t fma2(uint32_t q, uint32_t s, uint32_t b) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&q), *reinterpret_cast<__half2*>(&s),
+                        *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+};
+
+template <typename TS>
+__device__ __forceinline__ float scale_to_float(TS v) { return static_cast<float>(v); }
+
+// One lane's raw share of a chunk for one weight row: BITS words of codes and
+// its group parameters (nvfp4 has two groups of 16 in a run of 32).
+template <int BITS>
+struct RowRun {
+  uint32_t words[BITS];
+  float scale[2];
+  float bias[2];
+};
+
+template <int BITS>
+__device__ __forceinline__ void load_words(uint32_t* dst, const uint32_t* src) {
+  if constexpr (BITS % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 4; ++i) {
+      uint4 v = reinterpret_cast<const uint4*>(src)[i];
+      dst[4 * i] = v.x;
+      dst[4 * i + 1] = v.y;
+      dst[4 * i + 2] = v.z;
+      dst[4 * i + 3] = v.w;
+    }
+  } else if constexpr (BITS % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < BITS / 2; ++i) {
+      uint2 v = reinterpret_cast<const uint2*>(src)[i];
+      dst[2 * i] = v.x;
+      dst[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) dst[i] = src[i];
+  }
+}
+
+template <int MODE, int BITS, int G, int K, typename TS>
+__device__ __forceinline__ void load_run(RowRun<BITS>& r, const uint32_t* w, const TS* scales, const TS* biases,
+                                         int row, int k0) {
+  constexpr int WORDS_ROW = K / 32 * BITS;
+  constexpr int GROUPS_ROW = K / G;
+  if (k0 >= K) {  // past the end of K (K % 128 != 0): contributes exact zeros
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) r.words[i] = 0;
+    r.scale[0] = r.scale[1] = r.bias[0] = r.bias[1] = 0.f;
+    return;
+  }
+  load_words<BITS>(r.words, w + (size_t)row * WORDS_ROW + k0 / 32 * BITS);
+  const size_t gi = (size_t)row * GROUPS_ROW + k0 / G;
+  if constexpr (MODE == QC_AFFINE) {
+    r.scale[0] = r.scale[1] = scale_to_float(scales[gi]);
+    r.bias[0] = r.bias[1] = scale_to_float(biases[gi]);
+  } else {
+    r.scale[0] = qc_decode_scale<MODE>(scales[gi]);
+    r.scale[1] = G == 16 ? qc_decode_scale<MODE>(scales[gi + 1]) : r.scale[0];
+    r.bias[0] = r.bias[1] = 0.f;
+  }
+}
+
+// The run's 32 weights as 16 packed pairs in MMA K-slot order: pair 4v + j
+// holds codes (8v + j, 8v + j + 4).
+template <typename T, int MODE, int BITS, int G, bool FAST4>
+__device__ __forceinline__ void dequant_run(uint32_t* pairs, const RowRun<BITS>& r) {
+  if constexpr (FAST4) {
+    // 4-bit affine with scales in the activation type: two codes per
+    // lop3, exact q via the magic-number subtraction, then one fma per pair
+    // (single rounding of scale * q + bias, like the generic path).
+    const uint32_t s2 = Mma<T>::pack(r.scale[0], r.scale[0]);
+    const uint32_t b2 = Mma<T>::pack(r.bias[0], r.bias[0]);
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t q = ((r.words[v] >> (4 * j)) & 0x000F000Fu) | Mma<T>::kMagic;
+        pairs[4 * v + j] = Mma<T>::fma2(Mma<T>::sub_magic(q), s2, b2);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int i0 = 8 * v + j, i1 = 8 * v + j + 4;
+        const int h0 = G == 16 ? i0 / 16 : 0, h1 = G == 16 ? i1 / 16 : 0;
+        float w0 = qc_dequant<MODE, BITS>(r.words, i0, r.scale[h0], r.bias[h0]);
+        float w1 = qc_dequant<MODE, BITS>(r.words, i1, r.scale[h1], r.bias[h1]);
+        pairs[4 * v + j] = Mma<T>::pack(w0, w1);
+      }
+    }
+  }
+}
+
+// 32 consecutive activations of one token, permuted into the same pairs.
+template <typename T>
+__device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool valid) {
+  if (!valid) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) pairs[i] = 0;
+    return;
+  }
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {
+    uint4 u = reinterpret_cast<const uint4*>(x)[v];  // x[8v .. 8v+7]
+    pairs[4 * v + 0] = __byte_perm(u.x, u.z, 0x5410);  // (x0, x4)
+    pairs[4 * v + 1] = __byte_perm(u.x, u.z, 0x7632);  // (x1, x5)
+    pairs[4 * v + 2] = __byte_perm(u.y, u.w, 0x5410);  // (x2, x6)
+    pairs[4 * v + 3] = __byte_perm(u.y, u.w, 0x7632);  // (x3, x7)
+  }
+}
+
+// FAST4: 4-bit affine with scales of the activation type (the launcher checks).
+template <typename T, typename TS, int MODE, int BITS, int G, int N, int K, int WK, int NT, bool FAST4>
+__device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y, int M) {
+  constexpr int CHUNKS = (K + 127) / 128;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2, c = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  // Rows past N load row N-1 (never stored) so loads need no predicate.
+  const int row_a = min(row0 + g, N - 1);
+  const int row_b = min(row0 + g + 8, N - 1);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+
+  RowRun<BITS> cur_a, cur_b, nxt_a, nxt_b;
+  int chunk = warp;
+  if (chunk < CHUNKS) {
+    load_run<MODE, BITS, G, K>(cur_a, w, scales, biases, row_a, chunk * 128 + 32 * c);
+    load_run<MODE, BITS, G, K>(cur_b, w, scales, biases, row_b, chunk * 128 + 32 * c);
+  }
+  for (; chunk < CHUNKS; chunk += WK) {
+    // Issue the next chunk's weight loads before this chunk's math.
+    const int next = chunk + WK;
+    if (next < CHUNKS) {
+      load_run<MODE, BITS, G, K>(nxt_a, w, scales, biases, row_a, next * 128 + 32 * c);
+      load_run<MODE, BITS, G, K>(nxt_b, w, scales, biases, row_b, next * 128 + 32 * c);
+    }
+    const int k0 = chunk * 128 + 32 * c;
+    uint32_t wa[16], wb[16];
+    dequant_run<T, MODE, BITS, G, FAST4>(wa, cur_a);
+    dequant_run<T, MODE, BITS, G, FAST4>(wb, cur_b);
+#pragma unroll
+    for (int t = 0; t < NT; ++t) {
+      const int token = min(t * 8 + g, M - 1);  // padding tokens repeat the last; never stored
+      uint32_t xb[16];
+      load_x_run<T>(xb, x + (size_t)token * K + k0, k0 < K);
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        const uint32_t a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
+        const uint32_t b[2] = {xb[2 * s], xb[2 * s + 1]};
+        Mma<T>::run(acc[t], a, b);
+      }
+    }
+    cur_a = nxt_a;
+    cur_b = nxt_b;
+  }
+
+  // Fixed-order reduction of the WK partial tiles through shared memory.
+  extern __shared__ float4 partial[];  // [WK][NT][32 lanes]
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    partial[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+  }
+  __syncthreads();
+  const float* flat = reinterpret_cast<const float*>(partial);
+  for (int i = threadIdx.x; i < NT * 128; i += WK * 32) {
+    const int t = i >> 7, l = (i >> 2) & 31, e = i & 3;
+    const int token = t * 8 + 2 * (l & 3) + (e & 1);
+    const int row = row0 + (l >> 2) + 8 * (e >> 1);
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < WK; ++j) sum += flat[((j * NT + t) * 32 + l) * 4 + e];
+    if (token < M && row < N) y[(size_t)token * N + row] = static_cast<T>(sum);
+  }
+}

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Split-K kernel vs mx.quantized_matmul on the GPU, and the tuning table.
+
+Method (see README, "Benchmarks"):
+  * one op's time = wall time of building and evaluating a batch of R
+    independent ops / R, median over repeats after warm-up: this includes
+    MLX's per-op cost the way a model's forward pays it;
+  * the weights rotate through >= 3 x 50 MB (the H100's L2) of distinct
+    copies, so every op streams its weights from HBM; x stays one array,
+    as a layer's input is L2-resident in a real forward;
+  * the copy bandwidth (a large elementwise copy, read + write bytes) and
+    the trivial-op floor (an add on 16 elements) are measured in the same
+    run, and every ratio is ours / MLX in the same run.
+
+Writes <out>/bench_kernels.json, <out>/bench_kernels.md and, with --tune,
+<out>/<device>.json (the planner's tuning table: split per shape, M cut-over).
+Usage:
+  python scripts/bench_kernels.py --out benchmarks [--tune] [--quick]
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+
+from mtp_splitk import launch, plan as planner  # noqa: E402
+
+L2_BYTES = 50 * 2**20
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048)]
+MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
+# (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.
+CONFIGS = [("affine", 4, 64, SHAPES)] + [
+    (m, b, g, SHAPES[:2]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
+]
+
+
+def median_time(build, reps=15, batch=32, warmup=3):
+    """Median seconds per op of `build(i)` (a lazy op on rotation slot i)."""
+    for _ in range(warmup):
+        mx.eval([build(i) for i in range(batch)])
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval([build(i) for i in range(batch)])
+        times.append((time.perf_counter() - t0) / batch)
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    a = mx.random.uniform(shape=(128 * 2**20,)).astype(mx.bfloat16)  # 256 MB
+    mx.eval(a)
+    t = median_time(lambda i: a * 1.0, reps=10, batch=4)
+    return 2 * a.nbytes / t
+
+
+def trivial_op_floor():
+    s = mx.ones((16,))
+    mx.eval(s)
+    return median_time(lambda i: s + i, reps=20, batch=64)
+
+
+def weight_sets(N, K, mode, bits, group_size, dtype=mx.bfloat16):
+    """Enough distinct quantized copies of an (N, K) weight to overflow L2 3x."""
+    mx.random.seed(N * 31 + K)
+    w = (mx.random.normal((N, K)) * 0.02).astype(dtype)
+    parts = mx.quantize(w, group_size, bits, mode=mode)
+    one = sum(p.nbytes for p in parts)
+    count = max(2, min(256, math.ceil(3 * L2_BYTES / one)))
+    sets = [parts]
+    for i in range(1, count):
+        # Distinct buffers with the same statistics: cheap perturbed copies.
+        sets.append(tuple(p + 0 if p.dtype != mx.uint32 else p ^ mx.array(i, mx.uint32) for p in parts))
+    mx.eval(sets)
+    return sets, one
+
+
+def run_mlx(sets, x, mode, bits, group_size):
+    def build(i):
+        p = sets[i % len(sets)]
+        biases = p[2] if mode == "affine" else None
+        return mx.quantized_matmul(x, p[0], p[1], biases, True, group_size, bits, mode)
+
+    return median_time(build)
+
+
+def run_ours(sets, x, mode, bits, group_size, warps_k):
+    M, K = x.shape
+    N = sets[0][0].shape[0]
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, -(-M // 8))
+
+    def build(i):
+        p = sets[i % len(sets)]
+        biases = p[2] if mode == "affine" else None
+        return launch.dense(plan, x, p[0], p[1], biases)
+
+    return median_time(build)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks")
+    ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
+    ap.add_argument("--quick", action="store_true", help="4-bit g64 on the first two shapes only")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    assert mx.cuda.is_available(), "needs MLX's CUDA backend"
+    device = planner.current_device()
+
+    bw = copy_bandwidth()
+    floor = trivial_op_floor()
+    print(f"device {device.name}, {device.sm_count} SMs; copy {bw / 1e9:.0f} GB/s; trivial op {floor * 1e6:.1f} us",
+          flush=True)
+
+    configs = [("affine", 4, 64, SHAPES[:2])] if args.quick else CONFIGS
+    rows, warps_k = [], {}
+    for mode, bits, group_size, shapes in configs:
+        for N, K in shapes:
+            sets, nbytes = weight_sets(N, K, mode, bits, group_size)
+            key = f"{N}x{K}"
+            if args.tune and key not in warps_k:
+                # Split chosen from the shape alone (batch invariance): best worst case over M.
+                cands = {}
+                for wk in (2, 4, 8, 16):
+                    if wk > -(-K // planner.K_PER_CHUNK):
+                        continue
+                    ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits, group_size, wk)
+                          for m in (1, 16)]
+                    cands[wk] = max(ts)
+                warps_k[key] = min(cands, key=cands.get)
+                print(f"  split {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()), flush=True)
+            wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
+            for M in MS:
+                x = mx.random.normal((M, K)).astype(mx.bfloat16)
+                t_mlx = run_mlx(sets, x, mode, bits, group_size)
+                t_ours = run_ours(sets, x, mode, bits, group_size, wk)
+                row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk,
+                           weight_bytes=nbytes, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,
+                           speedup=t_mlx / t_ours, gbps_ours=nbytes / t_ours / 1e9,
+                           pct_copy_bw=100 * nbytes / t_ours / bw,
+                           floor_us=max(nbytes / bw, floor) * 1e6)
+                rows.append(row)
+                print(f"{mode}{bits} g{group_size} {N}x{K} M={M:2d} wk={wk:2d}: ours {row['us_ours']:7.1f} us  "
+                      f"mlx {row['us_mlx']:7.1f} us  x{row['speedup']:.2f}  {row['pct_copy_bw']:.0f}% bw", flush=True)
+            del sets
+
+    meta = dict(device=device.name, sm_count=device.sm_count, mlx=mx.__version__, copy_gbps=bw / 1e9,
+                trivial_op_us=floor * 1e6, command=" ".join(sys.argv))
+    with open(os.path.join(args.out, "bench_kernels.json"), "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    write_markdown(os.path.join(args.out, "bench_kernels.md"), meta, rows)
+    if args.tune:
+        table = tuning_table(rows, warps_k, meta)
+        path = os.path.join(args.out, planner.tuning_key(device.name) + ".json")
+        with open(path, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+        print("tuning table:", json.dumps(table["max_m"]))
+
+
+def tuning_table(rows, warps_k, meta):
+    """M cut-over per mode and shape: the largest M up to which the kernel
+    never lost to MLX (every smaller M won too). Unmeasured shapes of a mode
+    get the smallest cut-over measured for it."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((f"{r['mode']}{r['bits']}", f"{r['N']}x{r['K']}"), []).append(r)
+    max_m = {}
+    for (mode_key, shape), rs in by_key.items():
+        limit = 0
+        for r in sorted(rs, key=lambda r: r["M"]):
+            if r["speedup"] < 1.0:
+                break
+            limit = r["M"]
+        max_m[f"{mode_key}:{shape}"] = limit
+    for mode_key in {k for k, _ in by_key}:
+        max_m[mode_key] = min(v for k, v in max_m.items() if k.startswith(mode_key + ":"))
+    return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
+                warps_k=warps_k, max_m=max_m)
+
+
+def write_markdown(path, meta, rows):
+    lines = [
+        f"# Split-K kernel vs mx.quantized_matmul — {meta['device']}, MLX {meta['mlx']}",
+        "",
+        f"Copy bandwidth {meta['copy_gbps']:.0f} GB/s, trivial-op floor {meta['trivial_op_us']:.1f} us "
+        f"(both measured in this run). Command: `{meta['command']}`",
+        "",
+        "| mode | N×K | M | split | ours µs | MLX µs | MLX/ours | ours GB/s | % copy bw | floor µs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']}{r['bits']} g{r['group_size']} | {r['N']}×{r['K']} | {r['M']} | {r['warps_k']} | "
+            f"{r['us_ours']:.1f} | {r['us_mlx']:.1f} | {r['speedup']:.2f} | {r['gbps_ours']:.0f} | "
+            f"{r['pct_copy_bw']:.0f} | {r['floor_us']:.1f} |"
+        )
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

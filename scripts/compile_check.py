@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""Compile the CUDA kernels for sm_90a with nvcc, no GPU needed, and print the
+resource report (registers, spills, shared memory) per variant.
+
+Mirrors what mx.fast.cuda_kernel generates (a __global__ wrapper around the
+body), so errors and spills show up before any device time is spent.
+Usage: python scripts/compile_check.py [--sass]
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mtp_splitk.launch import read_source  # noqa: E402
+
+PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
+
+# (name, T, TS, MODE, BITS, G, N, K, WK, NT, FAST4)
+VARIANTS = [
+    ("affine4_bf16_nt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 1, "true"),
+    ("affine4_bf16_nt8", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 8, "true"),
+    ("affine4_generic", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 1, "false"),
+    ("affine3_fp16", "__half", "__half", 0, 3, 32, 4096, 4096, 8, 2, "false"),
+    ("affine8_bf16", "__nv_bfloat16", "__nv_bfloat16", 0, 8, 128, 4096, 4096, 8, 1, "false"),
+    ("mxfp4", "__nv_bfloat16", "uint8_t", 1, 4, 32, 4096, 4096, 8, 1, "false"),
+    ("nvfp4", "__nv_bfloat16", "uint8_t", 3, 4, 16, 4096, 4096, 8, 1, "false"),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sass", action="store_true", help="dump SASS of the first variant")
+    args = ap.parse_args()
+    src = PRELUDE + read_source("splitk_qmm.cu")
+    for v in VARIANTS:
+        name, T, TS, mode, bits, g, n, k, wk, nt, fast4 = v
+        biases = "biases" if mode == 0 else "(const uint8_t*)nullptr"
+        src += (
+            f"\n__global__ void {name}(const {T}* x, const uint32_t* w, const {TS}* scales,"
+            f" const {TS}* biases, {T}* y, int M) {{\n"
+            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {n}, {k}, {wk}, {nt}, {fast4}>"
+            f"(x, w, scales, {biases}, y, M);\n}}\n"
+        )
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "check.cu")
+        open(path, "w").write(src)
+        cmd = ["nvcc", "-std=c++17", "-gencode=arch=compute_90a,code=sm_90a", "-cubin",
+               "-Xptxas", "-v", "-o", os.path.join(d, "check.cubin"), path]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        print(r.stdout + r.stderr)
+        if r.returncode:
+            sys.exit(r.returncode)
+        if args.sass:
+            out = subprocess.run(["cuobjdump", "-sass", os.path.join(d, "check.cubin")],
+                                 capture_output=True, text=True).stdout
+            print(out[:60000])
+
+
+if __name__ == "__main__":
+    main()

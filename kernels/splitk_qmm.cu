@@ -125,19 +125,17 @@ __device__ __forceinline__ void load_words(uint32_t* dst, const uint32_t* src) {
   }
 }
 
-template <int MODE, int BITS, int G, int K, typename TS>
+template <int MODE, int BITS, int G, typename TS>
 __device__ __forceinline__ void load_run(RowRun<BITS>& r, const uint32_t* w, const TS* scales, const TS* biases,
-                                         int row, int k0) {
-  constexpr int WORDS_ROW = K / 32 * BITS;
-  constexpr int GROUPS_ROW = K / G;
+                                         int row, int k0, int K) {
   if (k0 >= K) {  // past the end of K (K % 128 != 0): contributes exact zeros
 #pragma unroll
     for (int i = 0; i < BITS; ++i) r.words[i] = 0;
     r.scale[0] = r.scale[1] = r.bias[0] = r.bias[1] = 0.f;
     return;
   }
-  load_words<BITS>(r.words, w + (size_t)row * WORDS_ROW + k0 / 32 * BITS);
-  const size_t gi = (size_t)row * GROUPS_ROW + k0 / G;
+  load_words<BITS>(r.words, w + (size_t)row * (K / 32 * BITS) + k0 / 32 * BITS);
+  const size_t gi = (size_t)row * (K / G) + k0 / G;
   if constexpr (MODE == QC_AFFINE) {
     r.scale[0] = r.scale[1] = scale_to_float(scales[gi]);
     r.bias[0] = r.bias[1] = scale_to_float(biases[gi]);
@@ -199,10 +197,13 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
   }
 }
 
-// FAST4: 4-bit affine with scales of the activation type (the launcher checks).
-template <typename T, typename TS, int MODE, int BITS, int G, int N, int K, int WK, int NT, bool FAST4>
-__device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y, int M) {
-  constexpr int CHUNKS = (K + 127) / 128;
+// N and K are run-time values (one compiled variant serves every layer of a
+// model); FAST4: 4-bit affine with scales of the activation type (the
+// launcher checks).
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, bool FAST4>
+__device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
+                           int M, int N, int K) {
+  const int CHUNKS = (K + 127) / 128;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
@@ -218,15 +219,15 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
   RowRun<BITS> cur_a, cur_b, nxt_a, nxt_b;
   int chunk = warp;
   if (chunk < CHUNKS) {
-    load_run<MODE, BITS, G, K>(cur_a, w, scales, biases, row_a, chunk * 128 + 32 * c);
-    load_run<MODE, BITS, G, K>(cur_b, w, scales, biases, row_b, chunk * 128 + 32 * c);
+    load_run<MODE, BITS, G>(cur_a, w, scales, biases, row_a, chunk * 128 + 32 * c, K);
+    load_run<MODE, BITS, G>(cur_b, w, scales, biases, row_b, chunk * 128 + 32 * c, K);
   }
   for (; chunk < CHUNKS; chunk += WK) {
     // Issue the next chunk's weight loads before this chunk's math.
     const int next = chunk + WK;
     if (next < CHUNKS) {
-      load_run<MODE, BITS, G, K>(nxt_a, w, scales, biases, row_a, next * 128 + 32 * c);
-      load_run<MODE, BITS, G, K>(nxt_b, w, scales, biases, row_b, next * 128 + 32 * c);
+      load_run<MODE, BITS, G>(nxt_a, w, scales, biases, row_a, next * 128 + 32 * c, K);
+      load_run<MODE, BITS, G>(nxt_b, w, scales, biases, row_b, next * 128 + 32 * c, K);
     }
     const int k0 = chunk * 128 + 32 * c;
     uint32_t wa[16], wb[16];

@@ -48,8 +48,8 @@ def _cuda_kernel(affine: bool, shared_memory: int):
     inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
     biases = "biases" if affine else "(const uint8_t*)nullptr"
     source = (
-        "splitk_qmm<T, TS, MODE, BITS, G, N, K, WK, NT, FAST4>"
-        f"(x, w, scales, {biases}, y, x_shape[0]);"
+        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, FAST4>"
+        f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);"
     )
     return mx.fast.cuda_kernel(
         name="mtp_splitk_qmm_affine" if affine else "mtp_splitk_qmm_fp",
@@ -86,8 +86,6 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
             ("MODE", MODE_IDS[plan.mode]),
             ("BITS", plan.bits),
             ("G", plan.group_size),
-            ("N", plan.N),
-            ("K", plan.K),
             ("WK", plan.warps_k),
             ("NT", plan.token_tiles),
             ("FAST4", fast4),

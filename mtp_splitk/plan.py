@@ -35,11 +35,20 @@ class Plan:
     N: int
     K: int
     warps_k: int  # split factor: warps of a block that share its rows, each a K slice
-    token_tiles: int  # ceil(M / 8); the only M-dependent field, it never changes the math
+    token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
 
     @property
     def blocks(self) -> int:
         return -(-self.N // ROWS_PER_TILE)
+
+
+def token_tiles_for(M: int) -> int:
+    """Tiles of 8 tokens a call computes: ceil(M / 8) rounded up to 1, 2, 4
+    or 8. Each value is a compiled variant, so rounding keeps a model's
+    first-call JIT work to four variants per layer type; padded tokens are
+    computed and never stored."""
+    tiles = -(-M // TOKENS_PER_TILE)
+    return 1 << (tiles - 1).bit_length()
 
 
 @dataclass(frozen=True)
@@ -146,7 +155,7 @@ def plan_dense(
         N=N,
         K=K,
         warps_k=int(warps),
-        token_tiles=-(-M // TOKENS_PER_TILE),
+        token_tiles=token_tiles_for(M),
     )
 
 

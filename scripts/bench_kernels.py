@@ -92,7 +92,7 @@ def run_mlx(sets, x, mode, bits, group_size):
 def run_ours(sets, x, mode, bits, group_size, warps_k):
     M, K = x.shape
     N = sets[0][0].shape[0]
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, -(-M // 8))
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, planner.token_tiles_for(M))
 
     def build(i):
         p = sets[i % len(sets)]

@@ -17,7 +17,7 @@ from mtp_splitk.launch import read_source  # noqa: E402
 
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
-# (name, T, TS, MODE, BITS, G, N, K, WK, NT, FAST4)
+# (name, T, TS, MODE, BITS, G, N, K, WK, NT, FAST4); N and K are run-time values
 VARIANTS = [
     ("affine4_bf16_nt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 1, "true"),
     ("affine4_bf16_nt8", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 8, "true"),
@@ -40,8 +40,8 @@ def main():
         src += (
             f"\n__global__ void {name}(const {T}* x, const uint32_t* w, const {TS}* scales,"
             f" const {TS}* biases, {T}* y, int M) {{\n"
-            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {n}, {k}, {wk}, {nt}, {fast4}>"
-            f"(x, w, scales, {biases}, y, M);\n}}\n"
+            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {fast4}>"
+            f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
         )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "check.cu")

@@ -1,0 +1,18 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Multi-token-prediction heads for mlx-lm models: layouts, loading, conversion.
+
+- :func:`load` -> ``(model, mtp_head, tokenizer)``
+- :func:`convert` / :func:`add_convert_args` / :func:`convert_main`: an
+  mlx-lm conversion that keeps (and quantizes) the MTP head
+- :mod:`.heads`: the head modules; :mod:`.families`: where each family keeps
+  its MTP tensors; :mod:`.target`: the target's backbone / LM-head split
+- :func:`mtp_weights`: random MTP tensors for synthetic targets
+"""
+
+from .convert import add_convert_args, convert, convert_main
+from .families import FAMILIES, Family, family_for
+from .heads import DeepSeekMTP, MiMoMTP, MTPHead, QwenMTP
+from .loading import MTP_SHARD, load, load_head
+from .synthetic import mtp_weights
+from .target import TargetParts

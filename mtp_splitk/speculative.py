@@ -208,6 +208,14 @@ class Stats:
     def mean_verify_time(self) -> float:
         return self.verify_time / self.steps if self.steps else 0.0
 
+    def record_step(self, drafted: int, accepted: int, rows: int):
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rejected += accepted < drafted
+        self.accepted_per_step.append(accepted)
+        self.verify_rows += rows
+
     def accepted_histogram(self) -> Counter:
         """Accepted drafts per step -> number of steps."""
         return Counter(self.accepted_per_step)
@@ -274,9 +282,11 @@ class Rollback:
             self.pending = []
         if self.recurrent:
             self._snapshot = [
-                (list(c.cache), c.left_padding, c.lengths)
-                if isinstance(c, ArraysCache)
-                else None
+                (
+                    (list(c.cache), c.left_padding, c.lengths)
+                    if isinstance(c, ArraysCache)
+                    else None
+                )
                 for c in self.leaves
             ]
         self._owed, self.pending = self.pending, []
@@ -557,9 +567,7 @@ class AcceptanceControlledDrafter(Drafter):
         """The target's greedy continuation of ``prompt`` (mlx-lm's loop)."""
         from mlx_lm.generate import generate_step
 
-        return [
-            t for t, _ in generate_step(prompt, model, max_tokens=num_tokens)
-        ]
+        return [t for t, _ in generate_step(prompt, model, max_tokens=num_tokens)]
 
     def reset(self):
         self._rng = np.random.default_rng(self.seed)
@@ -569,15 +577,15 @@ class AcceptanceControlledDrafter(Drafter):
         proposals = []
         for token in self.reference[self._position : self._position + n]:
             if self._rng.random() >= self.acceptance:
-                token = (token + int(self._rng.integers(1, self.vocab_size))) % self.vocab_size
+                token = (
+                    token + int(self._rng.integers(1, self.vocab_size))
+                ) % self.vocab_size
             proposals.append(token)
         tokens = mx.array(proposals, mx.uint32)
         if distribution is None or not proposals:
             return tokens, None
         # A deterministic proposal: q is a point mass on it.
-        q = mx.where(
-            mx.arange(self.vocab_size)[None] == tokens[:, None], 0.0, -mx.inf
-        )
+        q = mx.where(mx.arange(self.vocab_size)[None] == tokens[:, None], 0.0, -mx.inf)
         return tokens, q
 
     def accept(self, tokens, hidden):
@@ -705,66 +713,56 @@ def speculative_generate_step(
         drafts, q = drafter.draft(y, drafts_for(0), distribution)
         mx.async_eval(drafts)
         emitted = 0
-        yielded_in_step, new_tokens = 0, [int(y.item())]
+        # The tokens fed since rollback.begin() and how many of them were
+        # handed out, so that a consumer's early exit leaves the cache right.
+        fed, handed = [], 0
         try:
             while True:
                 new = mx.concatenate([y, drafts])
                 inputs = rollback.begin(new)
+                fed, handed = [], 0
                 offset = rollback.offset
                 logits, hidden = forward(inputs)
                 logits = process(logits[offset:], new)
                 logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
                 if distribution is None:
-                    verdict = [sampler(logprobs)]
+                    verdict = sampler(logprobs)
                 else:
-                    verdict = list(
-                        speculative_accept(distribution(logprobs), q, drafts)
-                    )
+                    verdict = speculative_accept(distribution(logprobs), q, drafts)
                 mx.eval(drafts)
                 t0 = time.perf_counter()
                 mx.eval(verdict)
                 stats.verify_time += time.perf_counter() - t0
 
-                draft_list = drafts.tolist()
-                if distribution is None:
-                    targets = verdict[0].tolist()
-                    accepted = 0
-                    while accepted < len(draft_list) and draft_list[accepted] == targets[accepted]:
-                        accepted += 1
-                    token = targets[accepted]
-                else:
-                    accepted, token = verdict[0].item(), verdict[1].item()
-
-                new_tokens = [int(y.item())] + draft_list
-                rollback.keep(accepted + 1, new_tokens)
-                kept = mx.array(new_tokens[: accepted + 1], mx.uint32)
+                fed = new.tolist()
+                accepted, token = _judge(verdict, fed[1:], distribution is None)
+                rollback.keep(accepted + 1, fed)
+                kept = new[: accepted + 1]
                 if logits_processors:
                     history = mx.concatenate([history, kept])
-                drafter.accept(
-                    kept,
-                    None if hidden is None else hidden[:, offset : offset + accepted + 1],
-                )
-                stats.steps += 1
-                stats.drafted += len(draft_list)
-                stats.accepted += accepted
-                stats.rejected += accepted < len(draft_list)
-                stats.accepted_per_step.append(accepted)
-                stats.verify_rows += inputs.size
+                if hidden is not None:
+                    hidden = hidden[:, offset : offset + accepted + 1]
+                drafter.accept(kept, hidden)
+                stats.record_step(len(fed) - 1, accepted, inputs.size)
 
-                out = [(t, logprobs[j], True) for j, t in enumerate(draft_list[:accepted])]
+                out = [
+                    (t, logprobs[j], True) for j, t in enumerate(fed[1 : accepted + 1])
+                ]
                 out.append((token, logprobs[accepted], False))
                 if max_tokens >= 0:
                     out = out[: max_tokens - emitted]
+                finished = max_tokens >= 0 and emitted + len(out) >= max_tokens
 
                 # Launch the next drafts before handing out this step's tokens,
                 # so the device drafts while the consumer detokenizes.
                 y = mx.array([token], mx.uint32)
-                finished = max_tokens >= 0 and emitted + len(out) >= max_tokens
                 if not finished:
-                    drafts, q = drafter.draft(y, drafts_for(emitted + len(out)), distribution)
+                    k = drafts_for(emitted + len(out))
+                    drafts, q = drafter.draft(y, k, distribution)
                     mx.async_eval(drafts)
 
-                for yielded_in_step, item in enumerate(out, 1):
+                for item in out:
+                    handed += 1
                     emitted += 1
                     stats.generation_tokens += 1
                     stats.generation_time = time.perf_counter() - tic
@@ -774,10 +772,22 @@ def speculative_generate_step(
                 if stats.steps % 128 == 0:
                     mx.clear_cache()
         finally:
-            # The cache keeps the tokens before the last one handed out.
-            rollback.keep(yielded_in_step, new_tokens)
+            # The cache keeps every token before the last one handed out.
+            rollback.keep(handed, fed)
             if caller_cache:
                 rollback.settle()
+
+
+def _judge(verdict, drafts: List[int], greedy: bool) -> Tuple[int, int]:
+    """(accepted drafts, the target's token) from a verify pass's verdict."""
+    if not greedy:
+        num_accepted, token = verdict
+        return num_accepted.item(), token.item()
+    targets = verdict.tolist()
+    accepted = 0
+    while accepted < len(drafts) and drafts[accepted] == targets[accepted]:
+        accepted += 1
+    return accepted, targets[accepted]
 
 
 def stream_generate(

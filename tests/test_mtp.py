@@ -5,7 +5,6 @@
 import json
 
 import mlx.core as mx
-import mlx.nn as nn
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
@@ -119,7 +118,9 @@ def test_concatenation_order(family):
     MiMo (the references' torch.cat order)."""
     head, dims = head_for(family)
     enorm, hnorm, proj, embedding_first = PROJECTIONS[family]
-    h1, h2, e1, e2 = (mx.random.normal((1, 3, dims), key=mx.random.key(i)) for i in range(4))
+    h1, h2, e1, e2 = (
+        mx.random.normal((1, 3, dims), key=mx.random.key(i)) for i in range(4)
+    )
 
     def project():
         return head.project(h1, e1), head.project(h2, e1), head.project(h1, e2)
@@ -158,10 +159,6 @@ def test_target_parts_compute_the_models_logits(family, model_dir):
 # -- loading --------------------------------------------------------------------------------
 
 
-def layers(module):
-    return {p: m for p, m in module.named_modules() if hasattr(m, "to_quantized") or hasattr(m, "bits")}
-
-
 @pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_next"])
 def test_head_is_quantized_like_the_target(family, model_dir):
     model, head, _ = load(model_dir(family))
@@ -195,7 +192,9 @@ def test_target_loads_without_its_mtp_tensors(model_dir):
     # sanitize (hard-wired to index 61) would not drop.
     model, head, tokenizer = load(model_dir("deepseek_v3"))
     assert len(model.layers) == 2
-    assert not any(k.startswith("model.layers.2.") for k, _ in tree_flatten(model.parameters()))
+    assert not any(
+        k.startswith("model.layers.2.") for k, _ in tree_flatten(model.parameters())
+    )
     assert tokenizer.eos_token_ids
 
 
@@ -205,13 +204,17 @@ def test_missing_mtp_weights_name_the_keys_looked_for(family, tmp_path):
     prefix = {"deepseek_v3": "model.layers.2.", "mimo": "model.mtp_layers.0."}.get(
         family, "mtp."
     )
-    with pytest.raises(ValueError, match=f"No multi-token-prediction weights.*'{prefix}'"):
+    with pytest.raises(
+        ValueError, match=f"No multi-token-prediction weights.*'{prefix}'"
+    ):
         load(path)
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path):
     path = synthetic.write_model(tmp_path / "m", "llama")
-    with pytest.raises(ValueError, match="No multi-token-prediction layout.*llama.*supported"):
+    with pytest.raises(
+        ValueError, match="No multi-token-prediction layout.*llama.*supported"
+    ):
         load(path)
 
 
@@ -282,9 +285,13 @@ def test_raw_deepseek_tensors_go_through_the_familys_sanitize():
 
 def test_convert_keeps_a_quantized_mtp_head(tmp_path):
     # An unquantized source whose MTP tensors sit in its shards, as on the Hub.
-    source = write_mtp_model(tmp_path / "hf", "mimo", quantization=None, quantize_mtp=False)
+    source = write_mtp_model(
+        tmp_path / "hf", "mimo", quantization=None, quantize_mtp=False
+    )
     source_model, source_head, _ = load(source)
-    out = convert(str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=64)
+    out = convert(
+        str(source), str(tmp_path / "mlx"), quantize=True, q_bits=4, q_group_size=64
+    )
 
     with open(out / "model.safetensors.index.json") as f:
         weight_map = json.load(f)["weight_map"]

@@ -12,7 +12,8 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
-from mtp_splitk.mtp import load
+from mtp_splitk import synthetic
+from mtp_splitk.mtp import TargetParts, load, mtp_weights
 from mtp_splitk.mtp.synthetic import write_mtp_model
 from mtp_splitk.speculative import (
     AcceptanceControlledDrafter,
@@ -25,10 +26,55 @@ from mtp_splitk.speculative import (
     stream_generate,
 )
 
-FAMILIES = ["deepseek_v3", "qwen3_next", "qwen3_5", "mimo"]
+FAMILIES = ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5", "mimo"]
 HYBRID = ["qwen3_next", "qwen3_5"]
 PROMPT = mx.array([5, 17, 99, 3, 250, 8, 11, 42, 7], mx.uint32)
 VOCAB = 384  # the synthetic writer's tiny vocabulary
+
+
+# GLM-4.5's layout is DeepSeek-V3's on a GQA attention; the synthetic writer
+# has no GLM-4.5 yet, so its lower-level pieces write one here.
+GLM4_MOE = {
+    "model_type": "glm4_moe",
+    "architectures": ["Glm4MoeForCausalLM"],
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "max_position_embeddings": 4096,
+    "num_hidden_layers": 2,
+    "first_k_dense_replace": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "use_qk_norm": False,
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+
+
+def write_glm4_moe(path, seed):
+    from mlx_lm.utils import get_total_parameters
+
+    mx.random.seed(seed)
+    model, config = synthetic.lazy_model(dict(GLM4_MOE), synthetic.DEFAULT_QUANTIZATION)
+    tensors = synthetic.evaluated_tensors(model) + [
+        synthetic.tensor_from_array(k, v)
+        for k, v in mtp_weights(config, seed=seed).items()
+    ]
+    return synthetic.write_directory(path, config, tensors, get_total_parameters(model))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +86,11 @@ def loaded(tmp_path_factory):
         key = (family, seed, float32)
         if key not in cache:
             path = tmp_path_factory.mktemp(f"{family}{seed}") / "model"
-            model, head, tokenizer = load(write_mtp_model(path, family, seed=seed))
+            if family == "glm4_moe":
+                path = write_glm4_moe(path, seed)
+            else:
+                path = write_mtp_model(path, family, seed=seed)
+            model, head, tokenizer = load(path)
             if float32:
                 # The tiny models are bfloat16; in float32 a verify row and a
                 # decode row agree to rounding, so logits can be compared.
@@ -62,7 +112,9 @@ def tokens(items):
 
 
 def speculate(model, drafter, prompt=PROMPT, n=24, **kwargs):
-    return list(speculative_generate_step(prompt, model, drafter, max_tokens=n, **kwargs))
+    return list(
+        speculative_generate_step(prompt, model, drafter, max_tokens=n, **kwargs)
+    )
 
 
 class Steered(MTPDrafter):
@@ -94,6 +146,14 @@ class Steered(MTPDrafter):
     def accept(self, tokens, hidden):
         super().accept(tokens, hidden)
         self.position += tokens.size
+
+
+def test_glm4_moe_target_parts_compute_the_models_logits(loaded):
+    model, head, _ = loaded("glm4_moe")
+    parts = TargetParts(model)
+    x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    assert mx.array_equal(parts.logits(parts.hidden(x)), model(x))
+    assert head.eh_proj.bits == 4 and not head.mask_as_array
 
 
 # -- exactness ------------------------------------------------------------------------------
@@ -149,7 +209,9 @@ def test_hybrid_draft_model_rolls_back_its_recurrent_state(family, loaded):
     draft_model, _, _ = loaded(family, seed=1)  # same vocabulary, other weights
     expected = tokens(plain(model, n=32))
     stats = Stats()
-    out = speculate(model, DraftModelDrafter(draft_model), n=32, num_draft_tokens=3, stats=stats)
+    out = speculate(
+        model, DraftModelDrafter(draft_model), n=32, num_draft_tokens=3, stats=stats
+    )
     assert tokens(out) == expected
     assert stats.rejected > 0
 
@@ -157,7 +219,9 @@ def test_hybrid_draft_model_rolls_back_its_recurrent_state(family, loaded):
 def test_a_perfect_draft_model_is_always_accepted(loaded):
     model, _, _ = loaded("qwen3_5")
     stats = Stats()
-    out = speculate(model, DraftModelDrafter(model), n=25, num_draft_tokens=4, stats=stats)
+    out = speculate(
+        model, DraftModelDrafter(model), n=25, num_draft_tokens=4, stats=stats
+    )
     assert tokens(out) == tokens(plain(model, n=25))
     assert stats.accepted == stats.drafted and stats.steps == 5
 
@@ -369,13 +433,20 @@ def test_prompt_cache_holds_everything_but_the_last_token(family, loaded):
 
 def test_logits_processors_see_the_verified_context(loaded):
     model, head, _ = loaded("mimo")
-    processors = make_logits_processors(repetition_penalty=1.5, repetition_context_size=8)
+    processors = make_logits_processors(
+        repetition_penalty=1.5, repetition_context_size=8
+    )
     expected = tokens(plain(model, n=24, logits_processors=processors))
     assert expected != tokens(plain(model, n=24))  # the penalty matters
     drafter = Steered(model, head, expected, p=0.7)
     stats = Stats()
     out = speculate(
-        model, drafter, n=24, logits_processors=processors, num_draft_tokens=3, stats=stats
+        model,
+        drafter,
+        n=24,
+        logits_processors=processors,
+        num_draft_tokens=3,
+        stats=stats,
     )
     assert tokens(out) == expected and stats.accepted > 0
 
@@ -386,4 +457,6 @@ def test_short_prompts_and_one_token(prompt, loaded):
     prompt = mx.array(prompt, mx.uint32)
     expected = tokens(plain(model, prompt, n=10))
     assert tokens(speculate(model, MTPDrafter(model, head), prompt, n=10)) == expected
-    assert tokens(speculate(model, MTPDrafter(model, head), prompt, n=1)) == expected[:1]
+    assert (
+        tokens(speculate(model, MTPDrafter(model, head), prompt, n=1)) == expected[:1]
+    )

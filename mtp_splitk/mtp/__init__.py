@@ -16,3 +16,21 @@ from .heads import DeepSeekMTP, MiMoMTP, MTPHead, QwenMTP
 from .loading import MTP_SHARD, load, load_head
 from .synthetic import mtp_weights
 from .target import TargetParts
+
+__all__ = [
+    "FAMILIES",
+    "MTP_SHARD",
+    "DeepSeekMTP",
+    "Family",
+    "MTPHead",
+    "MiMoMTP",
+    "QwenMTP",
+    "TargetParts",
+    "add_convert_args",
+    "convert",
+    "convert_main",
+    "family_for",
+    "load",
+    "load_head",
+    "mtp_weights",
+]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 import mlx.core as mx
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_map_with_path
 from mlx_lm.convert import (
     MODEL_CONVERSION_DTYPES,
     QUANT_RECIPES,
@@ -96,9 +96,7 @@ def convert(
     args = model_text_args(target)
 
     head = family.build(module, args)
-    tensors = family.sanitize(
-        module, args, stored, raw=family.is_raw(source_weights)
-    )
+    tensors = family.sanitize(module, args, stored, raw=family.is_raw(source_weights))
     head.load_weights(list(tensors.items()), strict=True)
 
     # The dtype rule of mlx_lm.convert.

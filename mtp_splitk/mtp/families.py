@@ -219,7 +219,10 @@ class QwenFamily(Family):
         # qwen3_next.py sanitize: raw iff per-expert tensors are present;
         # qwen3_5.py: raw iff conv1d weights still have Hugging Face's layout.
         return any(
-            (k.startswith("model.layers.") and k.endswith(".mlp.experts.0.up_proj.weight"))
+            (
+                k.startswith("model.layers.")
+                and k.endswith(".mlp.experts.0.up_proj.weight")
+            )
             or ("conv1d.weight" in k and v.shape[-1] != 1)
             for k, v in weights.items()
         )
@@ -285,7 +288,9 @@ class MiMoFamily(Family):
         return self.prefix(args) + head_path
 
     def build(self, module, args):
-        return MiMoMTP(module.TransformerBlock(args), args.hidden_size, args.rms_norm_eps)
+        return MiMoMTP(
+            module.TransformerBlock(args), args.hidden_size, args.rms_norm_eps
+        )
 
     def sanitize(self, module, args, weights, raw):
         out = {}

@@ -257,6 +257,4 @@ def quantize_head(
 
 def stored_tensors(head: MTPHead, family: Family, args) -> Dict[str, mx.array]:
     """The head's parameters under the family's own checkpoint names."""
-    return {
-        family.stored_key(k, args): v for k, v in tree_flatten(head.parameters())
-    }
+    return {family.stored_key(k, args): v for k, v in tree_flatten(head.parameters())}

@@ -117,7 +117,9 @@ def _random_packed(base: str, layer, params, key) -> Dict[str, mx.array]:
     }
     if b:
         biases = params[base + ".biases"]
-        out[base + ".biases"] = mx.full(biases.shape, b[0].reshape(()), dtype=biases.dtype)
+        out[base + ".biases"] = mx.full(
+            biases.shape, b[0].reshape(()), dtype=biases.dtype
+        )
     return out
 
 

@@ -200,7 +200,7 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 // N and K are run-time values (one compiled variant serves every layer of a
 // model); FAST4: 4-bit affine with scales of the activation type (the
 // launcher checks).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, bool FAST4>
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, bool FAST4, int DEPTH>
 __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
                            int M, int N, int K) {
   const int CHUNKS = (K + 127) / 128;
@@ -212,48 +212,70 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
   const int row_a = min(row0 + g, N - 1);
   const int row_b = min(row0 + g + 8, N - 1);
 
-  float acc[NT][4];
+  // Two accumulators per token tile (even and odd k16 steps) halve the chain
+  // of dependent MMAs; they are added in a fixed order at the end.
+  float acc[NT][2][4];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) acc[t][h][0] = acc[t][h][1] = acc[t][h][2] = acc[t][h][3] = 0.f;
 
-  RowRun<BITS> cur_a, cur_b, nxt_a, nxt_b;
-  int chunk = warp;
-  if (chunk < CHUNKS) {
-    load_run<MODE, BITS, G>(cur_a, w, scales, biases, row_a, chunk * 128 + 32 * c, K);
-    load_run<MODE, BITS, G>(cur_b, w, scales, biases, row_b, chunk * 128 + 32 * c, K);
-  }
-  for (; chunk < CHUNKS; chunk += WK) {
-    // Issue the next chunk's weight loads before this chunk's math.
-    const int next = chunk + WK;
-    if (next < CHUNKS) {
-      load_run<MODE, BITS, G>(nxt_a, w, scales, biases, row_a, next * 128 + 32 * c, K);
-      load_run<MODE, BITS, G>(nxt_b, w, scales, biases, row_b, next * 128 + 32 * c, K);
+  // A ring of DEPTH chunks in registers: chunk i+DEPTH's weight loads are in
+  // flight while chunk i is dequantized and multiplied.
+  RowRun<BITS> ring_a[DEPTH], ring_b[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) {
+    const int chunk = warp + d * WK;
+    if (chunk < CHUNKS) {
+      load_run<MODE, BITS, G>(ring_a[d], w, scales, biases, row_a, chunk * 128 + 32 * c, K);
+      load_run<MODE, BITS, G>(ring_b[d], w, scales, biases, row_b, chunk * 128 + 32 * c, K);
     }
-    const int k0 = chunk * 128 + 32 * c;
-    uint32_t wa[16], wb[16];
-    dequant_run<T, MODE, BITS, G, FAST4>(wa, cur_a);
-    dequant_run<T, MODE, BITS, G, FAST4>(wb, cur_b);
+  }
+  for (int base = warp; base < CHUNKS; base += DEPTH * WK) {
 #pragma unroll
-    for (int t = 0; t < NT; ++t) {
-      const int token = min(t * 8 + g, M - 1);  // padding tokens repeat the last; never stored
+    for (int d = 0; d < DEPTH; ++d) {
+      const int chunk = base + d * WK;
+      if (chunk >= CHUNKS) break;  // warp-uniform
+      const int k0 = chunk * 128 + 32 * c;
+      // x of the first token tile first: its L2 latency overlaps the dequant.
       uint32_t xb[16];
-      load_x_run<T>(xb, x + (size_t)token * K + k0, k0 < K);
+      load_x_run<T>(xb, x + (size_t)min(g, M - 1) * K + k0, k0 < K);
+      uint32_t wa[16], wb[16];
+      dequant_run<T, MODE, BITS, G, FAST4>(wa, ring_a[d]);
+      dequant_run<T, MODE, BITS, G, FAST4>(wb, ring_b[d]);
+      const int refill = chunk + DEPTH * WK;
+      if (refill < CHUNKS) {
+        load_run<MODE, BITS, G>(ring_a[d], w, scales, biases, row_a, refill * 128 + 32 * c, K);
+        load_run<MODE, BITS, G>(ring_b[d], w, scales, biases, row_b, refill * 128 + 32 * c, K);
+      }
 #pragma unroll
-      for (int s = 0; s < 8; ++s) {
-        const uint32_t a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
-        const uint32_t b[2] = {xb[2 * s], xb[2 * s + 1]};
-        Mma<T>::run(acc[t], a, b);
+      for (int t = 0; t < NT; ++t) {
+        uint32_t xn[16];
+        if (t + 1 < NT) {
+          // Padding tokens repeat the last real one; they are never stored.
+          const int token = min((t + 1) * 8 + g, M - 1);
+          load_x_run<T>(xn, x + (size_t)token * K + k0, k0 < K);
+        }
+#pragma unroll
+        for (int s = 0; s < 8; ++s) {
+          const uint32_t a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
+          const uint32_t b[2] = {xb[2 * s], xb[2 * s + 1]};
+          Mma<T>::run(acc[t][s & 1], a, b);
+        }
+        if (t + 1 < NT) {
+#pragma unroll
+          for (int i = 0; i < 16; ++i) xb[i] = xn[i];
+        }
       }
     }
-    cur_a = nxt_a;
-    cur_b = nxt_b;
   }
 
   // Fixed-order reduction of the WK partial tiles through shared memory.
   extern __shared__ float4 partial[];  // [WK][NT][32 lanes]
 #pragma unroll
   for (int t = 0; t < NT; ++t) {
-    partial[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    partial[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0][0] + acc[t][1][0], acc[t][0][1] + acc[t][1][1],
+                                                       acc[t][0][2] + acc[t][1][2], acc[t][0][3] + acc[t][1][3]);
   }
   __syncthreads();
   const float* flat = reinterpret_cast<const float*>(partial);

@@ -48,7 +48,7 @@ def _cuda_kernel(affine: bool, shared_memory: int):
     inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
     biases = "biases" if affine else "(const uint8_t*)nullptr"
     source = (
-        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, FAST4>"
+        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, FAST4, DEPTH>"
         f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);"
     )
     return mx.fast.cuda_kernel(
@@ -89,6 +89,7 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
             ("WK", plan.warps_k),
             ("NT", plan.token_tiles),
             ("FAST4", fast4),
+            ("DEPTH", plan.depth),
         ],
         grid=(plan.blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),

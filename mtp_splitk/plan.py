@@ -36,6 +36,7 @@ class Plan:
     K: int
     warps_k: int  # split factor: warps of a block that share its rows, each a K slice
     token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
+    depth: int = 2  # K chunks in flight per warp (register prefetch ring); never changes the math
 
     @property
     def blocks(self) -> int:
@@ -145,8 +146,10 @@ def plan_dense(
         limit = min(limit, max_m_for(tuning, mode, bits, N, K))
     if M > limit:
         return None
-    warps = override or tuning.get("warps_k", {}).get(f"{N}x{K}")
+    shape = f"{N}x{K}"
+    warps = override or tuning.get("warps_k", {}).get(shape)
     warps = warps or choose_warps_k(N, K, device.sm_count)
+    depth = tuning.get("depth", {}).get(shape, tuning.get("default_depth", 2))
     return Plan(
         backend=device.backend,
         mode=mode,
@@ -156,6 +159,7 @@ def plan_dense(
         K=K,
         warps_k=int(warps),
         token_tiles=token_tiles_for(M),
+        depth=int(depth),
     )
 
 

@@ -89,10 +89,10 @@ def run_mlx(sets, x, mode, bits, group_size):
     return median_time(build)
 
 
-def run_ours(sets, x, mode, bits, group_size, warps_k):
+def run_ours(sets, x, mode, bits, group_size, warps_k, depth):
     M, K = x.shape
     N = sets[0][0].shape[0]
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, planner.token_tiles_for(M))
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, planner.token_tiles_for(M), depth)
 
     def build(i):
         p = sets[i % len(sets)]
@@ -118,7 +118,7 @@ def main():
           flush=True)
 
     configs = [("affine", 4, 64, SHAPES[:2])] if args.quick else CONFIGS
-    rows, warps_k = [], {}
+    rows, warps_k, depths = [], {}, {}
     for mode, bits, group_size, shapes in configs:
         for N, K in shapes:
             sets, nbytes = weight_sets(N, K, mode, bits, group_size)
@@ -127,25 +127,28 @@ def main():
                 # Split chosen from the shape alone (batch invariance): best worst case over M.
                 cands = {}
                 for wk in (2, 4, 8, 16):
-                    if wk > -(-K // planner.K_PER_CHUNK):
-                        continue
-                    ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits, group_size, wk)
-                          for m in (1, 16)]
-                    cands[wk] = max(ts)
-                warps_k[key] = min(cands, key=cands.get)
-                print(f"  split {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()), flush=True)
+                    for depth in (1, 2, 3):
+                        if wk > -(-K // planner.K_PER_CHUNK):
+                            continue
+                        ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits, group_size,
+                                       wk, depth) for m in (1, 16)]
+                        cands[(wk, depth)] = max(ts)
+                warps_k[key], depths[key] = min(cands, key=cands.get)
+                print(f"  split,depth {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()),
+                      flush=True)
             wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
+            depth = depths.get(key, 2)
             for M in MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
                 t_mlx = run_mlx(sets, x, mode, bits, group_size)
-                t_ours = run_ours(sets, x, mode, bits, group_size, wk)
-                row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk,
+                t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth)
+                row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk, depth=depth,
                            weight_bytes=nbytes, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,
                            speedup=t_mlx / t_ours, gbps_ours=nbytes / t_ours / 1e9,
                            pct_copy_bw=100 * nbytes / t_ours / bw,
                            floor_us=max(nbytes / bw, floor) * 1e6)
                 rows.append(row)
-                print(f"{mode}{bits} g{group_size} {N}x{K} M={M:2d} wk={wk:2d}: ours {row['us_ours']:7.1f} us  "
+                print(f"{mode}{bits} g{group_size} {N}x{K} M={M:2d} wk={wk:2d} d={depth}: ours {row['us_ours']:7.1f} us  "
                       f"mlx {row['us_mlx']:7.1f} us  x{row['speedup']:.2f}  {row['pct_copy_bw']:.0f}% bw", flush=True)
             del sets
 
@@ -155,14 +158,14 @@ def main():
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     write_markdown(os.path.join(args.out, "bench_kernels.md"), meta, rows)
     if args.tune:
-        table = tuning_table(rows, warps_k, meta)
+        table = tuning_table(rows, warps_k, depths, meta)
         path = os.path.join(args.out, planner.tuning_key(device.name) + ".json")
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print("tuning table:", json.dumps(table["max_m"]))
 
 
-def tuning_table(rows, warps_k, meta):
+def tuning_table(rows, warps_k, depths, meta):
     """M cut-over per mode and shape: the largest M up to which the kernel
     never lost to MLX (every smaller M won too). Unmeasured shapes of a mode
     get the smallest cut-over measured for it."""
@@ -180,7 +183,7 @@ def tuning_table(rows, warps_k, meta):
     for mode_key in {k for k, _ in by_key}:
         max_m[mode_key] = min(v for k, v in max_m.items() if k.startswith(mode_key + ":"))
     return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                warps_k=warps_k, max_m=max_m)
+                warps_k=warps_k, depth=depths, max_m=max_m)
 
 
 def write_markdown(path, meta, rows):

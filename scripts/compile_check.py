@@ -40,7 +40,7 @@ def main():
         src += (
             f"\n__global__ void {name}(const {T}* x, const uint32_t* w, const {TS}* scales,"
             f" const {TS}* biases, {T}* y, int M) {{\n"
-            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {fast4}>"
+            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {fast4}, 2>"
             f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
         )
     with tempfile.TemporaryDirectory() as d:

@@ -15,6 +15,10 @@ for step in "$@"; do
              2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     bench) timeout "${BENCH_TIMEOUT:-300}" python scripts/bench_kernels.py --out "$OUT" --tune ${BENCH_ARGS:-} \
              2>&1 | tee "$OUT/bench.log" | tail -${BENCH_TAIL:-40} ;;
+    profile) timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+               --section LaunchStats --section WarpStateStats --csv --log-file "$OUT/ncu.csv" \
+               python scripts/profile_kernel.py 2>&1 | tail -30
+             python scripts/profile_kernel.py --summarize "$OUT/ncu.csv" 2>&1 | tail -${PROFILE_TAIL:-80} ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Launch a few split-K variants and MLX's own op for Nsight Compute.
+
+  ncu --clock-control none --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --csv --log-file ncu.csv \
+      python scripts/profile_kernel.py
+  python scripts/profile_kernel.py --summarize ncu.csv
+"""
+import csv
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+KEYS = ["Duration", "DRAM Throughput", "Memory Throughput", "Registers Per Thread", "Achieved Occupancy",
+        "Theoretical Occupancy", "Warp Cycles Per Issued Instruction", "Grid Size", "Block Size",
+        "Block Limit Registers", "Compute (SM) Throughput"]
+
+
+def summarize(path):
+    kernels = {}
+    with open(path) as f:
+        lines = [l for l in f if l.startswith('"')]
+    for r in csv.DictReader(lines):
+        k = kernels.setdefault(r["ID"], {"name": r["Kernel Name"][:60]})
+        if r["Metric Name"] in KEYS:
+            k[r["Metric Name"]] = f"{r['Metric Value']} {r['Metric Unit']}".strip()
+    for i, k in kernels.items():
+        print(i, k.pop("name"))
+        print("    " + "; ".join(f"{key}={k[key]}" for key in KEYS if key in k))
+
+
+def main():
+    import mlx.core as mx
+
+    from mtp_splitk import launch, plan as planner
+
+    configs = []
+    for N, K in ((14336, 4096), (4096, 4096)):
+        w = (mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16)
+        wq, s, b = mx.quantize(w, 64, 4)
+        for M in (1, 8):
+            x = mx.random.normal((M, K)).astype(mx.bfloat16)
+            mx.eval(wq, s, b, x)
+            mx.eval(mx.quantized_matmul(x, wq, s, b))
+            configs.append(f"mlx {N}x{K} M={M}")
+            for wk, depth in ((2, 1), (4, 2), (8, 2), (8, 3), (16, 2)):
+                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, planner.token_tiles_for(M), depth)
+                mx.eval(launch.dense(plan, x, wq, s, b))
+                configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth}")
+    print("\n".join(f"launch order {i}: {c}" for i, c in enumerate(configs)))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+    else:
+        main()

@@ -8,9 +8,18 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step as plain_generate_step
 
 from mtp_splitk import synthetic
-from mtp_splitk.mtp import MTP_SHARD, TargetParts, convert, load, mtp_weights
+from mtp_splitk.mtp import (
+    MTP_SHARD,
+    TargetParts,
+    convert,
+    generate_step,
+    head_for,
+    load,
+    mtp_weights,
+)
 from mtp_splitk.mtp.families import family_for, model_module, model_text_args
 from mtp_splitk.mtp.synthetic import write_mtp_model
 
@@ -92,7 +101,7 @@ def test_stored_keys_follow_the_reference_layout(family):
     assert all(fam.is_mtp_key(k, args) for k in keys)
 
 
-def head_for(family):
+def float_head(family):
     config = config_for(family, None)
     module = model_module(config)
     model_class, args_class = mlx_lm.utils._get_classes(config)
@@ -116,7 +125,7 @@ def test_concatenation_order(family):
     """Which norm reads which input, and which half of the projection each
     lands in: embedding first for DeepSeek/GLM and Qwen, hidden first for
     MiMo (the references' torch.cat order)."""
-    head, dims = head_for(family)
+    head, dims = float_head(family)
     enorm, hnorm, proj, embedding_first = PROJECTIONS[family]
     h1, h2, e1, e2 = (
         mx.random.normal((1, 3, dims), key=mx.random.key(i)) for i in range(4)
@@ -216,6 +225,20 @@ def test_unsupported_family_is_a_clear_error(tmp_path):
         ValueError, match="No multi-token-prediction layout.*llama.*supported"
     ):
         load(path)
+
+
+def test_generate_step_for_a_target_loaded_by_mlx_lm(model_dir):
+    """The drop-in for mlx-lm's speculative step: the target comes from
+    stock mlx_lm.load, the head from the same directory."""
+    path = model_dir("qwen3_5")
+    model, _ = mlx_lm.load(str(path))
+    prompt = mx.array([5, 17, 99, 3, 250, 8], mx.uint32)
+    plain = [t for t, _ in plain_generate_step(prompt, model, max_tokens=12)]
+    out = list(generate_step(prompt, model, model_path=path, max_tokens=12))
+    assert [t for t, _, _ in out] == plain
+    assert head_for(model, path) is head_for(model, str(path))
+    with pytest.raises(ValueError, match="head or the model path"):
+        generate_step(prompt, model)
 
 
 # -- raw Hugging Face tensors -----------------------------------------------------------------

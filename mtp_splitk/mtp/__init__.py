@@ -3,6 +3,8 @@
 """Multi-token-prediction heads for mlx-lm models: layouts, loading, conversion.
 
 - :func:`load` -> ``(model, mtp_head, tokenizer)``
+- :func:`generate_step`: mlx-lm's speculative step function, drafting with
+  the MTP head (:func:`head_for` finds it for an ``mlx_lm.load``-ed target)
 - :func:`convert` / :func:`add_convert_args` / :func:`convert_main`: an
   mlx-lm conversion that keeps (and quantizes) the MTP head
 - :mod:`.heads`: the head modules; :mod:`.families`: where each family keeps
@@ -12,6 +14,7 @@
 
 from .convert import add_convert_args, convert, convert_main
 from .families import FAMILIES, Family, family_for
+from .generate import generate_step, head_for
 from .heads import DeepSeekMTP, MiMoMTP, MTPHead, QwenMTP
 from .loading import MTP_SHARD, load, load_head
 from .synthetic import mtp_weights
@@ -30,6 +33,8 @@ __all__ = [
     "convert",
     "convert_main",
     "family_for",
+    "generate_step",
+    "head_for",
     "load",
     "load_head",
     "mtp_weights",

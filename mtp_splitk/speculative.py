@@ -253,7 +253,6 @@ class Rollback:
 
     def __init__(self, cache: List[Any], forward: Callable, max_pending: int):
         self.cache = cache
-        self.leaves = _leaves(cache)
         self.forward = forward
         self.max_pending = max_pending
         self.pending: List[int] = []
@@ -261,6 +260,12 @@ class Rollback:
         self._owed: List[int] = []  # pending at the last begin()
         self._kept = 0  # tokens of this call still counted as fed
         self._restored = False
+
+    @property
+    def leaves(self) -> List[Any]:
+        # Looked up each time: kv_bits swaps KVCache entries of the list for
+        # QuantizedKVCache ones mid-generation.
+        return _leaves(self.cache)
 
     @property
     def recurrent(self) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.generate import stream_generate as mlx_stream_generate
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
 from mtp_splitk import synthetic
@@ -19,6 +19,7 @@ from mtp_splitk.speculative import (
     AcceptanceControlledDrafter,
     DraftModelDrafter,
     MTPDrafter,
+    Rollback,
     Stats,
     make_distribution,
     speculative_accept,
@@ -449,6 +450,22 @@ def test_logits_processors_see_the_verified_context(loaded):
         stats=stats,
     )
     assert tokens(out) == expected and stats.accepted > 0
+
+
+def test_rollback_follows_cache_entries_replaced_mid_step():
+    """kv_bits swaps a cache's KVCache entries for QuantizedKVCache ones
+    part-way through a generation (inside the verify call); the rollback must
+    trim the entry now in the list. (The tiny models' head_dim of 16 is too
+    narrow for MLX's KV quantization, so this drives Rollback directly.)"""
+    cache = [KVCache()]
+    keys = mx.zeros((1, 2, 10, 64))
+    cache[0].update_and_fetch(keys, keys)
+    rollback = Rollback(cache, forward=None, max_pending=4)
+    rollback.begin(mx.arange(4, dtype=mx.uint32))
+    cache[0].update_and_fetch(keys[:, :, :4], keys[:, :, :4])
+    cache[0] = cache[0].to_quantized(group_size=32, bits=8)
+    rollback.keep(1, [0, 1, 2, 3])
+    assert isinstance(cache[0], QuantizedKVCache) and cache[0].offset == 11
 
 
 @pytest.mark.parametrize("prompt", [[42], [5, 17]])

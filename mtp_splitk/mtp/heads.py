@@ -33,8 +33,10 @@ concatenation, checked against the public reference implementations:
 Two choices where the references differ:
 
 - vLLM zeroes the embedding at sequence position 0 ("not needed by MTP");
-  SGLang does not, and neither does Megatron-LM's MTP training code (it
-  rolls the input ids). We follow SGLang: no masking.
+  SGLang does not, and neither does Megatron-LM's MTP training code
+  (``megatron/core/transformer/multi_token_prediction.py``: ``roll_tensor``
+  shifts the ids left and zero-fills the *last* position). We follow SGLang:
+  no masking.
 - When the head is iterated on its own output to draft a second token, vLLM's
   DeepSeek head feeds back the block output *before* ``shared_head.norm``,
   while SGLang's DeepSeek head and vLLM's Qwen and MiMo heads feed back the

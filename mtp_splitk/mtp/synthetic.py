@@ -137,20 +137,21 @@ def write_mtp_model(
     quantize_mtp: bool = True,
     **kwargs,
 ):
-    """A synthetic model directory (:func:`mtp_splitk.synthetic.write_model`)
-    with random MTP weights stored in the target's shards, as in a Hugging
-    Face checkpoint. ``quantization`` defaults to the synthetic writer's
-    (``None``: unquantized); ``quantize_mtp=False`` stores the head in floating point (it is then
+    """A synthetic model directory (:func:`mtp_splitk.synthetic.write_model`,
+    whose keyword arguments ``kwargs`` are) with random MTP weights stored in
+    the target's shards, as in a Hugging Face checkpoint. ``quantization``
+    defaults to the synthetic writer's (``None``: unquantized);
+    ``quantize_mtp=False`` stores the head in floating point (it is then
     quantized like the target at load time). Returns the path."""
     from .. import synthetic
 
     if quantization is _WRITER_DEFAULT:
         quantization = synthetic.DEFAULT_QUANTIZATION
-    config = synthetic.model_config(family, size, kwargs.get("vocab_size"))
-    _, config = synthetic.lazy_model(config, quantization)
-    extra = mtp_weights(
-        config, seed=seed if mtp_seed is None else mtp_seed, quantize=quantize_mtp
-    )
+    mtp_seed = seed if mtp_seed is None else mtp_seed
+
+    def extra(config):  # the final config: dtype and quantization entries
+        return mtp_weights(config, seed=mtp_seed, quantize=quantize_mtp)
+
     return synthetic.write_model(
         path, family, size, quantization, seed, extra_weights=extra, **kwargs
     )

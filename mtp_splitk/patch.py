@@ -1,0 +1,210 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Route mlx-lm's quantized matmuls through ``mtp_splitk.ops``.
+
+``enable()`` replaces, on the classes themselves, every method on mlx-lm's
+decode and verify path that calls ``mx.quantized_matmul`` or
+``mx.gather_qmm``, so models that are already loaded switch too and
+``disable()`` puts the original function objects back. On the CPU the ops
+fall back to MLX's, so a patched model computes bit for bit what the
+unpatched one does.
+
+Each replacement is a copy of the original method's body with only
+``mx.quantized_matmul`` / ``mx.gather_qmm`` changed to ``ops.quantized_matmul``
+/ ``ops.gather_qmm``. tests/test_patch.py compares the two syntax trees, so an
+mlx or mlx-lm release that changes one of these methods fails the tests
+instead of being silently overridden with stale logic. The ops are looked up
+on the module at call time, so a spy or a newer op is picked up without
+re-patching.
+"""
+
+import contextlib
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import sum_gradients
+from mlx_lm.models import mla, switch_layers
+
+from . import ops
+
+# -- copies of the originals, matmul swapped ------------------------------------------------
+
+
+def _quantized_linear_call(self, x):
+    # mlx.nn.QuantizedLinear.__call__
+    x = ops.quantized_matmul(
+        x,
+        self["weight"],
+        scales=self["scales"],
+        biases=self.get("biases"),
+        transpose=True,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+    )
+    if "bias" in self:
+        x = x + self["bias"]
+    return x
+
+
+def _quantized_embedding_as_linear(self, x):
+    # mlx.nn.QuantizedEmbedding.as_linear: the LM head of tied-embedding models
+    return ops.quantized_matmul(
+        x,
+        self["weight"],
+        scales=self["scales"],
+        biases=self.get("biases"),
+        transpose=True,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+    )
+
+
+def _quantized_switch_linear_call(self, x, indices, sorted_indices=False):
+    # mlx_lm.models.switch_layers.QuantizedSwitchLinear.__call__: the experts
+    # of SwitchGLU / SwitchMLP, with sorted (prefill, verify) and unsorted
+    # (decode) indices, nvfp4 global scales and per-expert biases.
+    x = ops.gather_qmm(
+        x,
+        self["weight"],
+        self["scales"],
+        self.get("biases"),
+        rhs_indices=indices,
+        transpose=True,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+        global_scale=self.global_scale,
+        sorted_indices=sorted_indices,
+    )
+    if "bias" in self:
+        x = x + mx.expand_dims(self["bias"][indices], -2)
+    return x
+
+
+def _quantized_multi_linear_call(self, x, transpose=True):
+    # mlx_lm.models.mla.QuantizedMultiLinear.__call__: per-head MLA
+    # projections (embed_q, unembed_out) of DeepSeek-V3 style attention.
+    return ops.quantized_matmul(
+        x,
+        self["weight"],
+        scales=self["scales"],
+        biases=self.get("biases"),
+        transpose=transpose,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+    )
+
+
+def _quantized_all_to_sharded_call(self, x: mx.array) -> mx.array:
+    # mlx.nn.QuantizedAllToShardedLinear.__call__ (tensor parallel, column split)
+    # Aggregate the gradients coming from each shard
+    x = sum_gradients(self.group)(x)
+
+    x = ops.quantized_matmul(
+        x,
+        self["weight"],
+        scales=self["scales"],
+        biases=self.get("biases"),
+        transpose=True,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+    )
+    if "bias" in self:
+        x = x + self["bias"]
+    return x
+
+
+def _quantized_sharded_to_all_call(self, x: mx.array) -> mx.array:
+    # mlx.nn.QuantizedShardedToAllLinear.__call__ (tensor parallel, row split):
+    # the partial products are summed across the group before the bias.
+    x = ops.quantized_matmul(
+        x,
+        self["weight"],
+        scales=self["scales"],
+        biases=self.get("biases"),
+        transpose=True,
+        group_size=self.group_size,
+        bits=self.bits,
+        mode=self.mode,
+    )
+    x = mx.distributed.all_sum(x, group=self.group)
+    if "bias" in self:
+        x = x + self["bias"]
+    return x
+
+
+# (class, attribute, replacement)
+PATCHES = (
+    (nn.QuantizedLinear, "__call__", _quantized_linear_call),
+    (nn.QuantizedEmbedding, "as_linear", _quantized_embedding_as_linear),
+    (switch_layers.QuantizedSwitchLinear, "__call__", _quantized_switch_linear_call),
+    (mla.QuantizedMultiLinear, "__call__", _quantized_multi_linear_call),
+    (nn.QuantizedAllToShardedLinear, "__call__", _quantized_all_to_sharded_call),
+    (nn.QuantizedShardedToAllLinear, "__call__", _quantized_sharded_to_all_call),
+)
+
+# Call sites of mx.quantized_matmul / mx.gather_qmm in the installed mlx and
+# mlx-lm that the patch deliberately leaves alone, keyed by (file relative to
+# site-packages, qualified name of the enclosing function). The coverage test
+# fails on any call site that is neither patched nor listed here.
+OUT_OF_SCOPE = {
+    (
+        "mlx_lm/models/base.py",
+        "quantized_scaled_dot_product_attention",
+    ): "attention against a quantized KV cache (--kv-bits): the quantized operand is the "
+    "cache, batched per head and multiplied untransposed for the values; not a weight "
+    "matmul, and the split-K kernels plan weight shapes only",
+    (
+        "mlx_lm/models/prism_hadamard_qwen35.py",
+        "HadamardQuantizedLinear.__call__",
+    ): "one third-party checkpoint format (Hadamard-rotated 2-bit packs for Qwen3.5) "
+    "with its own layer class; not a model this project targets or measures",
+}
+
+_lock = threading.Lock()
+_originals = {}  # (class, attribute) -> the function enable() replaced
+
+
+def is_enabled() -> bool:
+    return bool(_originals)
+
+
+def enable() -> None:
+    """Patch the classes in PATCHES. Calling it again changes nothing."""
+    with _lock:
+        if _originals:
+            return
+        for cls, name, replacement in PATCHES:
+            if name not in vars(cls):
+                raise RuntimeError(
+                    f"{cls.__module__}.{cls.__qualname__} no longer defines {name}; "
+                    "this mtp_splitk does not know this mlx / mlx-lm version."
+                )
+        for cls, name, replacement in PATCHES:
+            _originals[(cls, name)] = vars(cls)[name]
+            setattr(cls, name, replacement)
+
+
+def disable() -> None:
+    """Put back the original methods (the same objects). Safe to call when disabled."""
+    with _lock:
+        for (cls, name), original in _originals.items():
+            setattr(cls, name, original)
+        _originals.clear()
+
+
+@contextlib.contextmanager
+def enabled():
+    """``with enabled():`` patches for the block, then restores the previous state."""
+    was_enabled = is_enabled()
+    enable()
+    try:
+        yield
+    finally:
+        if not was_enabled:
+            disable()

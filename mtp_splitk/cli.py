@@ -125,7 +125,7 @@ def default_models() -> Tuple[Path, Path]:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(
-            f"[{PROG}] built in {time.perf_counter() - tic:.1f} s",
+            f"[{PROG}] built in {time.perf_counter() - tic:.2f} s",
             file=sys.stderr,
             flush=True,
         )

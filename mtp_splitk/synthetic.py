@@ -12,8 +12,9 @@ classes, built lazily: MLX arrays are not computed until evaluated, so even a
 30B-parameter model costs nothing to *describe*. What differs by size is where
 the values come from:
 
-- ``tiny``: the model is evaluated (mlx-lm's own initialisation, then
-  ``nn.quantize`` through ``mlx_lm.utils.quantize_model``, as convert does).
+- ``tiny`` and ``small``: the model is evaluated (mlx-lm's own
+  initialisation, then ``nn.quantize`` through
+  ``mlx_lm.utils.quantize_model``, as convert does).
 - real shapes: only the shapes and dtypes are taken from the lazy model; the
   stored tensors (packed uint32 words, scales, biases) are written directly,
   streamed from small random pools, so a 30B directory costs disk bandwidth,
@@ -26,13 +27,11 @@ decodes to text. No network is used.
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -604,7 +603,9 @@ class _Pools:
         self.cache = {}
 
     def rng(self, *key) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *(abs(hash(k)) % 2**32 for k in key)])
+        # Not hash(): Python salts string hashes per process.
+        digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+        return np.random.default_rng([self.seed, int.from_bytes(digest, "little")])
 
     def get(self, key, make):
         if key not in self.cache:
@@ -682,9 +683,8 @@ def _fp_scales(mode: str, K: int, pools: _Pools) -> np.ndarray:
     """uint8 scale codes for the microscaling modes (E8M0, or E4M3 for nvfp4)."""
     e4m3 = _e4m3_values()
     element_rms = _rms(e4m3[:127]) if mode == "mxfp8" else _rms(_FP4_MAGNITUDES)
-    target = (
-        (1 / math.sqrt(K)) / math.sqrt(3) / element_rms
-    )  # uniform(+-a) has rms a/sqrt(3)
+    # The weights' rms, a / sqrt(3) for uniform(+-a), over the elements' rms.
+    target = 1 / math.sqrt(3 * K) / element_rms
 
     def make(r):
         if mode == "nvfp4":

@@ -258,6 +258,25 @@ def test_patched_model_is_bit_identical_and_every_quantized_matmul_goes_through_
         assert sorted_flags == {True, False}  # prefill sorts the experts, decode does not
 
 
+@pytest.mark.parametrize(
+    "layer_class", [nn.QuantizedAllToShardedLinear, nn.QuantizedShardedToAllLinear]
+)
+def test_tensor_parallel_layers(layer_class, spy):
+    """The sharded layers of mlx-lm's tensor-parallel models, on a one-process
+    group (all_sum is the identity): same output, matmul through ops, bias kept."""
+    group = mx.distributed.init()
+    layer = layer_class(128, 64, bias=True, group=group)
+    layer.bias = mx.arange(64, dtype=mx.float32)
+    x = mx.random.normal((3, 128), key=mx.random.key(0))
+    expected = layer(x)
+    with mtp_splitk.enabled():
+        patched = layer(x)
+    assert mx.array_equal(expected, patched)
+    assert [w for _, w, _ in spy] == [id(layer["weight"])]
+    unbiased = mx.quantized_matmul(x, layer.weight, layer.scales, layer.biases, True, 64, 4)
+    assert mx.allclose(patched - unbiased, layer.bias, atol=1e-5)
+
+
 def test_enable_disable_round_trip_leaves_output_unchanged(model_dirs):
     model, _ = load(model_dirs["qwen3_moe"])
     before = forward(model)

@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +18,7 @@ from mlx_lm.utils import _get_classes, get_total_parameters
 
 from mtp_splitk import synthetic
 
+REPO = Path(__file__).resolve().parents[1]
 QUANTIZED = (
     nn.QuantizedLinear,
     nn.QuantizedEmbedding,
@@ -97,9 +102,18 @@ def test_tokenizer_fills_a_real_vocabulary():
 
 
 def test_same_seed_same_bytes(tmp_path):
+    # One writer in another process, with another string-hash salt.
+    script = (
+        "import sys; from mtp_splitk import synthetic; from pathlib import Path; "
+        "[synthetic.write_model(Path(sys.argv[1]) / f'b{p}', 'qwen3_moe', packed=p) "
+        "for p in (False, True)]"
+    )
+    env = dict(os.environ, PYTHONHASHSEED="123")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, check=True)
     for packed in (False, True):
         a = synthetic.write_model(tmp_path / f"a{packed}", "qwen3_moe", packed=packed)
-        b = synthetic.write_model(tmp_path / f"b{packed}", "qwen3_moe", packed=packed)
+        b = tmp_path / f"b{packed}"
         c = synthetic.write_model(
             tmp_path / f"c{packed}", "qwen3_moe", seed=1, packed=packed
         )

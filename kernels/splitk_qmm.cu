@@ -146,6 +146,14 @@ __device__ __forceinline__ void load_run(RowRun<BITS>& r, const uint32_t* w, con
   }
 }
 
+// (v & 0x000F000F) | magic in one instruction (the compiler splits it in two
+// because LOP3 takes one immediate).
+__device__ __forceinline__ uint32_t nibbles_with_magic(uint32_t v, uint32_t magic) {
+  uint32_t out;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(out) : "r"(v), "r"(0x000F000Fu), "r"(magic));
+  return out;
+}
+
 // The run's 32 weights as 16 packed pairs in MMA K-slot order: pair 4v + j
 // holds codes (8v + j, 8v + j + 4).
 template <typename T, int MODE, int BITS, int G, bool FAST4>
@@ -160,8 +168,7 @@ __device__ __forceinline__ void dequant_run(uint32_t* pairs, const RowRun<BITS>&
     for (int v = 0; v < 4; ++v) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        uint32_t q = ((r.words[v] >> (4 * j)) & 0x000F000Fu) | Mma<T>::kMagic;
-        pairs[4 * v + j] = Mma<T>::fma2(Mma<T>::sub_magic(q), s2, b2);
+        pairs[4 * v + j] = Mma<T>::fma2(Mma<T>::sub_magic(nibbles_with_magic(r.words[v] >> (4 * j), Mma<T>::kMagic)), s2, b2);
       }
     }
   } else {
@@ -198,37 +205,47 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 }
 
 // N and K are run-time values (one compiled variant serves every layer of a
-// model); FAST4: 4-bit affine with scales of the activation type (the
-// launcher checks).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, bool FAST4, int DEPTH>
+// model). RT row tiles of 16 per warp share each x fragment. FAST4: 4-bit
+// affine with scales of the activation type (the launcher checks).
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
 __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
                            int M, int N, int K) {
   const int CHUNKS = (K + 127) / 128;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int g = lane >> 2, c = lane & 3;
-  const int row0 = blockIdx.x * 16;
-  // Rows past N load row N-1 (never stored) so loads need no predicate.
-  const int row_a = min(row0 + g, N - 1);
-  const int row_b = min(row0 + g + 8, N - 1);
+  const int row0 = blockIdx.x * 16 * RT;
+  // Lane rows: g and g + 8 of each tile. Rows past N load row N-1 (never
+  // stored) so the loads need no predicate.
+  int rows[RT][2];
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    rows[r][0] = min(row0 + 16 * r + g, N - 1);
+    rows[r][1] = min(row0 + 16 * r + g + 8, N - 1);
+  }
 
-  // Two accumulators per token tile (even and odd k16 steps) halve the chain
-  // of dependent MMAs; they are added in a fixed order at the end.
-  float acc[NT][2][4];
+  // Two accumulators per (token tile, row tile), for even and odd k16 steps,
+  // halve each chain of dependent MMAs; they are added in a fixed order.
+  float acc[NT][RT][2][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) acc[t][h][0] = acc[t][h][1] = acc[t][h][2] = acc[t][h][3] = 0.f;
+    for (int r = 0; r < RT; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) acc[t][r][h][0] = acc[t][r][h][1] = acc[t][r][h][2] = acc[t][r][h][3] = 0.f;
 
   // A ring of DEPTH chunks in registers: chunk i+DEPTH's weight loads are in
   // flight while chunk i is dequantized and multiplied.
-  RowRun<BITS> ring_a[DEPTH], ring_b[DEPTH];
+  RowRun<BITS> ring[DEPTH][RT][2];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
     const int chunk = warp + d * WK;
     if (chunk < CHUNKS) {
-      load_run<MODE, BITS, G>(ring_a[d], w, scales, biases, row_a, chunk * 128 + 32 * c, K);
-      load_run<MODE, BITS, G>(ring_b[d], w, scales, biases, row_b, chunk * 128 + 32 * c, K);
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], chunk * 128 + 32 * c, K);
     }
   }
   for (int base = warp; base < CHUNKS; base += DEPTH * WK) {
@@ -237,16 +254,21 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
       const int chunk = base + d * WK;
       if (chunk >= CHUNKS) break;  // warp-uniform
       const int k0 = chunk * 128 + 32 * c;
-      // x of the first token tile first: its L2 latency overlaps the dequant.
+      // x of the first token tile first: its latency overlaps the dequant.
       uint32_t xb[16];
       load_x_run<T>(xb, x + (size_t)min(g, M - 1) * K + k0, k0 < K);
-      uint32_t wa[16], wb[16];
-      dequant_run<T, MODE, BITS, G, FAST4>(wa, ring_a[d]);
-      dequant_run<T, MODE, BITS, G, FAST4>(wb, ring_b[d]);
+      uint32_t wp[RT][2][16];
+#pragma unroll
+      for (int r = 0; r < RT; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) dequant_run<T, MODE, BITS, G, FAST4>(wp[r][h], ring[d][r][h]);
       const int refill = chunk + DEPTH * WK;
       if (refill < CHUNKS) {
-        load_run<MODE, BITS, G>(ring_a[d], w, scales, biases, row_a, refill * 128 + 32 * c, K);
-        load_run<MODE, BITS, G>(ring_b[d], w, scales, biases, row_b, refill * 128 + 32 * c, K);
+#pragma unroll
+        for (int r = 0; r < RT; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], refill * 128 + 32 * c, K);
       }
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
@@ -258,9 +280,12 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
         }
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
-          const uint32_t a[4] = {wa[2 * s], wb[2 * s], wa[2 * s + 1], wb[2 * s + 1]};
           const uint32_t b[2] = {xb[2 * s], xb[2 * s + 1]};
-          Mma<T>::run(acc[t][s & 1], a, b);
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {
+            const uint32_t a[4] = {wp[r][0][2 * s], wp[r][1][2 * s], wp[r][0][2 * s + 1], wp[r][1][2 * s + 1]};
+            Mma<T>::run(acc[t][r][s & 1], a, b);
+          }
         }
         if (t + 1 < NT) {
 #pragma unroll
@@ -271,21 +296,25 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
   }
 
   // Fixed-order reduction of the WK partial tiles through shared memory.
-  extern __shared__ float4 partial[];  // [WK][NT][32 lanes]
+  extern __shared__ float4 partial[];  // [WK][NT][RT][32 lanes]
 #pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    partial[(warp * NT + t) * 32 + lane] = make_float4(acc[t][0][0] + acc[t][1][0], acc[t][0][1] + acc[t][1][1],
-                                                       acc[t][0][2] + acc[t][1][2], acc[t][0][3] + acc[t][1][3]);
-  }
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const float(&e)[2][4] = acc[t][r];
+      partial[((warp * NT + t) * RT + r) * 32 + lane] =
+          make_float4(e[0][0] + e[1][0], e[0][1] + e[1][1], e[0][2] + e[1][2], e[0][3] + e[1][3]);
+    }
   __syncthreads();
   const float* flat = reinterpret_cast<const float*>(partial);
-  for (int i = threadIdx.x; i < NT * 128; i += WK * 32) {
-    const int t = i >> 7, l = (i >> 2) & 31, e = i & 3;
+  for (int i = threadIdx.x; i < NT * RT * 128; i += WK * 32) {
+    const int tr = i >> 7, l = (i >> 2) & 31, e = i & 3;  // tr = t * RT + r
+    const int t = tr / RT, r = tr % RT;
     const int token = t * 8 + 2 * (l & 3) + (e & 1);
-    const int row = row0 + (l >> 2) + 8 * (e >> 1);
+    const int row = row0 + 16 * r + (l >> 2) + 8 * (e >> 1);
     float sum = 0.f;
 #pragma unroll
-    for (int j = 0; j < WK; ++j) sum += flat[((j * NT + t) * 32 + l) * 4 + e];
+    for (int j = 0; j < WK; ++j) sum += flat[((j * NT * RT + tr) * 32 + l) * 4 + e];
     if (token < M && row < N) y[(size_t)token * N + row] = static_cast<T>(sum);
   }
 }

@@ -39,7 +39,18 @@ def read_source(name: str) -> str:
         text = f.read()
     with open(os.path.join(directory, _CORE)) as f:
         core = f.read()
-    return text.replace(f'#include "{_CORE}"', core)
+    return _strip_comments(text.replace(f'#include "{_CORE}"', core))
+
+
+def _strip_comments(source: str) -> str:
+    """Drop // comments and blank lines: MLX rebuilds and hashes the kernel
+    source on every call, so its length is per-call host time."""
+    lines = []
+    for line in source.splitlines():
+        code = (line.split("//", 1)[0] if "//" in line else line).strip()
+        if code:
+            lines.append(code)
+    return "\n".join(lines) + "\n"
 
 
 @lru_cache(maxsize=None)
@@ -48,7 +59,7 @@ def _cuda_kernel(affine: bool, shared_memory: int):
     inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
     biases = "biases" if affine else "(const uint8_t*)nullptr"
     source = (
-        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, FAST4, DEPTH>"
+        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
         f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);"
     )
     return mx.fast.cuda_kernel(
@@ -58,6 +69,33 @@ def _cuda_kernel(affine: bool, shared_memory: int):
         source=source,
         header=read_source("splitk_qmm.cu"),
         shared_memory=shared_memory,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _cuda_launch(plan: Plan, dtype, scales_dtype):
+    """Everything about a launch except the arrays, built once per plan."""
+    affine = plan.mode == "affine"
+    threads = plan.warps_k * 32
+    # Partial tiles of the fixed-order reduction: [WK][NT][RT][32 lanes] float4.
+    shared_memory = plan.warps_k * plan.token_tiles * plan.row_tiles * 32 * 16
+    template = [
+        ("T", dtype),
+        ("TS", scales_dtype),
+        ("MODE", MODE_IDS[plan.mode]),
+        ("BITS", plan.bits),
+        ("G", plan.group_size),
+        ("WK", plan.warps_k),
+        ("NT", plan.token_tiles),
+        ("RT", plan.row_tiles),
+        ("FAST4", affine and plan.bits == 4 and scales_dtype == dtype),
+        ("DEPTH", plan.depth),
+    ]
+    return (
+        _cuda_kernel(affine, shared_memory),
+        template,
+        (plan.blocks * threads, 1, 1),
+        (threads, 1, 1),
     )
 
 
@@ -71,29 +109,14 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
         from .launch_metal import dense as metal_dense
 
         return metal_dense(plan, x, w, scales, biases)
-    M = x.shape[0]
-    affine = plan.mode == "affine"
-    fast4 = affine and plan.bits == 4 and scales.dtype == x.dtype
-    threads = plan.warps_k * 32
-    inputs = [x, w, scales, biases] if affine else [x, w, scales]
-    # Partial tiles of the fixed-order reduction: [WK][NT][32 lanes] float4.
-    shared_memory = plan.warps_k * plan.token_tiles * 32 * 16
-    return _cuda_kernel(affine, shared_memory)(
+    kernel, template, grid, threadgroup = _cuda_launch(plan, x.dtype, scales.dtype)
+    inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
+    return kernel(
         inputs=inputs,
-        template=[
-            ("T", x.dtype),
-            ("TS", scales.dtype),
-            ("MODE", MODE_IDS[plan.mode]),
-            ("BITS", plan.bits),
-            ("G", plan.group_size),
-            ("WK", plan.warps_k),
-            ("NT", plan.token_tiles),
-            ("FAST4", fast4),
-            ("DEPTH", plan.depth),
-        ],
-        grid=(plan.blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(M, plan.N)],
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[(x.shape[0], plan.N)],
         output_dtypes=[x.dtype],
         init_value=poison,
     )[0]

@@ -23,7 +23,9 @@ ROWS_PER_TILE = 16  # weight rows per MMA tile (the m16 side of m16n8k16)
 K_PER_CHUNK = 128  # K covered by one warp step: 4 lanes x 32 weights
 TOKENS_PER_TILE = 8  # tokens per MMA tile (the n8 side)
 MAX_TOKEN_TILES = 8  # so at most 64 rows of x per call
-WARP_CHOICES = (1, 2, 4, 8, 16)
+# At most 8 warps (256 threads) a block: MLX launches without launch bounds, so a
+# 512-thread block of a ~128-register variant would not fit an SM's registers.
+WARP_CHOICES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,14 @@ class Plan:
     K: int
     warps_k: int  # split factor: warps of a block that share its rows, each a K slice
     token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
-    depth: int = 2  # K chunks in flight per warp (register prefetch ring); never changes the math
+    depth: int = 2  # K chunks in flight per warp (register prefetch ring)
+    row_tiles: int = 1  # 16-row tiles per warp, sharing each x fragment
+    # depth and row_tiles only decide which warp computes a row and when its
+    # loads are issued, never the arithmetic of an output, so they may follow M.
 
     @property
     def blocks(self) -> int:
-        return -(-self.N // ROWS_PER_TILE)
+        return -(-self.N // (ROWS_PER_TILE * self.row_tiles))
 
 
 def token_tiles_for(M: int) -> int:
@@ -150,6 +155,10 @@ def plan_dense(
     warps = override or tuning.get("warps_k", {}).get(shape)
     warps = warps or choose_warps_k(N, K, device.sm_count)
     depth = tuning.get("depth", {}).get(shape, tuning.get("default_depth", 2))
+    tiles = token_tiles_for(M)
+    # Two row tiles per warp halve the x traffic per weight, but their
+    # registers only fit beside one or two token tiles.
+    row_tiles = tuning.get("row_tiles", {}).get(shape, 2) if tiles <= 2 else 1
     return Plan(
         backend=device.backend,
         mode=mode,
@@ -158,8 +167,9 @@ def plan_dense(
         N=N,
         K=K,
         warps_k=int(warps),
-        token_tiles=token_tiles_for(M),
+        token_tiles=tiles,
         depth=int(depth),
+        row_tiles=int(row_tiles),
     )
 
 

@@ -89,10 +89,12 @@ def run_mlx(sets, x, mode, bits, group_size):
     return median_time(build)
 
 
-def run_ours(sets, x, mode, bits, group_size, warps_k, depth):
+def run_ours(sets, x, mode, bits, group_size, warps_k, depth, row_tiles):
     M, K = x.shape
     N = sets[0][0].shape[0]
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, planner.token_tiles_for(M), depth)
+    tiles = planner.token_tiles_for(M)
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, tiles, depth,
+                        row_tiles if tiles <= 2 else 1)
 
     def build(i):
         p = sets[i % len(sets)]
@@ -106,7 +108,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
-    ap.add_argument("--quick", action="store_true", help="4-bit g64 on the first two shapes only")
+    ap.add_argument("--quick", action="store_true", help="4-bit g64 only (all shapes)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     assert mx.cuda.is_available(), "needs MLX's CUDA backend"
@@ -117,8 +119,8 @@ def main():
     print(f"device {device.name}, {device.sm_count} SMs; copy {bw / 1e9:.0f} GB/s; trivial op {floor * 1e6:.1f} us",
           flush=True)
 
-    configs = [("affine", 4, 64, SHAPES[:2])] if args.quick else CONFIGS
-    rows, warps_k, depths = [], {}, {}
+    configs = CONFIGS[:1] if args.quick else CONFIGS
+    rows, warps_k, depths, row_tiles = [], {}, {}, {}
     for mode, bits, group_size, shapes in configs:
         for N, K in shapes:
             sets, nbytes = weight_sets(N, K, mode, bits, group_size)
@@ -126,22 +128,23 @@ def main():
             if args.tune and key not in warps_k:
                 # Split chosen from the shape alone (batch invariance): best worst case over M.
                 cands = {}
-                for wk in (2, 4, 8, 16):
-                    for depth in (1, 2, 3):
-                        if wk > -(-K // planner.K_PER_CHUNK):
-                            continue
-                        ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits, group_size,
-                                       wk, depth) for m in (1, 16)]
-                        cands[(wk, depth)] = max(ts)
-                warps_k[key], depths[key] = min(cands, key=cands.get)
-                print(f"  split,depth {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()),
+                for wk in planner.WARP_CHOICES[1:]:
+                    for depth in (1, 2):
+                        for rt in (1, 2):
+                            if wk > -(-K // planner.K_PER_CHUNK):
+                                continue
+                            ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits,
+                                           group_size, wk, depth, rt) for m in (1, 16)]
+                            cands[(wk, depth, rt)] = max(ts)
+                warps_k[key], depths[key], row_tiles[key] = min(cands, key=cands.get)
+                print(f"  split,depth,rows {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()),
                       flush=True)
             wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
-            depth = depths.get(key, 2)
+            depth, rt = depths.get(key, 2), row_tiles.get(key, 2)
             for M in MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
                 t_mlx = run_mlx(sets, x, mode, bits, group_size)
-                t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth)
+                t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth, rt)
                 row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk, depth=depth,
                            weight_bytes=nbytes, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,
                            speedup=t_mlx / t_ours, gbps_ours=nbytes / t_ours / 1e9,
@@ -158,14 +161,14 @@ def main():
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
     write_markdown(os.path.join(args.out, "bench_kernels.md"), meta, rows)
     if args.tune:
-        table = tuning_table(rows, warps_k, depths, meta)
+        table = tuning_table(rows, warps_k, depths, row_tiles, meta)
         path = os.path.join(args.out, planner.tuning_key(device.name) + ".json")
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print("tuning table:", json.dumps(table["max_m"]))
 
 
-def tuning_table(rows, warps_k, depths, meta):
+def tuning_table(rows, warps_k, depths, row_tiles, meta):
     """M cut-over per mode and shape: the largest M up to which the kernel
     never lost to MLX (every smaller M won too). Unmeasured shapes of a mode
     get the smallest cut-over measured for it."""
@@ -183,7 +186,7 @@ def tuning_table(rows, warps_k, depths, meta):
     for mode_key in {k for k, _ in by_key}:
         max_m[mode_key] = min(v for k, v in max_m.items() if k.startswith(mode_key + ":"))
     return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                warps_k=warps_k, depth=depths, max_m=max_m)
+                warps_k=warps_k, depth=depths, row_tiles=row_tiles, max_m=max_m)
 
 
 def write_markdown(path, meta, rows):

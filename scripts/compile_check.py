@@ -17,15 +17,18 @@ from mtp_splitk.launch import read_source  # noqa: E402
 
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
-# (name, T, TS, MODE, BITS, G, N, K, WK, NT, FAST4); N and K are run-time values
+# (name, T, TS, MODE, BITS, G, N, K, WK, NT, RT, FAST4); N and K are run-time values
 VARIANTS = [
-    ("affine4_bf16_nt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 1, "true"),
-    ("affine4_bf16_nt8", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 8, "true"),
-    ("affine4_generic", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 8, 1, "false"),
-    ("affine3_fp16", "__half", "__half", 0, 3, 32, 4096, 4096, 8, 2, "false"),
-    ("affine8_bf16", "__nv_bfloat16", "__nv_bfloat16", 0, 8, 128, 4096, 4096, 8, 1, "false"),
-    ("mxfp4", "__nv_bfloat16", "uint8_t", 1, 4, 32, 4096, 4096, 8, 1, "false"),
-    ("nvfp4", "__nv_bfloat16", "uint8_t", 3, 4, 16, 4096, 4096, 8, 1, "false"),
+    ("affine4_nt1_rt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 1, "true"),
+    ("affine4_nt1_rt2", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 2, "true"),
+    ("affine4_nt2_rt2", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 2, 2, "true"),
+    ("affine4_nt4_rt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 4, 1, "true"),
+    ("affine4_nt8_rt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 8, 1, "true"),
+    ("affine4_generic", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 1, "false"),
+    ("affine3_fp16", "__half", "__half", 0, 3, 32, 4096, 4096, 4, 2, 1, "false"),
+    ("affine8_bf16", "__nv_bfloat16", "__nv_bfloat16", 0, 8, 128, 4096, 4096, 4, 1, 1, "false"),
+    ("mxfp4", "__nv_bfloat16", "uint8_t", 1, 4, 32, 4096, 4096, 4, 1, 1, "false"),
+    ("nvfp4", "__nv_bfloat16", "uint8_t", 3, 4, 16, 4096, 4096, 4, 1, 1, "false"),
 ]
 
 
@@ -35,12 +38,12 @@ def main():
     args = ap.parse_args()
     src = PRELUDE + read_source("splitk_qmm.cu")
     for v in VARIANTS:
-        name, T, TS, mode, bits, g, n, k, wk, nt, fast4 = v
+        name, T, TS, mode, bits, g, n, k, wk, nt, rt, fast4 = v
         biases = "biases" if mode == 0 else "(const uint8_t*)nullptr"
         src += (
             f"\n__global__ void {name}(const {T}* x, const uint32_t* w, const {TS}* scales,"
             f" const {TS}* biases, {T}* y, int M) {{\n"
-            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {fast4}, 2>"
+            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {rt}, {fast4}, 2>"
             f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
         )
     with tempfile.TemporaryDirectory() as d:

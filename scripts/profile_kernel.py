@@ -44,10 +44,10 @@ def main():
             mx.eval(wq, s, b, x)
             mx.eval(mx.quantized_matmul(x, wq, s, b))
             configs.append(f"mlx {N}x{K} M={M}")
-            for wk, depth in ((2, 1), (4, 2), (8, 2), (8, 3), (16, 2)):
-                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, planner.token_tiles_for(M), depth)
+            for wk, depth, rt in ((2, 1, 1), (4, 2, 1), (4, 2, 2), (8, 2, 2)):
+                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, planner.token_tiles_for(M), depth, rt)
                 mx.eval(launch.dense(plan, x, wq, s, b))
-                configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth}")
+                configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth} rt={rt}")
     print("\n".join(f"launch order {i}: {c}" for i, c in enumerate(configs)))
 
 

@@ -285,17 +285,25 @@ def _mtp_generate_step():
 
 
 def run_generate(args) -> int:
+    """mlx-lm's own ``main`` under the patch, so every flag keeps mlx-lm's
+    meaning (chat templates, prompt cache files, images, KV quantization, the
+    draft-model check). Three module attributes are swapped while it runs: its
+    parser (the arguments come parsed, with the defaults filled in), its
+    ``stream_generate`` (recorded for --stats) and, with --mtp, the step
+    function of its speculative branch."""
     from . import patch, plan
 
     # The module, not the function of the same name that mlx_lm exports.
     mlx_generate = importlib.import_module("mlx_lm.generate")
 
     mtp_step = _mtp_generate_step() if args.mtp else None
-    if args.model is None:
+    # A prompt cache file names its model; mlx-lm takes that one.
+    if args.model is None and args.prompt_cache_file is None:
         args.model, draft = (str(p) for p in default_models())
         if args.draft_model is None and not args.mtp:
             args.draft_model = draft
-    check_model_path(args.model, "--model")
+    if args.model is not None:
+        check_model_path(args.model, "--model")
     if args.draft_model is not None:
         check_model_path(args.draft_model, "--draft-model")
     if args.mtp and args.draft_model is not None:

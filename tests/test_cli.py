@@ -96,7 +96,8 @@ def test_default_generate_with_stats_on_a_fresh_machine(tmp_path):
         ),
         (
             ["--split-k", "3"],
-            "argument --split-k: expected auto, off or one of 1, 2, 4, 8, 16",
+            "argument --split-k: expected auto, off or one of "
+            + ", ".join(map(str, plan.WARP_CHOICES)),
         ),
         (["--max-tokens", "many"], "argument --max-tokens/-m: invalid int value"),
     ],

@@ -6,10 +6,14 @@ A plan's shape (warps along K, rows per block) is chosen from (N, K, mode,
 bits, device) and never from M, so a row's result does not depend on how many
 other rows share the call (batch invariance: a verify pass reproduces decode
 bit for bit at the matmul level). M only decides *whether* the kernel is used:
-up to a cut-over measured on the device and kept in ``tuning/<device>.json``.
+within the range of M where it measured faster than MLX on the device, kept in
+``tuning/<device>.json`` (written by scripts/bench_kernels.py --tune). Where
+that range excludes M = 1, decode and verify take different kernels and are
+equal only to rounding; ``set_split(n)`` forces the kernel for every M <= 64.
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -38,7 +42,7 @@ class Plan:
     K: int
     warps_k: int  # split factor: warps of a block that share its rows, each a K slice
     token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
-    depth: int = 2  # K chunks in flight per warp (register prefetch ring)
+    depth: int = 1  # K chunks in flight per warp (register prefetch ring)
     row_tiles: int = 1  # 16-row tiles per warp, sharing each x fragment
     # depth and row_tiles only decide which warp computes a row and when its
     # loads are issued, never the arithmetic of an output, so they may follow M.
@@ -104,11 +108,13 @@ def supported(mode: str, bits: int, group_size: int, K: int, dtype) -> bool:
     return K % 32 == 0 and K >= K_PER_CHUNK
 
 
-def choose_warps_k(N: int, K: int, sm_count: int, target_warps_per_sm: int = 16) -> int:
+def choose_warps_k(N: int, K: int, sm_count: int, target_warps_per_sm: int = 4) -> int:
     """Split factor from the shape and the device alone (never from M).
 
     Enough warps in flight to keep the memory system busy: about
-    ``target_warps_per_sm`` per SM, but no more warps than K has chunks.
+    ``target_warps_per_sm`` per SM, but no more warps than K has chunks. The
+    default of 4 is what the H100 sweep picked (2 warps for N >= 2560, 4 for
+    smaller grids); measured shapes use the tuning table's split instead.
     """
     blocks = -(-N // ROWS_PER_TILE)
     chunks = -(-K // K_PER_CHUNK)
@@ -120,12 +126,27 @@ def choose_warps_k(N: int, K: int, sm_count: int, target_warps_per_sm: int = 16)
     return best
 
 
-def max_m_for(tuning: dict, mode: str, bits: int, N: int, K: int) -> int:
-    """Largest M for which the kernel beat MLX on the device (0 = never)."""
-    key = f"{mode}{bits}"
-    table = tuning.get("max_m", {})
-    entry = table.get(f"{key}:{N}x{K}", table.get(key, tuning.get("default_max_m", 0)))
-    return int(entry)
+def m_range(tuning: dict, mode: str, bits: int, N: int, K: int) -> tuple:
+    """(lo, hi): the M values for which the kernel measured faster than MLX.
+
+    A shape that was not measured takes the range of the measured shape of
+    the same mode whose weight size is nearest (same order of bytes, same
+    balance of kernel time against launch cost). (0, 0) means never.
+    """
+    table = tuning.get("m_range", {})
+    prefix = f"{mode}{bits}:"
+    exact = table.get(f"{prefix}{N}x{K}")
+    if exact is not None:
+        return tuple(exact)
+    best, best_dist = (0, 0), None
+    for key, value in table.items():
+        if not key.startswith(prefix):
+            continue
+        n, k = map(int, key[len(prefix):].split("x"))
+        dist = abs(math.log(n * k) - math.log(N * K))
+        if best_dist is None or dist < best_dist:
+            best, best_dist = tuple(value), dist
+    return best
 
 
 def plan_dense(
@@ -146,19 +167,20 @@ def plan_dense(
     if override == 0 or not supported(mode, bits, group_size, K, dtype):
         return None
     tuning = load_tuning(device.name)
-    limit = MAX_TOKEN_TILES * TOKENS_PER_TILE
-    if override is None:
-        limit = min(limit, max_m_for(tuning, mode, bits, N, K))
-    if M > limit:
+    if M > MAX_TOKEN_TILES * TOKENS_PER_TILE:
         return None
+    if override is None:
+        lo, hi = m_range(tuning, mode, bits, N, K)
+        if not lo <= M <= hi:
+            return None
     shape = f"{N}x{K}"
     warps = override or tuning.get("warps_k", {}).get(shape)
     warps = warps or choose_warps_k(N, K, device.sm_count)
-    depth = tuning.get("depth", {}).get(shape, tuning.get("default_depth", 2))
+    depth = tuning.get("depth", {}).get(shape, tuning.get("default_depth", 1))
     tiles = token_tiles_for(M)
     # Two row tiles per warp halve the x traffic per weight, but their
     # registers only fit beside one or two token tiles.
-    row_tiles = tuning.get("row_tiles", {}).get(shape, 2) if tiles <= 2 else 1
+    row_tiles = tuning.get("row_tiles", {}).get(shape, 1) if tiles <= 2 else 1
     return Plan(
         backend=device.backend,
         mode=mode,

@@ -109,8 +109,12 @@ def main():
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
     ap.add_argument("--quick", action="store_true", help="4-bit g64 only (all shapes)")
+    ap.add_argument("--retune", metavar="DIR", help="rebuild the tuning table from DIR/bench_kernels.json and "
+                    "DIR/<device>.json (the sweep's choices) without a GPU")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.retune:
+        return retune(args.retune, args.out)
     assert mx.cuda.is_available(), "needs MLX's CUDA backend"
     device = planner.current_device()
 
@@ -165,28 +169,43 @@ def main():
         path = os.path.join(args.out, planner.tuning_key(device.name) + ".json")
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
-        print("tuning table:", json.dumps(table["max_m"]))
+        print("tuning table:", json.dumps(table["m_range"]))
+
+
+def winning_range(rows):
+    """Longest run of consecutive measured M where ours beat MLX, as (lo, hi)."""
+    rows = sorted(rows, key=lambda r: r["M"])
+    best, run = (0, 0), None
+    for r in rows:
+        if r["speedup"] >= 1.0:
+            run = (run[0] if run else r["M"], r["M"])
+            if run[1] - run[0] > best[1] - best[0] or best == (0, 0):
+                best = run
+        else:
+            run = None
+    return best
 
 
 def tuning_table(rows, warps_k, depths, row_tiles, meta):
-    """M cut-over per mode and shape: the largest M up to which the kernel
-    never lost to MLX (every smaller M won too). Unmeasured shapes of a mode
-    get the smallest cut-over measured for it."""
+    """Per mode and shape, the M range where the kernel measured faster than
+    MLX (the planner sends every other M to MLX), plus the split, prefetch
+    depth and row tiles the sweep chose."""
     by_key = {}
     for r in rows:
-        by_key.setdefault((f"{r['mode']}{r['bits']}", f"{r['N']}x{r['K']}"), []).append(r)
-    max_m = {}
-    for (mode_key, shape), rs in by_key.items():
-        limit = 0
-        for r in sorted(rs, key=lambda r: r["M"]):
-            if r["speedup"] < 1.0:
-                break
-            limit = r["M"]
-        max_m[f"{mode_key}:{shape}"] = limit
-    for mode_key in {k for k, _ in by_key}:
-        max_m[mode_key] = min(v for k, v in max_m.items() if k.startswith(mode_key + ":"))
+        by_key.setdefault(f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}", []).append(r)
+    m_range = {key: winning_range(rs) for key, rs in by_key.items()}
     return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                warps_k=warps_k, depth=depths, row_tiles=row_tiles, max_m=max_m)
+                warps_k=warps_k, depth=depths, row_tiles=row_tiles, m_range=m_range)
+
+
+def retune(src, out):
+    data = json.load(open(os.path.join(src, "bench_kernels.json")))
+    key = planner.tuning_key(data["meta"]["device"])
+    old = json.load(open(os.path.join(src, key + ".json")))
+    table = tuning_table(data["rows"], old["warps_k"], old["depth"], old["row_tiles"], data["meta"])
+    with open(os.path.join(out, key + ".json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    print(json.dumps(table["m_range"]))
 
 
 def write_markdown(path, meta, rows):

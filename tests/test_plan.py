@@ -1,0 +1,96 @@
+"""Planner decisions (pure Python, no GPU needed)."""
+
+import mlx.core as mx
+import pytest
+
+from mtp_splitk import plan as planner
+
+H100 = planner.Device("cuda", "NVIDIA H100 80GB HBM3", 132)
+CPU = planner.Device("cpu", "cpu", 0)
+TABLE = planner.load_tuning(H100.name)
+
+
+def test_committed_h100_table_is_found_and_well_formed():
+    assert TABLE, "tuning/nvidia_h100_80gb_hbm3.json should be committed"
+    for key, (lo, hi) in TABLE["m_range"].items():
+        assert 0 <= lo <= hi <= 64, key
+    for shape, wk in TABLE["warps_k"].items():
+        assert wk in planner.WARP_CHOICES, shape
+
+
+def test_cpu_never_plans():
+    assert planner.plan_dense(1, 4096, 4096, 4, 64, "affine", mx.bfloat16, device=CPU) is None
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 6])
+def test_measured_winning_range_takes_the_kernel(M):
+    plan = planner.plan_dense(M, 14336, 4096, 4, 64, "affine", mx.bfloat16, device=H100)
+    assert plan is not None and plan.warps_k == TABLE["warps_k"]["14336x4096"]
+
+
+@pytest.mark.parametrize("M", [8, 16, 65, 1000])
+def test_outside_the_range_goes_to_mlx(M):
+    assert planner.plan_dense(M, 14336, 4096, 4, 64, "affine", mx.bfloat16, device=H100) is None
+
+
+def test_split_never_depends_on_m():
+    """Batch invariance: the split (and so the arithmetic) is a function of the shape."""
+    planner.set_split(None)
+    try:
+        for N, K in [(4096, 4096), (14336, 4096), (1000, 544), (151936, 2048)]:
+            planner.set_split(4)  # force the kernel for every M to compare plans
+            plans = [planner.plan_dense(M, N, K, 4, 64, "affine", mx.bfloat16, device=H100) for M in range(1, 65)]
+            assert len({p.warps_k for p in plans}) == 1
+        planner.set_split(None)
+        for N, K in [(4096, 4096), (14336, 4096)]:
+            plans = [planner.plan_dense(M, N, K, 4, 64, "affine", mx.bfloat16, device=H100) for M in range(1, 65)]
+            assert len({p.warps_k for p in plans if p}) <= 1
+    finally:
+        planner.set_split(None)
+
+
+def test_unmeasured_shape_takes_the_nearest_measured_range():
+    # 14336 x 4096 and 4096 x 14336 bracket 12288 x 4096 in size; both win at M = 1..6.
+    assert planner.m_range(TABLE, "affine", 4, 12288, 4096) == (1, 6)
+    assert planner.m_range(TABLE, "mxfp8", 8, 4096, 4096) == (0, 0)  # no measurement of the mode
+
+
+def test_unsupported_inputs_stay_on_mlx():
+    planner.set_split(4)
+    try:
+        assert planner.plan_dense(2, 4096, 4096, 4, 64, "affine", mx.float32, device=H100) is None
+        assert planner.plan_dense(2, 4096, 4016, 4, 16, "nvfp4", mx.bfloat16, device=H100) is None  # K % 32 != 0
+        assert planner.plan_dense(2, 4096, 4096, 1, 64, "affine", mx.bfloat16, device=H100) is None  # 1-bit
+        assert planner.plan_dense(65, 4096, 4096, 4, 64, "affine", mx.bfloat16, device=H100) is None
+        assert planner.plan_dense(2, 4096, 4096, 4, 32, "mxfp4", mx.bfloat16, device=H100) is not None
+    finally:
+        planner.set_split(None)
+
+
+def test_forced_split_and_off():
+    try:
+        planner.set_split(8)
+        plan = planner.plan_dense(40, 2048, 768, 4, 64, "affine", mx.bfloat16, device=H100)
+        assert plan.warps_k == 8 and plan.token_tiles == 8
+        planner.set_split(0)
+        assert planner.plan_dense(2, 14336, 4096, 4, 64, "affine", mx.bfloat16, device=H100) is None
+    finally:
+        planner.set_split(None)
+
+
+@pytest.mark.parametrize("bad", [-1, 3, 16])
+def test_bad_split_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="split-K"):
+        planner.set_split(bad)
+
+
+def test_token_tiles_and_blocks():
+    assert [planner.token_tiles_for(m) for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 4, 4, 8, 8]
+    plan = planner.Plan("cuda", "affine", 4, 64, 1000, 4096, 2, 1, 1, 2)
+    assert plan.blocks == -(-1000 // 32)
+
+
+def test_choose_warps_k_respects_chunks_and_choices():
+    assert planner.choose_warps_k(16, 128, 132) == 1  # one chunk of K: one warp
+    for N, K in [(4096, 4096), (1024, 4096), (151936, 2048), (16, 14336)]:
+        assert planner.choose_warps_k(N, K, 132) in planner.WARP_CHOICES

@@ -204,29 +204,20 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
   }
 }
 
-// N and K are run-time values (one compiled variant serves every layer of a
-// model). RT row tiles of 16 per warp share each x fragment. FAST4: 4-bit
-// affine with scales of the activation type (the launcher checks).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
-__device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
-                           int M, int N, int K) {
+// The K loop of one block: accumulates x rows (xrow(t) gives the x row of
+// token tile t for this lane's g) times the block's weight rows into acc.
+// RT row tiles of 16 per warp share each x fragment.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename XRow>
+__device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* x, const uint32_t* w,
+                                           const TS* scales, const TS* biases, const int (&rows)[RT][2], int K,
+                                           XRow xrow) {
   const int CHUNKS = (K + 127) / 128;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2, c = lane & 3;
-  const int row0 = blockIdx.x * 16 * RT;
-  // Lane rows: g and g + 8 of each tile. Rows past N load row N-1 (never
-  // stored) so the loads need no predicate.
-  int rows[RT][2];
-#pragma unroll
-  for (int r = 0; r < RT; ++r) {
-    rows[r][0] = min(row0 + 16 * r + g, N - 1);
-    rows[r][1] = min(row0 + 16 * r + g + 8, N - 1);
-  }
-
+  const int c = lane & 3;
   // Two accumulators per (token tile, row tile), for even and odd k16 steps,
   // halve each chain of dependent MMAs; they are added in a fixed order.
-  float acc[NT][RT][2][4];
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -256,7 +247,7 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
       const int k0 = chunk * 128 + 32 * c;
       // x of the first token tile first: its latency overlaps the dequant.
       uint32_t xb[16];
-      load_x_run<T>(xb, x + (size_t)min(g, M - 1) * K + k0, k0 < K);
+      load_x_run<T>(xb, x + (size_t)xrow(0) * K + k0, k0 < K);
       uint32_t wp[RT][2][16];
 #pragma unroll
       for (int r = 0; r < RT; ++r)
@@ -273,11 +264,7 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         uint32_t xn[16];
-        if (t + 1 < NT) {
-          // Padding tokens repeat the last real one; they are never stored.
-          const int token = min((t + 1) * 8 + g, M - 1);
-          load_x_run<T>(xn, x + (size_t)token * K + k0, k0 < K);
-        }
+        if (t + 1 < NT) load_x_run<T>(xn, x + (size_t)xrow(t + 1) * K + k0, k0 < K);
 #pragma unroll
         for (int s = 0; s < 8; ++s) {
           const uint32_t b[2] = {xb[2 * s], xb[2 * s + 1]};
@@ -294,8 +281,15 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
       }
     }
   }
+}
 
-  // Fixed-order reduction of the WK partial tiles through shared memory.
+// Fixed-order reduction of the WK warps' partial tiles through shared
+// memory; store(slot, row_in_block, value) writes one output (slot = token
+// slot 0..8*NT-1). Ends with a barrier so the caller may reuse the memory.
+template <int WK, int NT, int RT, typename Store>
+__device__ __forceinline__ void reduce_store(const float (&acc)[NT][RT][2][4], Store store) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   extern __shared__ float4 partial[];  // [WK][NT][RT][32 lanes]
 #pragma unroll
   for (int t = 0; t < NT; ++t)
@@ -310,11 +304,132 @@ __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, cons
   for (int i = threadIdx.x; i < NT * RT * 128; i += WK * 32) {
     const int tr = i >> 7, l = (i >> 2) & 31, e = i & 3;  // tr = t * RT + r
     const int t = tr / RT, r = tr % RT;
-    const int token = t * 8 + 2 * (l & 3) + (e & 1);
-    const int row = row0 + 16 * r + (l >> 2) + 8 * (e >> 1);
     float sum = 0.f;
 #pragma unroll
     for (int j = 0; j < WK; ++j) sum += flat[((j * NT * RT + tr) * 32 + l) * 4 + e];
-    if (token < M && row < N) y[(size_t)token * N + row] = static_cast<T>(sum);
+    store(t * 8 + 2 * (l & 3) + (e & 1), 16 * r + (l >> 2) + 8 * (e >> 1), sum);
+  }
+  __syncthreads();
+}
+
+// Lane rows g and g + 8 of each row tile; rows past N load row N-1 (never
+// stored) so the loads need no predicate.
+template <int RT>
+__device__ __forceinline__ void lane_rows(int (&rows)[RT][2], int row0, int N) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int r = 0; r < RT; ++r) {
+    rows[r][0] = min(row0 + 16 * r + g, N - 1);
+    rows[r][1] = min(row0 + 16 * r + g + 8, N - 1);
+  }
+}
+
+// Dense: y[M, N] = x[M, K] @ dequant(w[N, K]).T. N and K are run-time
+// values (one compiled variant serves every layer of a model). FAST4: 4-bit
+// affine with scales of the activation type (the launcher checks).
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+__device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
+                           int M, int N, int K) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int row0 = blockIdx.x * 16 * RT;
+  int rows[RT][2];
+  lane_rows<RT>(rows, row0, N);
+  float acc[NT][RT][2][4];
+  // Padding tokens repeat the last real one; they are never stored.
+  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(acc, x, w, scales, biases, rows, K,
+                                                             [&](int t) { return min(t * 8 + g, M - 1); });
+  reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
+    const int row = row0 + roff;
+    if (slot < M && row < N) y[(size_t)slot * N + row] = static_cast<T>(v);
+  });
+}
+
+// MoE: P (token, expert) pairs; pair p multiplies x row p / X_DIV by expert
+// idx[p]: y[p, N] = x[p / X_DIV, K] @ dequant(w[idx[p], N, K]).T.
+// Block (u, tile) finds the u-th active expert (ascending id, from a bitmap
+// of idx in shared memory: no sort, no host sync), gathers that expert's
+// pairs in ascending p, and runs the dense core over them in batches of
+// 8 * NT tokens: each active expert's rows stream once per batch, whatever
+// the number of pairs routed to it. A pair's arithmetic does not depend on
+// its batch or slot (batch invariance as in the dense kernel).
+constexpr int kMaxExperts = 1024;
+constexpr int kMaxPairs = 1024;
+
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+__device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
+                                  const uint32_t* idx, T* y, int P, int E, int N, int K, int x_div) {
+  __shared__ uint32_t active[kMaxExperts / 32];
+  __shared__ int pairs[kMaxPairs];
+  __shared__ int count;
+  __shared__ int expert;
+  __shared__ int warp_counts[WK];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int tiles = (N + 16 * RT - 1) / (16 * RT);
+  const int u = blockIdx.x / tiles;
+  const int row0 = (blockIdx.x % tiles) * 16 * RT;
+
+  for (int i = threadIdx.x; i < kMaxExperts / 32; i += WK * 32) active[i] = 0;
+  __syncthreads();
+  // Ids >= E (invalid input) mark nothing: their pairs are never computed,
+  // and never written out of bounds.
+  for (int p = threadIdx.x; p < P; p += WK * 32)
+    if (idx[p] < (uint32_t)E) atomicOr(&active[idx[p] >> 5], 1u << (idx[p] & 31));
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // The u-th set bit: a scan over at most 32 words.
+    int e = -1, seen = 0;
+    for (int i = 0; i < (E + 31) / 32 && e < 0; ++i) {
+      const int n = __popc(active[i]);
+      if (seen + n > u) {
+        uint32_t bits = active[i];
+        for (int k = 0; k < u - seen; ++k) bits &= bits - 1;
+        e = 32 * i + __ffs(bits) - 1;
+      }
+      seen += n;
+    }
+    expert = e;
+    count = 0;
+  }
+  __syncthreads();
+  const int e = expert;
+  if (e < 0) return;  // fewer active experts than u: nothing to do (block-uniform)
+
+  // The expert's pairs in ascending p: ballots per warp, warp totals in
+  // order, so the list is the same whatever the block's timing.
+  for (int base = 0; base < P; base += WK * 32) {
+    const int p = base + threadIdx.x;
+    const bool mine = p < P && (int)idx[p] == e;
+    const uint32_t ballot = __ballot_sync(0xffffffffu, mine);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int offset = count;
+    for (int j = 0; j < warp; ++j) offset += warp_counts[j];
+    if (mine) pairs[offset + __popc(ballot & ((1u << lane) - 1u))] = p;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int total = 0;
+      for (int j = 0; j < WK; ++j) total += warp_counts[j];
+      count += total;
+    }
+    __syncthreads();
+  }
+
+  const size_t words_row = (size_t)K / 32 * BITS;
+  const uint32_t* we = w + (size_t)e * N * words_row;
+  const TS* se = scales + (size_t)e * N * (K / G);
+  const TS* be = MODE == QC_AFFINE ? biases + (size_t)e * N * (K / G) : biases;
+  int rows[RT][2];
+  lane_rows<RT>(rows, row0, N);
+  for (int b0 = 0; b0 < count; b0 += 8 * NT) {
+    const int n = min(8 * NT, count - b0);
+    float acc[NT][RT][2][4];
+    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+        acc, x, we, se, be, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; });
+    reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
+      const int row = row0 + roff;
+      if (slot < n && row < N) y[(size_t)pairs[b0 + slot] * N + row] = static_cast<T>(v);
+    });
   }
 }

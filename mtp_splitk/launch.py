@@ -72,14 +72,27 @@ def _cuda_kernel(affine: bool, shared_memory: int):
     )
 
 
-@lru_cache(maxsize=4096)
-def _cuda_launch(plan: Plan, dtype, scales_dtype):
-    """Everything about a launch except the arrays, built once per plan."""
+@lru_cache(maxsize=None)
+def _cuda_gather_kernel(affine: bool, shared_memory: int):
+    inputs = ["x", "w", "scales", "biases", "idx"] if affine else ["x", "w", "scales", "idx"]
+    biases = "biases" if affine else "(const uint8_t*)nullptr"
+    source = (
+        "splitk_gather_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
+        f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], XDIV);"
+    )
+    return mx.fast.cuda_kernel(
+        name="mtp_splitk_gather_affine" if affine else "mtp_splitk_gather_fp",
+        input_names=inputs,
+        output_names=["y"],
+        source=source,
+        header=read_source("splitk_qmm.cu"),
+        shared_memory=shared_memory,
+    )
+
+
+def _template(plan: Plan, dtype, scales_dtype):
     affine = plan.mode == "affine"
-    threads = plan.warps_k * 32
-    # Partial tiles of the fixed-order reduction: [WK][NT][RT][32 lanes] float4.
-    shared_memory = plan.warps_k * plan.token_tiles * plan.row_tiles * 32 * 16
-    template = [
+    return [
         ("T", dtype),
         ("TS", scales_dtype),
         ("MODE", MODE_IDS[plan.mode]),
@@ -91,9 +104,20 @@ def _cuda_launch(plan: Plan, dtype, scales_dtype):
         ("FAST4", affine and plan.bits == 4 and scales_dtype == dtype),
         ("DEPTH", plan.depth),
     ]
+
+
+def _shared_memory(plan: Plan) -> int:
+    # Partial tiles of the fixed-order reduction: [WK][NT][RT][32 lanes] float4.
+    return plan.warps_k * plan.token_tiles * plan.row_tiles * 32 * 16
+
+
+@lru_cache(maxsize=4096)
+def _cuda_launch(plan: Plan, dtype, scales_dtype):
+    """Everything about a launch except the arrays, built once per plan."""
+    threads = plan.warps_k * 32
     return (
-        _cuda_kernel(affine, shared_memory),
-        template,
+        _cuda_kernel(plan.mode == "affine", _shared_memory(plan)),
+        _template(plan, dtype, scales_dtype),
         (plan.blocks * threads, 1, 1),
         (threads, 1, 1),
     )
@@ -117,6 +141,29 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=[(x.shape[0], plan.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]
+
+
+def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
+    """y (P, N): pair p multiplies x row p // x_div by expert idx[p]."""
+    if plan.backend != "cuda":
+        from .launch_metal import gather as metal_gather
+
+        return metal_gather(plan, x, w, scales, biases, idx, x_div)
+    P = idx.size
+    threads = plan.warps_k * 32
+    # Blocks for up to min(E, P) active experts times the row tiles of one.
+    blocks = min(w.shape[0], P) * plan.blocks
+    kernel = _cuda_gather_kernel(plan.mode == "affine", _shared_memory(plan))
+    inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
+    return kernel(
+        inputs=inputs,
+        template=_template(plan, x.dtype, scales.dtype) + [("XDIV", x_div)],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(P, plan.N)],
         output_dtypes=[x.dtype],
         init_value=poison,
     )[0]

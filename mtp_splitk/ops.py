@@ -147,6 +147,10 @@ def gather_qmm(
     for name, idx in (("lhs_indices", lhs_indices), ("rhs_indices", rhs_indices)):
         if idx is not None and not mx.issubdtype(idx.dtype, mx.integer):
             raise ValueError(f"{name} must be integer, got {idx.dtype}.")
+    if global_scale is None and lhs_indices is None and rhs_indices is not None and stream is None:
+        y = _grouped(x, w, scales, biases, rhs_indices, transpose, group_size, bits, mode)
+        if y is not None:
+            return y
     kwargs = {} if global_scale is None else {"global_scale": global_scale}
     return mx.gather_qmm(
         x,
@@ -163,3 +167,37 @@ def gather_qmm(
         stream=stream,
         **kwargs,
     )
+
+
+def _grouped(x, w, scales, biases, indices, transpose, group_size, bits, mode):
+    """The grouped split-K kernel for mlx-lm's two switch-layer call shapes,
+    or None to let MLX take the call:
+
+    * unsorted: x (..., 1, 1, K) with indices (..., top_k): pair p reads x
+      row p // top_k (SwitchGLU's expand_dims before gather_qmm);
+    * sorted: x (P, 1, K) with indices (P,): pair p reads x row p.
+
+    Output (..., top_k, 1, N) or (P, 1, N), in MLX's order. (nvfp4 with a
+    global scale and explicit lhs_indices stay on MLX's path.)
+    """
+    if not transpose or w.ndim != 3 or x.ndim < 2 or x.shape[-2] != 1:
+        return None
+    batch = tuple(x.shape[:-2])
+    ishape = tuple(indices.shape)
+    if batch == ishape:
+        x_div = 1
+    elif len(ishape) >= 1 and batch == ishape[:-1] + (1,):
+        x_div = ishape[-1]
+    else:
+        return None
+    E, N = w.shape[0], w.shape[1]
+    K = x.shape[-1]
+    P = indices.size
+    plan = planner.plan_gather(P, E, N, K, bits, group_size, mode, x.dtype)
+    if plan is None:
+        return None
+    from . import launch
+
+    idx = indices.flatten().astype(mx.uint32)
+    y = launch.gather(plan, x.reshape(-1, K), w, scales, biases, idx, x_div)
+    return y.reshape(*ishape, 1, N)

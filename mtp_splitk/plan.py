@@ -195,6 +195,45 @@ def plan_dense(
     )
 
 
+MAX_PAIRS = 1024  # (token, expert) pairs a grouped MoE call can hold (kernel's shared list)
+MAX_EXPERTS = 1024
+
+
+def plan_gather(
+    P: int,
+    E: int,
+    N: int,
+    K: int,
+    bits: int,
+    group_size: int,
+    mode: str,
+    dtype,
+    device: Optional[Device] = None,
+) -> Optional[Plan]:
+    """A Plan for the grouped MoE kernel over P (token, expert) pairs of E
+    experts of shape (N, K), or None for mx.gather_qmm.
+
+    The split comes from the expert shape alone (as if 8 experts were active,
+    decode with top-8), never from P, so a pair's result does not depend on
+    the batch. Each active expert takes its pairs 8 at a time (one token
+    tile): a verify batch rarely routes more than 8 tokens to one expert.
+    """
+    device = device or current_device()
+    if device.backend not in ("cuda", "metal") or not 1 <= P <= MAX_PAIRS or E > MAX_EXPERTS:
+        return None
+    override = forced_split()
+    if override == 0 or not supported(mode, bits, group_size, K, dtype):
+        return None
+    tuning = load_tuning(device.name)
+    if override is None:
+        lo, hi = m_range({"m_range": tuning.get("moe_p_range", {})}, mode, bits, E * N, K)
+        if not lo <= P <= hi:
+            return None
+    warps = override or choose_warps_k(8 * N, K, device.sm_count)
+    return Plan(backend=device.backend, mode=mode, bits=bits, group_size=group_size, N=N, K=K,
+                warps_k=int(warps), token_tiles=1)
+
+
 # --split-k from the CLI: None = auto (tuning table), 0 = off, n = force n warps along K.
 _forced: Optional[int] = None
 

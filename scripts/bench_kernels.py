@@ -21,15 +21,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
 from mtp_splitk import launch, plan as planner  # noqa: E402
+from mtp_splitk.timing import copy_bandwidth, median_time, trivial_op_floor  # noqa: E402
 
 L2_BYTES = 50 * 2**20
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048)]
@@ -38,31 +37,6 @@ MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
 CONFIGS = [("affine", 4, 64, SHAPES)] + [
     (m, b, g, SHAPES[:2]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
 ]
-
-
-def median_time(build, reps=15, batch=32, warmup=3):
-    """Median seconds per op of `build(i)` (a lazy op on rotation slot i)."""
-    for _ in range(warmup):
-        mx.eval([build(i) for i in range(batch)])
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        mx.eval([build(i) for i in range(batch)])
-        times.append((time.perf_counter() - t0) / batch)
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    a = mx.random.uniform(shape=(128 * 2**20,)).astype(mx.bfloat16)  # 256 MB
-    mx.eval(a)
-    t = median_time(lambda i: a * 1.0, reps=10, batch=4)
-    return 2 * a.nbytes / t
-
-
-def trivial_op_floor():
-    s = mx.ones((16,))
-    mx.eval(s)
-    return median_time(lambda i: s + i, reps=20, batch=64)
 
 
 def weight_sets(N, K, mode, bits, group_size, dtype=mx.bfloat16):
@@ -109,6 +83,7 @@ def main():
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
     ap.add_argument("--quick", action="store_true", help="4-bit g64 only (all shapes)")
+    ap.add_argument("--configs", help="comma-separated indices into CONFIGS (0: 4-bit g64, 1: 3-bit, 2: 8-bit, 3: mxfp4)")
     ap.add_argument("--retune", metavar="DIR", help="rebuild the tuning table from DIR/bench_kernels.json and "
                     "DIR/<device>.json (the sweep's choices) without a GPU")
     args = ap.parse_args()
@@ -124,6 +99,8 @@ def main():
           flush=True)
 
     configs = CONFIGS[:1] if args.quick else CONFIGS
+    if args.configs:
+        configs = [CONFIGS[int(i)] for i in args.configs.split(",")]
     rows, warps_k, depths, row_tiles = [], {}, {}, {}
     for mode, bits, group_size, shapes in configs:
         for N, K in shapes:

@@ -19,6 +19,8 @@ for step in "$@"; do
                --section LaunchStats --section WarpStateStats --csv --log-file "$OUT/ncu.csv" \
                python scripts/profile_kernel.py 2>&1 | tail -30
              python scripts/profile_kernel.py --summarize "$OUT/ncu.csv" 2>&1 | tail -${PROFILE_TAIL:-80} ;;
+    moe) timeout "${MOE_TIMEOUT:-300}" python scripts/bench_moe.py --out "$OUT" --tune ${MOE_ARGS:-} \
+           2>&1 | tee "$OUT/bench_moe.log" | tail -${MOE_TAIL:-70} ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""Grouped split-K MoE kernel vs mx.gather_qmm on the GPU, as mlx-lm calls it.
+
+Per MoE shape and token count M: top-k routing drawn like a router's (k
+distinct experts per token, a fresh draw for every call of a timing batch,
+so the experts touched change from call to call), 4-bit g64 experts made
+directly in packed form (random codes and scales). Both sides get mlx-lm's
+call: unsorted for M * top_k < 64, pre-sorted with sorted_indices=True
+otherwise. Columns: µs per op (timing as in scripts/bench_kernels.py),
+unique experts per call, % of the unique experts' bytes over the copy
+bandwidth, and MLX / ours in the same run.
+
+Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune the pair
+ranges where the kernel won go into <out>/<device>_moe.json for the planner.
+Usage: python scripts/bench_moe.py --out benchmarks/moe [--tune]
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+
+from mtp_splitk import launch, plan as planner  # noqa: E402
+from mtp_splitk.timing import copy_bandwidth, median_time, trivial_op_floor  # noqa: E402
+
+# (name, E, N, K, top_k)
+SHAPES = [
+    ("qwen3-30b-a3b gate/up", 128, 768, 2048, 8),
+    ("qwen3-30b-a3b down", 128, 2048, 768, 8),
+    ("deepseek-v3 gate/up", 256, 2048, 7168, 8),
+    ("deepseek-v3 down", 256, 7168, 2048, 8),
+    ("gpt-oss-20b", 32, 2880, 2880, 4),
+]
+MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32]
+CALLS = 16  # distinct routings per timing batch
+
+
+def packed_experts(E, N, K, bits=4, group_size=64, copies=1):
+    """Random codes and bf16 scales/biases; `copies` distinct weight sets."""
+    sets = []
+    for _ in range(copies):
+        w = mx.random.bits((E, N, K * bits // 32), 4)
+        s = (mx.random.uniform(0.002, 0.02, (E, N, K // group_size))).astype(mx.bfloat16)
+        b = (-8 * s).astype(mx.bfloat16)
+        mx.eval(w, s, b)
+        sets.append((w, s, b))
+    return sets, sum(a.nbytes for a in sets[0]) / E
+
+
+def routings(M, E, top_k, count, rng):
+    return [np.stack([rng.choice(E, top_k, replace=False) for _ in range(M)]).astype(np.uint32)
+            for _ in range(count)]
+
+
+def prepared_calls(x, idxs, top_k):
+    """mlx-lm's two call shapes: (x, indices, sorted_indices) per routing."""
+    M, K = x.shape
+    calls = []
+    for idx in idxs:
+        if M * top_k >= 64:
+            flat = idx.reshape(-1)
+            order = np.argsort(flat, kind="stable")
+            xs = x[mx.array(order // top_k)].reshape(-1, 1, K)
+            calls.append((xs, mx.array(flat[order]), True))
+        else:
+            calls.append((x.reshape(M, 1, 1, K), mx.array(idx), False))
+    mx.eval([c[:2] for c in calls])
+    return calls
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/moe")
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    assert mx.cuda.is_available(), "needs MLX's CUDA backend"
+    device = planner.current_device()
+    bw, floor = copy_bandwidth(), trivial_op_floor()
+    print(f"device {device.name}; copy {bw / 1e9:.0f} GB/s; trivial op {floor * 1e6:.1f} us", flush=True)
+    rng = np.random.default_rng(0)
+    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    rows = []
+    for name, E, N, K, top_k in shapes:
+        expert_bytes = E * N * K // 2
+        copies = max(1, min(3, int(3 * 50e6 // expert_bytes) + 1))
+        sets, bytes_per_expert = packed_experts(E, N, K, copies=copies)
+        for M in MS:
+            x = mx.random.normal((M, K)).astype(mx.bfloat16)
+            idxs = routings(M, E, top_k, CALLS, rng)
+            calls = prepared_calls(x, idxs, top_k)
+            unique = float(np.mean([len(np.unique(i)) for i in idxs]))
+            P = M * top_k
+            plan = planner.Plan("cuda", "affine", 4, 64, N, K, planner.choose_warps_k(8 * N, K, device.sm_count), 1)
+
+            def mlx_op(i):
+                xs, idx, srt = calls[i % CALLS]
+                w, s, b = sets[i % len(sets)]
+                return mx.gather_qmm(xs, w, s, b, rhs_indices=idx, transpose=True, sorted_indices=srt)
+
+            def our_op(i):
+                xs, idx, srt = calls[i % CALLS]
+                w, s, b = sets[i % len(sets)]
+                x_div = 1 if srt else top_k
+                return launch.gather(plan, xs.reshape(-1, K), w, s, b, idx.reshape(-1), x_div)
+
+            t_mlx, t_ours = median_time(mlx_op), median_time(our_op)
+            min_time = unique * bytes_per_expert / bw
+            row = dict(shape=name, E=E, N=N, K=K, top_k=top_k, M=M, pairs=P, unique_experts=unique,
+                       warps_k=plan.warps_k, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6, speedup=t_mlx / t_ours,
+                       pct_unique_bytes_bw=100 * min_time / t_ours,
+                       floor_us=max(min_time, floor) * 1e6)
+            rows.append(row)
+            print(f"{name:22s} M={M:2d} P={P:3d} uniq={unique:5.1f}: ours {row['us_ours']:7.1f} us  "
+                  f"mlx {row['us_mlx']:7.1f} us  x{row['speedup']:.2f}  {row['pct_unique_bytes_bw']:.0f}% "
+                  f"floor {row['floor_us']:.1f}", flush=True)
+        del sets
+    meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
+                command=" ".join(sys.argv))
+    json.dump(dict(meta=meta, rows=rows), open(os.path.join(args.out, "bench_moe.json"), "w"), indent=1)
+    lines = [f"# Grouped MoE kernel vs mx.gather_qmm — {meta['device']}, MLX {meta['mlx']}", "",
+             f"Copy {meta['copy_gbps']:.0f} GB/s, trivial op {meta['trivial_op_us']:.1f} µs (this run). "
+             f"Command: `{meta['command']}`", "",
+             "| shape | E | N×K | top-k | M | pairs | unique experts | ours µs | MLX µs | MLX/ours "
+             "| % unique-expert bytes / copy bw | floor µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['E']} | {r['N']}×{r['K']} | {r['top_k']} | {r['M']} | {r['pairs']} | "
+                     f"{r['unique_experts']:.1f} | {r['us_ours']:.1f} | {r['us_mlx']:.1f} | {r['speedup']:.2f} | "
+                     f"{r['pct_unique_bytes_bw']:.0f} | {r['floor_us']:.1f} |")
+    open(os.path.join(args.out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
+    if args.tune:
+        ranges = {}
+        for key in {(r["E"], r["N"], r["K"]) for r in rows}:
+            rs = sorted((r for r in rows if (r["E"], r["N"], r["K"]) == key), key=lambda r: r["pairs"])
+            lo = hi = 0
+            for r in rs:  # longest run of winning pair counts starting anywhere
+                if r["speedup"] >= 1.0:
+                    lo = lo or r["pairs"]
+                    hi = r["pairs"]
+                elif hi:
+                    break
+            ranges[f"affine4:{key[0] * key[1]}x{key[2]}"] = [lo, hi]
+        json.dump(dict(device=device.name, moe_p_range=ranges, measured_with=meta["command"]),
+                  open(os.path.join(args.out, planner.tuning_key(device.name) + "_moe.json"), "w"), indent=1)
+        print("moe pair ranges:", ranges)
+
+
+if __name__ == "__main__":
+    main()

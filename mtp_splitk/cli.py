@@ -9,11 +9,16 @@ takes every flag of mlx-lm's own parser (built by mlx-lm's
 
 - ``--split-k auto|off|N``: the planner's split policy (``plan.set_split``);
 - ``--stats``: speculation statistics after the text;
-- ``--mtp``: decode with the model's MTP head (needs ``mtp_splitk.mtp.generate_step``).
+- ``--mtp``: draft with the model's own MTP head (``mtp_splitk.mtp.generate_step``)
+  instead of a draft model.
 
 Without ``--model`` it builds (once, into a cache directory) a tiny
 synthetic target and a draft for it and decodes speculatively, so it runs on
-a fresh machine with no download.
+a fresh machine with no download; with ``--mtp``, a tiny synthetic target
+with an MTP head instead.
+
+``mtp-splitk convert`` is ``mlx_lm.convert`` keeping (and quantizing) the
+checkpoint's MTP head (``mtp_splitk.mtp.convert``).
 
 ``mtp-splitk synthesize`` writes a synthetic model directory of any family
 and size (real shapes for the GPU) with progress on stderr.
@@ -24,6 +29,7 @@ status 2.
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import os
@@ -35,7 +41,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 PROG = "mtp-splitk"
 CACHE_ENV = "MTP_SPLITK_CACHE"
@@ -89,14 +95,15 @@ def cache_dir() -> Path:
     return Path(base) / "mtp_splitk"
 
 
-def default_models() -> Tuple[Path, Path]:
-    """The tiny synthetic (target, draft) pair, built on first use.
+def _build_once(name: str, write: Callable[[Path], object], marker: str) -> Path:
+    """``cache_dir()/name-<digest>``, written by ``write(path)`` on first use.
 
-    The directory name carries the versions that decide the bytes written
-    (the generator's and mlx-lm's and transformers' formats), so an upgrade
-    builds a fresh pair instead of loading a stale one. The pair is written
-    to a temporary directory and renamed into place: an interrupted build
-    leaves nothing behind and concurrent builds cannot see half a model.
+    The digest covers the versions that decide the bytes written (the
+    generator's and mlx-lm's and transformers' formats), so an upgrade
+    builds afresh instead of loading a stale model. ``write`` fills a
+    temporary directory that is then renamed into place: an interrupted
+    build leaves nothing behind and concurrent builds cannot see half a
+    model. ``marker`` (a file ``write`` creates) says the build is there.
     """
     import mlx_lm
     import transformers
@@ -105,8 +112,8 @@ def default_models() -> Tuple[Path, Path]:
 
     key = f"{synthetic.FORMAT_VERSION}/{mlx_lm.__version__}/{transformers.__version__}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    final = cache_dir() / f"tiny-pair-llama-{digest}"
-    if not (final / "draft" / "config.json").exists():
+    final = cache_dir() / f"{name}-{digest}"
+    if not (final / marker).exists():
         final.parent.mkdir(parents=True, exist_ok=True)
         print(
             f"[{PROG}] building the synthetic demo models in {final} (first run only)",
@@ -116,11 +123,11 @@ def default_models() -> Tuple[Path, Path]:
         tic = time.perf_counter()
         work = Path(tempfile.mkdtemp(prefix=".building-", dir=final.parent))
         try:
-            synthetic.write_pair(work, "llama")
+            write(work)
             try:
                 os.rename(work, final)
             except OSError:
-                if not (final / "draft" / "config.json").exists():
+                if not (final / marker).exists():
                     raise  # not the "another process was faster" case
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -129,7 +136,41 @@ def default_models() -> Tuple[Path, Path]:
             file=sys.stderr,
             flush=True,
         )
+    return final
+
+
+def default_models() -> Tuple[Path, Path]:
+    """The tiny synthetic (target, draft) pair, built on first use."""
+    from . import synthetic
+
+    final = _build_once(
+        "tiny-pair-llama",
+        lambda path: synthetic.write_pair(path, "llama"),
+        marker="draft/config.json",
+    )
     return final / "target", final / "draft"
+
+
+# The family of the --mtp demo target: a hybrid (Gated DeltaNet) model, which
+# mlx-lm's own speculative loop refuses, and whose tiny MTP model loads in
+# milliseconds (the family examples/mtp_generate.py uses too).
+MTP_FAMILY = "qwen3_next"
+
+
+def default_mtp_model() -> Path:
+    """The tiny synthetic target with an MTP head, built on first use.
+
+    Its MTP tensors sit in the target's shards, as in a Hugging Face
+    checkpoint. (``synthetic.FORMAT_VERSION`` in the cache key stands for
+    ``mtp_splitk.mtp.synthetic``'s bytes too.)
+    """
+    from .mtp.synthetic import write_mtp_model
+
+    return _build_once(
+        f"tiny-mtp-{MTP_FAMILY}",
+        lambda path: write_mtp_model(path, MTP_FAMILY),
+        marker="config.json",
+    )
 
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -158,10 +199,17 @@ class Recorder:
     forward passes as (rows, seconds): with a draft model each is timed
     synchronously (the drafts are evaluated first, the logits after), so a
     verify time is the target's M = k+1 forward alone.
+
+    With ``--mtp`` the loop runs the target as backbone + LM head (the head
+    needs its hidden states), never through ``model.__call__``, so there are
+    no calls to time; ``loop`` (the loop's own ``speculative.Stats``) gives
+    the steps, the drafts and the verify time instead. Its verify time is
+    synchronised the same way, but it is a total: a mean, no median.
     """
 
     from_draft: List[bool] = field(default_factory=list)
     calls: List[Tuple[int, float]] = field(default_factory=list)
+    loop: Optional[Any] = None  # mtp_splitk.speculative.Stats, with --mtp
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tokens: int = 0
@@ -208,10 +256,14 @@ class Recorder:
             lines.append("Speculation: none (no draft model): 1 token per target step")
             return "\n".join(f"[stats] {line}" for line in lines)
         accepted = self.accepted_per_step()
-        verify = self.verify_calls()
-        steps = len(verify) or len(accepted)
-        drafted = sum(rows - 1 for rows, _ in verify)
         n_accepted = sum(self.from_draft)
+        if self.loop is not None:
+            verify = []
+            steps, drafted = self.loop.steps, self.loop.drafted
+        else:
+            verify = self.verify_calls()
+            steps = len(verify) or len(accepted)
+            drafted = sum(rows - 1 for rows, _ in verify)
         rate = n_accepted / drafted if drafted else 0.0
         lines.append(
             f"Speculation: {steps} steps, {drafted} drafted, {n_accepted} accepted "
@@ -228,6 +280,12 @@ class Recorder:
             lines.append(
                 f"Verify step: {statistics.mean(times):.2f} ms mean, "
                 f"{statistics.median(times):.2f} ms median ({rows:g} rows)"
+            )
+        elif self.loop is not None and self.loop.steps:
+            lines.append(
+                f"Verify step: {1e3 * self.loop.mean_verify_time:.2f} ms mean "
+                f"({self.loop.verify_rows / self.loop.steps:.2f} rows mean; "
+                "timed by the MTP loop, which keeps no median)"
             )
         return "\n".join(f"[stats] {line}" for line in lines)
 
@@ -273,35 +331,61 @@ def _replaced(module, **attributes):
 # -- generate -------------------------------------------------------------------------------
 
 
-def _mtp_generate_step():
-    from . import mtp
+def _mtp_hooks(mlx_generate, stats) -> dict:
+    """With --mtp: mlx-lm's ``load`` and speculative step function, swapped.
 
-    step = getattr(mtp, "generate_step", None)
-    if step is None:
-        raise UsageError(
-            "--mtp: MTP decoding is not available yet (mtp_splitk.mtp has no generate_step)"
+    ``main`` loads the model it settled on (``--model``, the one a prompt
+    cache file names, or mlx-lm's default); the MTP head is read from the
+    same checkpoint right after, so a model without MTP weights fails before
+    any prompt is processed. The target loads with the MTP loader's class
+    lookup, whose sanitize drops every MTP key: mlx-lm's keeps them in some
+    families' checkpoints (Qwen3-Next's converted ones, DeepSeek-V3's below
+    61 layers) and its strict load would refuse them.
+    """
+    from . import mtp
+    from .mtp.loading import _without_mtp
+
+    mlx_utils = importlib.import_module("mlx_lm.utils")
+    load, heads = mlx_generate.load, []
+
+    def load_with_head(path_or_hf_repo, *args, **kwargs):
+        load_model = functools.partial(
+            mlx_utils.load_model, get_model_classes=_without_mtp()
         )
-    return step
+        with _replaced(mlx_utils, load_model=load_model):
+            loaded = load(path_or_hf_repo, *args, **kwargs)
+        heads.append(mtp.head_for(loaded[0], path_or_hf_repo))
+        return loaded
+
+    def step(prompt, model, _draft_model, stream, **kwargs):
+        # Looked up now, not imported above: tests swap it.
+        return mtp.generate_step(
+            prompt, model, stream=stream, head=heads[-1], stats=stats, **kwargs
+        )
+
+    return {"load": load_with_head, "speculative_generate_step": step}
 
 
 def run_generate(args) -> int:
     """mlx-lm's own ``main`` under the patch, so every flag keeps mlx-lm's
     meaning (chat templates, prompt cache files, images, KV quantization, the
-    draft-model check). Three module attributes are swapped while it runs: its
+    draft-model check). Module attributes are swapped while it runs: its
     parser (the arguments come parsed, with the defaults filled in), its
-    ``stream_generate`` (recorded for --stats) and, with --mtp, the step
-    function of its speculative branch."""
+    ``stream_generate`` (recorded for --stats) and, with --mtp, its ``load``
+    and the step function of its speculative branch (:func:`_mtp_hooks`)."""
     from . import patch, plan
 
     # The module, not the function of the same name that mlx_lm exports.
     mlx_generate = importlib.import_module("mlx_lm.generate")
 
-    mtp_step = _mtp_generate_step() if args.mtp else None
     # A prompt cache file names its model; mlx-lm takes that one.
     if args.model is None and args.prompt_cache_file is None:
-        args.model, draft = (str(p) for p in default_models())
-        if args.draft_model is None and not args.mtp:
-            args.draft_model = draft
+        if args.mtp:
+            args.model = str(default_mtp_model())
+        else:
+            args.model, draft = (str(p) for p in default_models())
+            if args.draft_model is None:
+                args.draft_model = draft
     if args.model is not None:
         check_model_path(args.model, "--model")
     if args.draft_model is not None:
@@ -309,18 +393,23 @@ def run_generate(args) -> int:
     if args.mtp and args.draft_model is not None:
         raise UsageError("--mtp and --draft-model are alternatives; give one")
 
-    recorder = Recorder()
+    if args.mtp:
+        from .speculative import Stats
+
+        recorder = Recorder(loop=Stats())
+    else:
+        recorder = Recorder()
     stream_generate = mlx_generate.stream_generate
 
     def recording_stream_generate(
         model, tokenizer, prompt, *rest, draft_model=None, **kwargs
     ):
-        if mtp_step is not None:
+        if args.mtp:
             # mlx-lm's stream_generate takes its speculative branch only for
             # a draft model; the target stands in for one and the branch's
             # step function is swapped for the MTP one below.
             draft_model = model
-        timing = draft_model is not None and mtp_step is None and args.stats
+        timing = draft_model is not None and not args.mtp and args.stats
         with _timed_calls(model, recorder.calls) if timing else contextlib.nullcontext():
             for response in stream_generate(
                 model, tokenizer, prompt, *rest, draft_model=draft_model, **kwargs
@@ -334,12 +423,8 @@ def run_generate(args) -> int:
         "setup_arg_parser": lambda: argparse.Namespace(parse_args=lambda: args),
         "stream_generate": recording_stream_generate,
     }
-    if mtp_step is not None:
-        hooks["speculative_generate_step"] = (
-            lambda prompt, model, _draft, stream, **kwargs: mtp_step(
-                prompt, model, stream=stream, **kwargs
-            )
-        )
+    if args.mtp:
+        hooks.update(_mtp_hooks(mlx_generate, recorder.loop))
 
     previous_split = plan.forced_split()
     plan.set_split(args.split_k)
@@ -378,14 +463,46 @@ def add_generate_parser(subparsers) -> None:
         "--stats",
         action="store_true",
         help="print accepted tokens per step, acceptance rate, verify-step time and "
-        "prompt / generation tokens-per-sec (times each verify pass synchronously)",
+        "prompt / generation tokens-per-sec (times each verify pass synchronously; "
+        "with --mtp the loop's own timing, a mean)",
     )
     group.add_argument(
         "--mtp",
         action="store_true",
-        help="draft with the model's multi-token-prediction head instead of a draft model",
+        help="draft with the model's multi-token-prediction head instead of a draft "
+        "model (without --model: a tiny synthetic target with one)",
     )
     parser.set_defaults(func=run_generate)
+
+
+# -- convert --------------------------------------------------------------------------------
+
+
+def run_convert(args) -> int:
+    from . import mtp
+
+    # A missing local directory would otherwise be taken for a Hub repository
+    # and fail in the download.
+    check_model_path(args.hf_path, "--hf-path")
+    print(mtp.convert_main(args))
+    return 0
+
+
+def add_convert_parser(subparsers) -> None:
+    from . import mtp
+
+    parser = subparsers.add_parser(
+        "convert",
+        help="mlx_lm.convert keeping the checkpoint's MTP head (all of its flags "
+        "but --dequantize)",
+        description=(
+            "Convert a Hugging Face checkpoint with mlx_lm.convert and keep its MTP "
+            "head, cast and quantized like the target, in mtp.safetensors (stock "
+            "mlx_lm.load still loads the target; generate --mtp uses the head)."
+        ),
+    )
+    mtp.add_convert_args(parser)
+    parser.set_defaults(func=run_convert)
 
 
 # -- synthesize -----------------------------------------------------------------------------
@@ -468,6 +585,23 @@ def add_synthesize_parser(subparsers) -> None:
     parser.set_defaults(func=run_synthesize)
 
 
+# -- bench --------------------------------------------------------------------------------
+
+
+def add_bench_parser(subparsers) -> None:
+    from . import bench_e2e
+
+    parser = subparsers.add_parser("bench", help="benchmarks")
+    kinds = parser.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    e2e = kinds.add_parser(
+        "e2e",
+        help="tokens/s of plain and speculative decoding, unpatched vs patched",
+        description=bench_e2e.__doc__.splitlines()[0],
+    )
+    bench_e2e.add_arguments(e2e)
+    e2e.set_defaults(func=lambda args: bench_e2e.run(args) and 0)
+
+
 # -- entry point ----------------------------------------------------------------------------
 
 
@@ -477,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_generate_parser(subparsers)
+    add_convert_parser(subparsers)
     add_synthesize_parser(subparsers)
+    add_bench_parser(subparsers)
     return parser
 
 

@@ -1,0 +1,86 @@
+"""The end-to-end benchmark harness in its CPU smoke mode: it runs, and its
+numbers are consistent (no speed is asserted: this is a CPU)."""
+
+import argparse
+import json
+
+import pytest
+
+from mtp_splitk import bench_e2e, cli
+
+
+def smoke_args(tmp_path, **overrides):
+    parser = argparse.ArgumentParser()
+    bench_e2e.add_arguments(parser)
+    args = parser.parse_args(
+        ["--smoke", "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models"),
+         "--repeats", "1", "--max-tokens", "20", "--acceptance", "0,0.8,1",
+         "--num-draft-tokens", "3"]
+    )
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+@pytest.fixture(scope="module")
+def smoke_doc(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    doc = bench_e2e.run(smoke_args(tmp))
+    return doc, tmp / "out"
+
+
+def test_smoke_run_is_complete_and_written(smoke_doc):
+    doc, out = smoke_doc
+    assert doc["meta"]["complete"] is True
+    assert json.loads((out / "bench_e2e.json").read_text()) == doc
+    md = (out / "bench_e2e.md").read_text()
+    for heading in ("## tiny-llama", "acceptance-controlled drafter", "draft model", "MTP head",
+                    "Verify step", "breakdown"):
+        assert heading in md
+    models = doc["models"]
+    assert set(models) == {"tiny-llama", "qwen3_next-tiny-mtp"}
+    assert set(models["tiny-llama"]["plain"]) == {"mlx", "patched"}
+    assert len(models["tiny-llama"]["acceptance"]) == 2 * 3
+    assert set(models["tiny-llama"]["verify_ms"]["patched"]) == {"1", "3", "5"}
+
+
+def test_smoke_numbers_are_consistent(smoke_doc):
+    doc, _ = smoke_doc
+    for model in doc["models"].values():
+        for label, r in model["plain"].items():
+            assert r["tps"] > 0 and r["prompt_tps"] > 0
+        for section in ("acceptance", "draft", "mtp"):
+            for key, r in model.get(section, {}).items():
+                assert r["tps"] > 0, key
+                assert 0 <= r["accepted"] <= r["drafted"], key
+                assert 0 <= r["acceptance_rate"] <= r["per_token_acceptance"] <= 1, key
+                assert r["tokens_per_step"] >= 1, key
+                assert r["verify_ms"] > 0, key
+        for times in model.get("verify_ms", {}).values():
+            assert all(t > 0 for t in times.values())
+
+
+def test_acceptance_controlled_drafter_hits_its_rate(smoke_doc):
+    """On the CPU the loop reproduces greedy decoding exactly, so the drafter
+    proposing the recorded continuation is accepted at p = 1 and never at p = 0."""
+    runs = smoke_doc[0]["models"]["tiny-llama"]["acceptance"]
+    for label in ("mlx", "patched"):
+        always, never = runs[f"{label} p=1.0 k=3"], runs[f"{label} p=0.0 k=3"]
+        assert always["matches_plain"] and never["matches_plain"]
+        assert always["accepted"] == always["drafted"] > 0
+        assert never["accepted"] == 0 and never["drafted"] > 0
+        assert never["tokens_per_step"] == 1
+
+
+def test_deadline_skips_and_says_so(tmp_path, capsys):
+    doc = bench_e2e.run(smoke_args(tmp_path, deadline=0.0, no_draft=True, no_mtp=True))
+    assert doc["meta"]["complete"] is False
+    assert "Deadline passed" in capsys.readouterr().err
+    assert all("plain" not in m for m in doc["models"].values())
+
+
+def test_cli_reaches_the_harness_and_rejects_bad_input(capsys):
+    assert cli.main(["bench", "e2e", "--models", "gpt-9"]) == 2
+    assert "unknown model(s) ['gpt-9']" in capsys.readouterr().err
+    assert cli.main(["bench", "e2e", "--acceptance", "1.5"]) == 2
+    assert "--acceptance values must be in [0, 1]" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -321,115 +321,135 @@ def _strip(result: Dict) -> Dict:
     return {k: v for k, v in result.items() if k != "tokens"}
 
 
-def bench_model(
-    name: str,
-    path: Path,
-    results: Results,
-    *,
-    max_tokens: int,
-    repeats: int,
-    acceptances,
-    draft_tokens,
-    draft_path: Optional[Path],
-    verify_ms,
-    deadline: Deadline,
-    progress,
-) -> None:
-    from mlx_lm import load
+# A task is (message, fn): one measurement, both patch states inside it, so
+# that a run cut short by its deadline keeps complete comparisons. The
+# headline measurements of every model come first, the rest of the grid after.
+Task = Tuple[str, Callable[[], None]]
+KEY = (4, 0.8)  # the (k, p) the issue's targets are stated at
 
+
+def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_tokens, draft_path,
+                verify_ms) -> Tuple[List[Task], List[Task]]:
+    """(headline tasks, the rest) for one target model."""
     from .speculative import AcceptanceControlledDrafter, DraftModelDrafter
 
-    model, tokenizer = load(str(path))
-    prompt = prompt_tokens(tokenizer)
-    vocab = model.args.vocab_size
-    results.put(name, "info", "path", str(path))
-    results.put(name, "info", "prompt_tokens", prompt.size)
-    breakdown_ms = sorted({1, 1 + (4 if 4 in draft_tokens else draft_tokens[0])})
+    loaded = {}
+    plain_tokens = {}
 
-    for on in (False, True):
-        label = "patched" if on else "mlx"
-        with patched(on):
-            if not progress.step(deadline, f"{name}: plain decode, {label}"):
-                return
-            plain = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
-            results.put(name, "plain", label, _strip(plain))
+    def target():
+        if "model" not in loaded:
+            from mlx_lm import load
+
+            loaded["model"], tokenizer = load(str(path))
+            loaded["prompt"] = prompt_tokens(tokenizer)
+            results.put(name, "info", "path", str(path))
+            results.put(name, "info", "prompt_tokens", loaded["prompt"].size)
+        return loaded["model"], loaded["prompt"]
+
+    def plain():
+        model, prompt = target()
+        for label, on in STATES:
+            with patched(on):
+                run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
+            plain_tokens[label] = run["tokens"]
+            results.put(name, "plain", label, _strip(run))
+
+    def acceptance(k, p, warmup):
+        model, prompt = target()
+        for label, on in STATES:
             # The reference the drafter proposes from: this state's own greedy
             # continuation (patched, a near-tie can round the other way).
-            reference = plain["tokens"] + [0] * (max(draft_tokens) + 1)
-            for i, (k, p) in enumerate((k, p) for k in draft_tokens for p in acceptances):
-                if not progress.step(deadline, f"{name}: p={p} k={k}, {label}"):
-                    return
-                drafter = AcceptanceControlledDrafter(reference, p, vocab, seed=k)
-                with kernel_census() as census:
-                    run = median_run(
-                        lambda: speculative_decode(model, prompt, drafter, k, max_tokens),
-                        repeats,
-                        warmup=i == 0,  # the same kernels serve every (p, k) after that
-                    )
-                run["matmuls"] = dict(census)
-                # Did the loop emit exactly the plain greedy tokens? (If not, the
-                # reference went stale where they part, and acceptance with it.)
-                run["matches_plain"] = run["tokens"] == plain["tokens"]
-                results.put(name, "acceptance", f"{label} p={p} k={k}", _strip(run))
-            if not progress.step(deadline, f"{name}: verify latency, {label}"):
-                return
-            results.put(name, "verify_ms", label, verify_latency(model, verify_ms, 64, 5))
-            for M in breakdown_ms:
-                if not progress.step(deadline, f"{name}: breakdown M={M}, {label}"):
-                    return
+            reference = plain_tokens[label] + [0] * (k + 1)
+            drafter = AcceptanceControlledDrafter(reference, p, model.args.vocab_size, seed=k)
+            with patched(on), kernel_census() as census:
+                run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens), repeats,
+                                 warmup=warmup)
+            run["matmuls"] = dict(census)
+            # Did the loop emit exactly the plain greedy tokens? (Where they
+            # part, the reference goes stale and acceptance with it.)
+            run["matches_plain"] = run["tokens"] == plain_tokens[label]
+            results.put(name, "acceptance", f"{label} p={p} k={k}", _strip(run))
+
+    def verify():
+        model, _ = target()
+        for label, on in STATES:
+            with patched(on):
+                results.put(name, "verify_ms", label, verify_latency(model, verify_ms, 64, 5))
+
+    def parts(M):
+        model, _ = target()
+        for label, on in STATES:
+            with patched(on):
                 results.put(name, "breakdown", f"{label} M={M}", breakdown(model, M, 64, 5))
 
-    if draft_path is None:
-        return
-    draft, _ = load(str(draft_path))
-    for on in (False, True):
-        label = "patched" if on else "mlx"
-        with patched(on):
-            for i, k in enumerate(draft_tokens):
-                if not progress.step(deadline, f"{name}: draft model k={k}, {label}"):
-                    return
+    def draft(k, warmup):
+        model, prompt = target()
+        if "draft" not in loaded:
+            from mlx_lm import load
+
+            loaded["draft"], _ = load(str(draft_path))
+        for label, on in STATES:
+            with patched(on):
                 run = median_run(
-                    lambda: speculative_decode(model, prompt, DraftModelDrafter(draft), k, max_tokens),
-                    repeats,
-                    warmup=i == 0,
-                )
-                results.put(name, "draft", f"{label} k={k}", _strip(run))
+                    lambda: speculative_decode(model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens),
+                    repeats, warmup=warmup)
+            results.put(name, "draft", f"{label} k={k}", _strip(run))
+
+    grid = [(k, p) for k in draft_tokens for p in acceptances]
+    key = KEY if KEY in grid else grid[0]
+    k_key = key[0]
+    head = [
+        (f"{name}: plain decode", plain),
+        (f"{name}: p={key[1]} k={key[0]}", lambda: acceptance(*key, warmup=True)),
+        (f"{name}: breakdown M={k_key + 1}", lambda: parts(k_key + 1)),
+    ]
+    rest = [(f"{name}: p={p} k={k}", lambda k=k, p=p: acceptance(k, p, warmup=False))
+            for k, p in grid if (k, p) != key]
+    rest += [(f"{name}: verify latency M={verify_ms[0]}..{verify_ms[-1]}", verify),
+             (f"{name}: breakdown M=1", lambda: parts(1))]
+    if draft_path is not None:
+        rest += [(f"{name}: draft model k={k}", lambda k=k, i=i: draft(k, warmup=i == 0))
+                 for i, k in enumerate(draft_tokens)]
+    return head, rest
 
 
-def model_steps(acceptances, draft_tokens, draft: bool) -> int:
-    """Progress steps of bench_model."""
-    per_state = 1 + len(acceptances) * len(draft_tokens) + 1 + 2
-    return 2 * per_state + (2 * len(draft_tokens) if draft else 0)
-
-
-def bench_mtp(name, path: Path, results: Results, *, max_tokens, repeats, draft_tokens, deadline, progress):
+def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List[Task]:
     from . import mtp
     from .speculative import MTPDrafter
 
-    model, head, tokenizer = mtp.load(str(path))
-    prompt = prompt_tokens(tokenizer)
-    results.put(name, "info", "path", str(path))
-    for on in (False, True):
-        label = "patched" if on else "mlx"
-        with patched(on):
-            if not progress.step(deadline, f"{name}: plain decode, {label}"):
-                return
-            plain = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
-            results.put(name, "plain", label, _strip(plain))
-            for i, k in enumerate(draft_tokens):
-                if not progress.step(deadline, f"{name}: MTP k={k}, {label}"):
-                    return
-                run = median_run(
-                    lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens),
-                    repeats,
-                    warmup=i == 0,
-                )
-                run["matches_plain"] = run["tokens"] == plain["tokens"]
-                results.put(name, "mtp", f"{label} k={k}", _strip(run))
+    loaded = {}
+    plain_tokens = {}
+
+    def target():
+        if not loaded:
+            loaded["model"], loaded["head"], tokenizer = mtp.load(str(path))
+            loaded["prompt"] = prompt_tokens(tokenizer)
+            results.put(name, "info", "path", str(path))
+        return loaded["model"], loaded["head"], loaded["prompt"]
+
+    def plain():
+        model, _, prompt = target()
+        for label, on in STATES:
+            with patched(on):
+                run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
+            plain_tokens[label] = run["tokens"]
+            results.put(name, "plain", label, _strip(run))
+
+    def speculate(k, warmup):
+        model, head, prompt = target()
+        for label, on in STATES:
+            with patched(on):
+                run = median_run(lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens),
+                                 repeats, warmup=warmup)
+            run["matches_plain"] = run["tokens"] == plain_tokens[label]
+            results.put(name, "mtp", f"{label} k={k}", _strip(run))
+
+    return [(f"{name}: plain decode", plain)] + [
+        (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0)) for i, k in enumerate(draft_tokens)
+    ]
 
 
-def mtp_steps(draft_tokens) -> int:
-    return 2 * (1 + len(draft_tokens))
+STATES = (("mlx", False), ("patched", True))
 
 
 def device_meta() -> Dict:
@@ -529,8 +549,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
-    from .cli import cache_dir
-
     acceptances = [float(v) for v in args.acceptance.split(",")]
     draft_tokens = [int(v) for v in args.num_draft_tokens.split(",")]
     if not all(0.0 <= p <= 1.0 for p in acceptances) or not all(k >= 1 for k in draft_tokens):
@@ -539,7 +557,12 @@ def run(args) -> Dict:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; expected some of {list(MODELS)}.")
-    root = Path(args.model_dir) if args.model_dir else cache_dir() / "bench"
+    if args.model_dir:
+        root = Path(args.model_dir)
+    else:
+        from .cli import cache_dir
+
+        root = cache_dir() / "bench"
     deadline = Deadline(args.deadline)
     meta = device_meta()
     meta.update(max_tokens=args.max_tokens, repeats=args.repeats)
@@ -556,7 +579,7 @@ def run(args) -> Dict:
         jobs = []
         for n in names:
             family, size, draft_size = MODELS[n]
-            print(f"Writing {n} (once) into {root}", file=sys.stderr, flush=True)
+            print(f"{n}: synthetic model directories under {root} (written on first use)", file=sys.stderr, flush=True)
             target = model_dir(root, family, size, progress=Progress.bytes)
             draft = None if args.no_draft else model_dir(root, family, draft_size, progress=Progress.bytes)
             jobs.append((n, target, draft))
@@ -565,19 +588,25 @@ def run(args) -> Dict:
     if args.no_mtp:
         mtp_model = None
 
-    total = sum(model_steps(acceptances, draft_tokens, d is not None) for _, _, d in jobs)
-    total += mtp_steps(draft_tokens) if mtp_model else 0
-    progress = Progress(total)
-    common = dict(max_tokens=args.max_tokens, repeats=args.repeats, deadline=deadline, progress=progress)
+    common = dict(max_tokens=args.max_tokens, repeats=args.repeats, draft_tokens=draft_tokens)
+    heads, rests = [], []
     for name, target, draft in jobs:
-        bench_model(name, target, results, acceptances=acceptances, draft_tokens=draft_tokens,
-                    draft_path=draft, verify_ms=verify_ms, **common)
-        mx.clear_cache()
-    if mtp_model is not None and not deadline.passed():
+        head, rest = model_tasks(name, target, results, acceptances=acceptances, draft_path=draft,
+                                 verify_ms=verify_ms, **common)
+        heads += head
+        rests += rest
+    tasks = heads + rests
+    if mtp_model is not None:
         family, size = mtp_model
-        path = model_dir(root, family, size, mtp=True)
-        bench_mtp(f"{family}-{size}-mtp", path, results, draft_tokens=draft_tokens, **common)
-    results.doc["meta"]["complete"] = progress.done == total
+        name = f"{family}-{size}-mtp"
+        tasks += mtp_tasks(name, model_dir(root, family, size, mtp=True), results, **common)
+
+    progress = Progress(len(tasks))
+    for message, task in tasks:
+        if not progress.step(deadline, message):
+            break
+        task()
+    results.doc["meta"]["complete"] = progress.done == len(tasks)
     results.save()
     progress.finish()
     return results.doc

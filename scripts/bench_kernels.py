@@ -78,12 +78,32 @@ def run_ours(sets, x, mode, bits, group_size, warps_k, depth, row_tiles):
     return median_time(build)
 
 
+def host_us(which, calls=2000):
+    """Host µs to build (not evaluate) one call: MLX's side of the per-op cost."""
+    import time
+
+    N = K = 4096
+    w, scales, biases = mx.quantize(mx.random.normal((N, K)).astype(mx.bfloat16), 64, 4)
+    x = mx.random.normal((4, K)).astype(mx.bfloat16)
+    mx.eval(w, scales, biases, x)
+    p = planner.Plan("cuda", "affine", 4, 64, N, K, 4, 1)
+    build = (lambda: launch.dense(p, x, w, scales, biases)) if which == "ours" else (
+        lambda: mx.quantized_matmul(x, w, scales, biases, True, 64, 4))
+    mx.eval(build())
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        build()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks")
     ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
     ap.add_argument("--quick", action="store_true", help="4-bit g64 only (all shapes)")
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS (0: 4-bit g64, 1: 3-bit, 2: 8-bit, 3: mxfp4)")
+    ap.add_argument("--splits-from", metavar="TABLE", help="take split, depth and row tiles per shape from this "
+                    "tuning table (e.g. another GPU's) instead of sweeping them; M ranges are still measured")
     ap.add_argument("--retune", metavar="DIR", help="rebuild the tuning table from DIR/bench_kernels.json and "
                     "DIR/<device>.json (the sweep's choices) without a GPU")
     args = ap.parse_args()
@@ -102,6 +122,11 @@ def main():
     if args.configs:
         configs = [CONFIGS[int(i)] for i in args.configs.split(",")]
     rows, warps_k, depths, row_tiles = [], {}, {}, {}
+    if args.splits_from:
+        given = json.load(open(args.splits_from))
+        warps_k, depths, row_tiles = dict(given["warps_k"]), dict(given["depth"]), dict(given["row_tiles"])
+    print(f"graph-building host time per call: ours {host_us('ours'):.1f} us, "
+          f"mx.quantized_matmul {host_us('mlx'):.1f} us", flush=True)
     for mode, bits, group_size, shapes in configs:
         for N, K in shapes:
             sets, nbytes = weight_sets(N, K, mode, bits, group_size)

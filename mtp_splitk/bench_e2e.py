@@ -40,10 +40,11 @@ import mlx.core as mx
 
 from . import patch, plan, synthetic
 
-# (name, family, size, draft size): the targets the issue asks for.
+# name: (family, size, draft family, draft size); the drafts share their
+# target's vocabulary.
 MODELS = {
-    "llama3-8b": ("llama", "llama3-8b", "llama3.2-1b"),
-    "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b", "qwen3-0.6b"),
+    "llama3-8b": ("llama", "llama3-8b", "llama", "llama3.2-1b"),
+    "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b", "qwen3", "qwen3-0.6b"),
 }
 # An MTP model that fits the run: DeepSeek-V3's layout (MLA attention, MoE,
 # one MTP block) at the "small" size, since its real shape (671B) does not.
@@ -578,10 +579,10 @@ def run(args) -> Dict:
     else:
         jobs = []
         for n in names:
-            family, size, draft_size = MODELS[n]
+            family, size, draft_family, draft_size = MODELS[n]
             print(f"{n}: synthetic model directories under {root} (written on first use)", file=sys.stderr, flush=True)
             target = model_dir(root, family, size, progress=Progress.bytes)
-            draft = None if args.no_draft else model_dir(root, family, draft_size, progress=Progress.bytes)
+            draft = None if args.no_draft else model_dir(root, draft_family, draft_size, progress=Progress.bytes)
             jobs.append((n, target, draft))
         mtp_model = MTP_MODEL
         verify_ms = VERIFY_MS

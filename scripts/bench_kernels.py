@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--tune", action="store_true", help="sweep the split and write the tuning table")
     ap.add_argument("--quick", action="store_true", help="4-bit g64 only (all shapes)")
     ap.add_argument("--configs", help="comma-separated indices into CONFIGS (0: 4-bit g64, 1: 3-bit, 2: 8-bit, 3: mxfp4)")
+    ap.add_argument("--ms", default=None, help="comma-separated M values (default: all of MS)")
     ap.add_argument("--splits-from", metavar="TABLE", help="take split, depth and row tiles per shape from this "
                     "tuning table (e.g. another GPU's) instead of sweeping them; M ranges are still measured")
     ap.add_argument("--retune", metavar="DIR", help="rebuild the tuning table from DIR/bench_kernels.json and "
@@ -147,7 +148,7 @@ def main():
                       flush=True)
             wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
             depth, rt = depths.get(key, 2), row_tiles.get(key, 2)
-            for M in MS:
+            for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
                 t_mlx = run_mlx(sets, x, mode, bits, group_size)
                 t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth, rt)

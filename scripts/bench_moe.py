@@ -44,7 +44,9 @@ def packed_experts(E, N, K, bits=4, group_size=64, copies=1):
     """Random codes and bf16 scales/biases; `copies` distinct weight sets."""
     sets = []
     for _ in range(copies):
-        w = mx.random.bits((E, N, K * bits // 32), 4)
+        # Random 32-bit words from two 16-bit halves (randint's range is int32).
+        halves = [mx.random.randint(0, 1 << 16, (E, N, K * bits // 32)).astype(mx.uint32) for _ in range(2)]
+        w = (halves[0] << 16) | halves[1]
         s = (mx.random.uniform(0.002, 0.02, (E, N, K // group_size))).astype(mx.bfloat16)
         b = (-8 * s).astype(mx.bfloat16)
         mx.eval(w, s, b)
@@ -78,6 +80,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/moe")
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
+    ap.add_argument("--ms", default=None, help="comma-separated token counts (default: all of MS)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     assert mx.cuda.is_available(), "needs MLX's CUDA backend"
@@ -91,7 +94,7 @@ def main():
         expert_bytes = E * N * K // 2
         copies = max(1, min(3, int(3 * 50e6 // expert_bytes) + 1))
         sets, bytes_per_expert = packed_experts(E, N, K, copies=copies)
-        for M in MS:
+        for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
             x = mx.random.normal((M, K)).astype(mx.bfloat16)
             idxs = routings(M, E, top_k, CALLS, rng)
             calls = prepared_calls(x, idxs, top_k)

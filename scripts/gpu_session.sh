@@ -34,15 +34,18 @@ for step in "$@"; do
       done
       ;;
     tests)
-      timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -m gpu tests/test_kernels_gpu.py tests/test_moe_gpu.py \
-        tests/test_patch.py -p no:cacheprovider --durations=5 2>&1 | tee "$RES/gpu_tests.txt" | tail -15 ;;
+      # TEST_SELECT narrows the run (pytest arguments); -rA names every result.
+      timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
+        ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_patch.py} 2>&1 \
+        | tee "$RES/gpu_tests.txt" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | tail -30 ;;
     bench)
       # Split, depth and row tiles as the H100 sweep chose them (no sweep: the
       # lease is short); the M ranges where the kernel wins are measured here.
       timeout "${BENCH_TIMEOUT:-110}" python3 scripts/bench_kernels.py --out "$RES/kernels" --tune --quick \
-        --splits-from mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json 2>&1 | tee "$RES/bench_kernels.log" | tail -8 ;;
+        --splits-from mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json ${BENCH_ARGS:-} 2>&1 \
+        | tee "$RES/bench_kernels.log" | tail -8 ;;
     moe)
-      timeout "${MOE_TIMEOUT:-100}" python3 scripts/bench_moe.py --out "$RES/moe" --tune 2>&1 \
+      timeout "${MOE_TIMEOUT:-100}" python3 scripts/bench_moe.py --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
         | tee "$RES/bench_moe.log" | tail -8 ;;
     e2e)
       # This GPU's table (dense M ranges + MoE pair ranges) for the planner.

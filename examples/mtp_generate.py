@@ -14,6 +14,10 @@ target's recorded greedy continuation, each token kept with that
 probability) to show the loop at a given acceptance rate. At temperature 0
 the output should equal plain decoding token for token; the script checks
 and explains a difference (a near-tie rounded differently, see --float32).
+
+The same decoding with every ``mlx_lm.generate`` flag (chat template,
+sampling, prompt cache files) is ``mtp-splitk generate --mtp [--model PATH]``;
+``mtp-splitk convert`` makes such a PATH from a Hugging Face checkpoint.
 """
 
 import argparse

@@ -334,13 +334,13 @@ def _replaced(module, **attributes):
 def _mtp_hooks(mlx_generate, stats) -> dict:
     """With --mtp: mlx-lm's ``load`` and speculative step function, swapped.
 
-    ``main`` loads the model it settled on (``--model``, the one a prompt
-    cache file names, or mlx-lm's default); the MTP head is read from the
-    same checkpoint right after, so a model without MTP weights fails before
-    any prompt is processed. The target loads with the MTP loader's class
-    lookup, whose sanitize drops every MTP key: mlx-lm's keeps them in some
-    families' checkpoints (Qwen3-Next's converted ones, DeepSeek-V3's below
-    61 layers) and its strict load would refuse them.
+    ``main`` loads the model it settled on (``--model`` or the one a prompt
+    cache file names); the MTP head is read from the same checkpoint right
+    after, so a model without MTP weights fails before any prompt is
+    processed. The target loads with the MTP loader's class lookup, whose
+    sanitize drops every MTP key: mlx-lm's keeps them in some checkpoints
+    (Qwen3-Next's converted ones, DeepSeek-V3-shaped ones not 61 layers
+    deep) and its strict load would refuse them.
     """
     from . import mtp
     from .mtp.loading import _without_mtp
@@ -378,6 +378,8 @@ def run_generate(args) -> int:
     # The module, not the function of the same name that mlx_lm exports.
     mlx_generate = importlib.import_module("mlx_lm.generate")
 
+    if args.mtp and args.draft_model is not None:
+        raise UsageError("--mtp and --draft-model are alternatives; give one")
     # A prompt cache file names its model; mlx-lm takes that one.
     if args.model is None and args.prompt_cache_file is None:
         if args.mtp:
@@ -390,8 +392,6 @@ def run_generate(args) -> int:
         check_model_path(args.model, "--model")
     if args.draft_model is not None:
         check_model_path(args.draft_model, "--draft-model")
-    if args.mtp and args.draft_model is not None:
-        raise UsageError("--mtp and --draft-model are alternatives; give one")
 
     if args.mtp:
         from .speculative import Stats

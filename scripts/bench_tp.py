@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Tensor-parallel verify latency and greedy agreement, sharded vs one device.
+
+Every rank runs this script. For each model (synthetic, real shapes, random
+4-bit weights, written once):
+
+1. one device: the whole model on each rank's own device; greedy tokens of
+   mlx-lm's plain loop and of the speculative loop (acceptance-controlled
+   drafter, p = 0.8), and the verify-step latency for M = 1..17 (one
+   synchronous forward of M rows on a warm cache), unpatched and patched;
+2. sharded: the model split with mlx-lm's ``model.shard(group)`` over all
+   ranks, the same runs;
+3. agreement: where the sharded tokens part from the one-device tokens (in
+   bfloat16 on GPUs the sums of the shards round differently, so a greedy
+   near-tie may flip; the CPU smoke run is float32 and must match exactly);
+4. plans: for every per-device matmul shape, the split-K plan at M = 1 and
+   M = k + 1, next to the plan for the full shape.
+
+Rank 0 writes <out>/bench_tp.json and <out>/bench_tp.md, after every
+measurement. Measurements are collective (the ranks meet in every sharded
+layer's sum), so the deadline is agreed on by all ranks before each one.
+
+    # 2 GPUs, NCCL (one host; the ranks share --model-dir):
+    mlx.launch --backend nccl -n 2 -- python scripts/bench_tp.py --out benchmarks/tp
+    # CPU smoke: starts 2 ring ranks on 127.0.0.1 itself; a tiny float32 MoE
+    python scripts/bench_tp.py --smoke --out /tmp/tp
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mlx.core as mx  # noqa: E402
+
+from mtp_splitk import bench_e2e, plan, synthetic, tp  # noqa: E402
+
+MODELS = {  # name: (family, size)
+    "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b"),
+    "llama3-8b": ("llama", "llama3-8b"),
+}
+# Tiny widths split over 2 devices leave 32 weights per row in the row-split
+# layers, so the smoke model is quantized in groups of 32 (64 would not fit).
+SMOKE = ("qwen3_moe", {"bits": 4, "group_size": 32, "mode": "affine"})
+VERIFY_MS = tuple(range(1, 18))
+ACCEPTANCE = 0.8
+STATES = bench_e2e.STATES  # (("mlx", False), ("patched", True))
+
+
+class Results:
+    """The JSON document (rank 0 writes it), rewritten after every measurement."""
+
+    def __init__(self, out: Path, meta: dict, write: bool):
+        self.out = Path(out)
+        self.write = write
+        self.doc = {"meta": meta, "models": {}}
+        if write:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def put(self, model: str, section: str, key, value) -> None:
+        value = json.loads(json.dumps(value))  # as it will read back (string keys)
+        self.doc["models"].setdefault(model, {}).setdefault(section, {})[str(key)] = value
+        self.save()
+
+    def get(self, model: str, section: str, key):
+        return self.doc["models"].get(model, {}).get(section, {}).get(str(key))
+
+    def save(self) -> None:
+        if not self.write:
+            return
+        with open(self.out / "bench_tp.json", "w") as f:
+            json.dump(self.doc, f, indent=1)
+        with open(self.out / "bench_tp.md", "w") as f:
+            f.write(markdown(self.doc))
+
+
+# -- measurements ---------------------------------------------------------------------------
+
+
+def greedy(model, prompt, reference, k, max_tokens):
+    """{state: {"plain" | "acceptance": tokens}} (see tp.greedy_runs)."""
+    from mtp_splitk.speculative import AcceptanceControlledDrafter
+
+    vocab = model.args.vocab_size
+    drafters = {
+        "acceptance": lambda m: AcceptanceControlledDrafter(
+            reference + [0] * (k + 1), ACCEPTANCE, vocab, seed=k
+        )
+    }
+    return tp.greedy_runs(model, prompt, max_tokens, drafters, k)
+
+
+def verify(model, Ms, reps):
+    return {
+        label: _with_patch(on, lambda: bench_e2e.verify_latency(model, Ms, 64, reps))
+        for label, on in STATES
+    }
+
+
+def _with_patch(on, fn):
+    with bench_e2e.patched(on):
+        return fn()
+
+
+def agreement(single: dict, sharded: dict) -> dict:
+    """Per state and run: equal, or the index of the first differing token."""
+    out = {}
+    for label, runs in sharded.items():
+        for run, tokens in runs.items():
+            ref = single[label][run]
+            diff = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), None)
+            if diff is None and len(tokens) != len(ref):
+                diff = min(len(tokens), len(ref))
+            out[f"{label} {run}"] = {"equal": diff is None, "first_difference": diff}
+    return out
+
+
+def plans(model, full_shapes: dict, k: int, dtype) -> dict:
+    """The planner's choice for each per-device matmul shape of a sharded
+    model, next to its choice for the full shape: "-" is MLX's own op, "wN"
+    the split-K kernel with N warps along K."""
+    shapes = tp.matmul_shapes(model)
+    rows = {}
+    for path, m in model.named_modules():
+        if path not in shapes:
+            continue
+        cls, shape = shapes[path]
+        # Embeddings are lookups (a tied head is replicated: not the point
+        # here); MLA's per-head projections are batched matmuls, not planned.
+        if cls in ("QuantizedEmbedding", "QuantizedMultiLinear"):
+            continue
+        key = f"{cls} {'x'.join(map(str, shape))}"
+        if key in rows:
+            continue
+        full = tuple(full_shapes[path][1])
+        quant = (m.bits, m.group_size, getattr(m, "mode", "affine"), dtype)
+        row = {"full": "x".join(map(str, full))}
+        for M in (1, k + 1):
+            for label, s in (("", shape), (" full", full)):
+                if len(s) == 2:
+                    p = plan.plan_dense(M, s[0], s[1], *quant)
+                else:  # experts: M tokens x top-8 pairs (Qwen3-MoE, DeepSeek-V3)
+                    p = plan.plan_gather(8 * M, s[0], s[1], s[2], *quant)
+                row[f"M={M}{label}"] = "-" if p is None else f"w{p.warps_k}"
+        rows[key] = row
+    return rows
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def agree(group, ok: bool) -> bool:
+    """True on every rank only if it is true on every rank."""
+    total = mx.distributed.all_sum(mx.array(1 if ok else 0), group=group).item()
+    return total == group.size()
+
+
+def model_path(args, group, name: str) -> Path:
+    """The model directory; rank 0 writes it on first use while the others
+    wait (the ranks of one host share it)."""
+    root = Path(args.model_dir) if args.model_dir else _cache() / "bench"
+
+    def get():
+        if not args.smoke:
+            family, size = MODELS.get(name) or name.split(":")
+            progress = bench_e2e.Progress.bytes if size in synthetic.SIZES else None
+            return bench_e2e.model_dir(root, family, size, progress=progress)
+        family, quantization = SMOKE
+        path = root / f"tp-smoke-{family}-g32-f32-v{synthetic.FORMAT_VERSION}"
+        if not (path / "config.json").exists():
+            partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+            synthetic.write_model(partial, family, quantization=quantization, dtype="float32")
+            partial.rename(path)
+        return path
+
+    if group.rank() == 0:
+        get()
+    tp.barrier(group)
+    return get()  # written by now: only looks
+
+
+def _cache() -> Path:
+    from mtp_splitk.cli import cache_dir
+
+    return cache_dir()
+
+
+def bench_model(args, group, results: Results, name: str, deadline: bench_e2e.Deadline):
+    from mlx_lm import load
+
+    k, Ms, max_tokens, reps = args.num_draft_tokens, args.verify_ms, args.max_tokens, args.repeats
+    path = model_path(args, group, name)
+    results.put(name, "info", "path", str(path))
+
+    def log(message):
+        if group.rank() == 0:
+            print(f"[bench_tp] {name}: {message}", file=sys.stderr, flush=True)
+
+    # 1. One device (each rank its own; rank 0's numbers are recorded).
+    full_shapes, single, prompt, reference = None, None, None, None
+    if not args.no_single and agree(group, not deadline.passed()):
+        log("one device")
+        model, tokenizer = load(str(path))
+        prompt = bench_e2e.prompt_tokens(tokenizer)
+        full_shapes = tp.matmul_shapes(model)
+        reference = bench_e2e.plain_decode(model, prompt, max_tokens)["tokens"]
+        single = greedy(model, prompt, reference, k, max_tokens)
+        results.put(name, "tokens", "one device", single)
+        results.put(name, "verify_ms", "one device", verify(model, Ms, reps))
+        del model
+        gc.collect()
+        mx.clear_cache()
+
+    # 2. Sharded.
+    if not agree(group, not deadline.passed()):
+        return
+    log(f"sharded over {group.size()}")
+    model, tokenizer = tp.load_sharded(path, group)
+    if prompt is None:
+        prompt = bench_e2e.prompt_tokens(tokenizer)
+        reference = bench_e2e.plain_decode(model, prompt, max_tokens)["tokens"]
+    sharded = greedy(model, prompt, reference, k, max_tokens)
+    results.put(name, "tokens", f"sharded x{group.size()}", sharded)
+    if single is not None:
+        results.put(name, "agreement", f"sharded x{group.size()}", agreement(single, sharded))
+    if agree(group, not deadline.passed()):
+        results.put(name, "verify_ms", f"sharded x{group.size()}", verify(model, Ms, reps))
+    if full_shapes is not None:
+        dtype = model.model.norm.weight.dtype  # the activations' dtype
+        results.put(name, "plans", f"sharded x{group.size()}", plans(model, full_shapes, k, dtype))
+    del model
+    gc.collect()
+    mx.clear_cache()
+
+
+def markdown(doc: dict) -> str:
+    meta = doc["meta"]
+    lines = [
+        f"# Tensor parallelism — {meta['ranks']} x {meta['device']} ({meta['backend']}, "
+        f"{meta['distributed']}), MLX {meta['mlx']}, mlx-lm {meta['mlx_lm']}",
+        "",
+        f"Command: `{meta['command']}` ({meta['date']}). Verify step: one synchronous forward "
+        f"of M rows after a 64-token context, median of {meta['repeats']}, rank 0's clock.",
+    ]
+    if meta.get("smoke"):
+        lines += ["", "**Smoke run (CPU, tiny model): checks the harness; the times mean nothing.**"]
+    for name, m in doc["models"].items():
+        lines += ["", f"## {name}", ""]
+        verify_ms = m.get("verify_ms", {})
+        columns = [(where, label) for where, v in verify_ms.items() for label in v]
+        if columns:
+            lines += ["**Verify step, ms**", "",
+                      "| M | " + " | ".join(f"{w}, {label}" for w, label in columns) + " |",
+                      "|---" * (len(columns) + 1) + "|"]
+            Ms = sorted({int(M) for v in verify_ms.values() for r in v.values() for M in r})
+            for M in Ms:
+                cells = [verify_ms[w][label].get(str(M)) for w, label in columns]
+                lines.append(f"| {M} | " + " | ".join("" if c is None else f"{c:.2f}" for c in cells) + " |")
+        for where, rows in m.get("agreement", {}).items():
+            lines += ["", f"**Greedy tokens, {where} vs one device**", "", "| run | equal | first difference |",
+                      "|---|---|---|"]
+            for run, r in rows.items():
+                first = "" if r["first_difference"] is None else str(r["first_difference"])
+                lines.append(f"| {run} | {'yes' if r['equal'] else 'no'} | {first} |")
+        for where, rows in m.get("plans", {}).items():
+            keys = [c for c in next(iter(rows.values()), {}) if c != "full"]
+            lines += ["", f"**Planner, {where}: per-device shape vs full shape** (`-`: MLX's op; "
+                      "`wN`: split-K, N warps along K)", "",
+                      "| layer, per-device N x K | full | " + " | ".join(keys) + " |",
+                      "|---" * (len(keys) + 2) + "|"]
+            for key, r in rows.items():
+                lines.append(f"| {key} | {r['full']} | " + " | ".join(r[c] for c in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/tp", help="results directory (rank 0 writes it)")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, of {', '.join(MODELS)} or FAMILY:SIZE of mtp_splitk.synthetic "
+                        "(e.g. deepseek_v3:small)")
+    parser.add_argument("--model-dir", default=None,
+                        help="where synthetic models are written (default: the mtp-splitk cache)")
+    parser.add_argument("--backend", default=None,
+                        help="mx.distributed backend (default: nccl with CUDA, else ring)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5, help="timed forwards per M")
+    parser.add_argument("--no-single", action="store_true",
+                        help="skip the one-device runs (a model that does not fit one device)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds after which remaining measurements are skipped")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU: 2 ring ranks on 127.0.0.1, a tiny float32 MoE, few tokens; "
+                        "fails unless sharded tokens equal one-device tokens")
+    parser.add_argument("--timeout", type=float, default=300,
+                        help="--smoke: seconds before the ranks are stopped")
+    args = parser.parse_args(argv)
+    args.verify_ms = (1, 2, 4) if args.smoke else VERIFY_MS
+    if args.smoke:
+        args.max_tokens, args.num_draft_tokens, args.repeats = 16, 3, 2
+        args.models = "tiny-" + SMOKE[0]
+    else:
+        for name in args.models.split(","):
+            family, _, size = name.partition(":")
+            if name not in MODELS and (family not in synthetic.FAMILIES or not size):
+                parser.error(f"unknown model {name!r}; expected one of {list(MODELS)} or FAMILY:SIZE")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smoke and "MLX_RANK" not in os.environ:
+        # Not launched: start the two ranks ourselves (what mlx.launch does).
+        try:
+            outputs = tp.launch_local([sys.executable, os.path.abspath(__file__), *sys.argv[1:]],
+                                      n=2, timeout=args.timeout)
+        except tp.RankFailure as e:
+            sys.exit(f"bench_tp: {e}")
+        sys.stderr.write(outputs[0])
+        return
+    backend = args.backend or ("nccl" if mx.cuda.is_available() else "ring")
+    group = tp.init_group(backend)
+    meta = bench_e2e.device_meta()
+    meta.update(ranks=group.size(), distributed=backend, smoke=args.smoke, repeats=args.repeats,
+                max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens)
+    results = Results(Path(args.out), meta, write=group.rank() == 0)
+    deadline = bench_e2e.Deadline(args.deadline)
+    for name in args.models.split(","):
+        bench_model(args, group, results, name, deadline)
+    results.doc["meta"]["complete"] = not deadline.passed()
+    results.save()
+    if args.smoke:
+        # float32 on the CPU: the shards' sums round in the last bits only,
+        # so every greedy run must match one device's.
+        rows = next(iter(results.doc["models"].values())).get("agreement", {})
+        bad = [run for r in rows.values() for run, v in r.items() if not v["equal"]]
+        if not rows or bad:
+            sys.exit(f"bench_tp: rank {group.rank()}: sharded tokens differ from one device's: {bad}")
+    tp.barrier(group)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Launch the split-K kernels on Apple GPUs through mx.fast.metal_kernel.
+
+The Metal mirror of launch.py's CUDA path: the same Plan, template tuple,
+input names, grid and threadgroup, so ops.py and plan.py need no change.
+kernels/splitk_qmm.metal has been compiled and run only as C++ on a Linux CPU
+(tests/test_metal.py); it has not been run on an Apple GPU.
+"""
+
+from functools import lru_cache
+
+import mlx.core as mx
+
+from .launch import _template, read_source
+from .plan import Plan
+
+# Metal declares threadgroup memory in the kernel function itself (MLX's
+# metal_kernel has no dynamic size), so the bodies declare it, sized from
+# the template constants, and pass it to the header's functions.
+_DENSE_BODY = """
+threadgroup float partial[WK * RT * 128];
+splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+    x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1], partial,
+    threadgroup_position_in_grid.x, simdgroup_index_in_threadgroup, thread_index_in_simdgroup);
+"""
+
+_GATHER_BODY = """
+threadgroup atomic_uint active[kMaxExperts / 32];
+threadgroup int pairs[kMaxPairs];
+threadgroup int info[2 + WK];
+threadgroup float partial[WK * RT * 128];
+splitk_gather_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+    x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], XDIV,
+    active, pairs, info, partial,
+    threadgroup_position_in_grid.x, simdgroup_index_in_threadgroup, thread_index_in_simdgroup);
+"""
+
+
+def _inputs(affine: bool, gather: bool):
+    names = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
+    return names + ["idx"] if gather else names
+
+
+@lru_cache(maxsize=None)
+def _metal_kernel(affine: bool, gather: bool):
+    # The fp modes have no biases input; their (never read) biases argument is
+    # the scales pointer, which keeps one pointer type and needs no nullptr.
+    body = (_GATHER_BODY if gather else _DENSE_BODY).format(biases="biases" if affine else "scales")
+    kind = "gather" if gather else "qmm"
+    return mx.fast.metal_kernel(
+        name=f"mtp_splitk_{kind}_{'affine' if affine else 'fp'}",
+        input_names=_inputs(affine, gather),
+        output_names=["y"],
+        source=body,
+        header=read_source("splitk_qmm.metal"),
+        ensure_row_contiguous=True,
+    )
+
+
+@lru_cache(maxsize=4096)
+def _metal_launch(plan: Plan, dtype, scales_dtype):
+    """Everything about a dense launch except the arrays, built once per plan."""
+    threads = plan.warps_k * 32
+    return (
+        _metal_kernel(plan.mode == "affine", False),
+        _template(plan, dtype, scales_dtype),
+        (plan.blocks * threads, 1, 1),  # MLX's Metal grid counts threads, not threadgroups
+        (threads, 1, 1),
+    )
+
+
+def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison=None) -> mx.array:
+    """y (M, N) = x (M, K) @ dequant(w).T; see launch.dense."""
+    kernel, template, grid, threadgroup = _metal_launch(plan, x.dtype, scales.dtype)
+    inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
+    return kernel(
+        inputs=inputs,
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[(x.shape[0], plan.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]
+
+
+def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
+    """y (P, N): pair p multiplies x row p // x_div by expert idx[p]; see launch.gather."""
+    P = idx.size
+    threads = plan.warps_k * 32
+    # Threadgroups for up to min(E, P) active experts times the row tiles of one.
+    blocks = min(w.shape[0], P) * plan.blocks
+    kernel = _metal_kernel(plan.mode == "affine", True)
+    inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
+    return kernel(
+        inputs=inputs,
+        template=_template(plan, x.dtype, scales.dtype) + [("XDIV", x_div)],
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(P, plan.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]

@@ -7,11 +7,13 @@ wrong number), asks the planner whether a split-K kernel is the right call,
 and otherwise hands the call to MLX unchanged.
 """
 
+import math
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
 
-from . import plan as planner
+from . import launch, plan as planner
 
 # (group sizes, bits) MLX accepts per mode, and its defaults (first entries).
 MODES = {
@@ -50,46 +52,81 @@ def check_quantized_weight(x, w, scales, biases, transpose, group_size, bits, mo
 
     Returns (N, K): output features and reduction length.
     """
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be bfloat16, float16 or float32, got {x.dtype}.")
-    if w.dtype != mx.uint32:
-        raise ValueError(f"w must hold packed uint32 words, got {w.dtype}.")
-    if w.ndim < 2:
-        raise ValueError(f"w must have at least 2 dimensions, got shape {w.shape}.")
-    if x.ndim < 1:
+    return _check(_signature(x), _signature(w), _signature(scales), _signature(biases),
+                  transpose, group_size, bits, mode)
+
+
+def _signature(a: Optional[mx.array]):
+    return None if a is None else (a.shape, a.dtype)
+
+
+# Validation and planning depend only on shapes, dtypes and settings, and a
+# model makes the same few calls every step: they are cached by that
+# signature, so a patched matmul costs the host about what MLX's own does
+# (a few µs) instead of tens of µs of Python per call. Errors are not cached.
+@lru_cache(maxsize=4096)
+def _check(x, w, scales, biases, transpose, group_size, bits, mode):
+    (x_shape, x_dtype), (w_shape, w_dtype), (s_shape, s_dtype) = x, w, scales
+    if x_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x must be bfloat16, float16 or float32, got {x_dtype}.")
+    if w_dtype != mx.uint32:
+        raise ValueError(f"w must hold packed uint32 words, got {w_dtype}.")
+    if len(w_shape) < 2:
+        raise ValueError(f"w must have at least 2 dimensions, got shape {w_shape}.")
+    if len(x_shape) < 1:
         raise ValueError("x must have at least 1 dimension.")
     if mode == "affine":
         if biases is None:
             raise ValueError("Affine quantization needs biases.")
-        if scales.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"Affine scales must be floating point, got {scales.dtype}.")
-        if biases.shape != scales.shape:
+        if s_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"Affine scales must be floating point, got {s_dtype}.")
+        if biases[0] != s_shape:
             raise ValueError(
-                f"biases shape {biases.shape} does not match scales shape {scales.shape}."
+                f"biases shape {biases[0]} does not match scales shape {s_shape}."
             )
     else:
         if biases is not None:
             raise ValueError(f"Mode {mode!r} takes no biases.")
-        if scales.dtype != mx.uint8:
-            raise ValueError(f"Mode {mode!r} needs uint8 scales, got {scales.dtype}.")
-    rows, words = w.shape[-2:]
+        if s_dtype != mx.uint8:
+            raise ValueError(f"Mode {mode!r} needs uint8 scales, got {s_dtype}.")
+    rows, words = w_shape[-2:]
     packed = words * 32 // bits
     if transpose:
         N, K = rows, packed
     else:
         N, K = packed, rows
-    expected_scales = (*w.shape[:-2], rows, packed // group_size)
-    if (words * 32) % bits or packed % group_size or tuple(scales.shape) != expected_scales:
+    expected_scales = (*w_shape[:-2], rows, packed // group_size)
+    if (words * 32) % bits or packed % group_size or tuple(s_shape) != expected_scales:
         raise ValueError(
-            f"scales shape {scales.shape} does not fit w shape {w.shape} with "
+            f"scales shape {s_shape} does not fit w shape {w_shape} with "
             f"bits={bits}, group_size={group_size} (expected {expected_scales})."
         )
-    if x.shape[-1] != K:
+    if x_shape[-1] != K:
         raise ValueError(
-            f"x has {x.shape[-1]} features but the quantized weight expects {K} "
-            f"(w shape {w.shape}, bits={bits}, transpose={transpose})."
+            f"x has {x_shape[-1]} features but the quantized weight expects {K} "
+            f"(w shape {w_shape}, bits={bits}, transpose={transpose})."
         )
     return N, K
+
+
+def clear_cache() -> None:
+    """Forget cached decisions (after changing what the planner reads, e.g.
+    a tuning table, or to watch the planner being asked)."""
+    for cached in (_check, _dense_call, _gather_call):
+        cached.cache_clear()
+
+
+@lru_cache(maxsize=4096)
+def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
+    """(N, K, M, plan or None) for a quantized_matmul signature; ``split`` and
+    ``device`` are the planner's inputs that are not in the arrays."""
+    group_size, bits = resolve_mode(mode, group_size, bits)
+    N, K = _check(x, w, scales, biases, transpose, group_size, bits, mode)
+    M = math.prod(x[0]) // K if K else 0
+    plan = None
+    if transpose and len(w[0]) == 2:
+        plan = planner.plan_dense(M, N, K, bits, group_size, mode, x[1], device)
+    return N, K, M, group_size, bits, plan
 
 
 def quantized_matmul(
@@ -105,20 +142,15 @@ def quantized_matmul(
     stream=None,
 ) -> mx.array:
     """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU."""
-    group_size, bits = resolve_mode(mode, group_size, bits)
-    N, K = check_quantized_weight(
-        x, w, scales, biases, transpose, group_size, bits, mode
+    N, K, M, group_size, bits, plan = _dense_call(
+        (x.shape, x.dtype), (w.shape, w.dtype), (scales.shape, scales.dtype),
+        None if biases is None else (biases.shape, biases.dtype),
+        transpose, group_size, bits, mode, planner.forced_split(), planner.current_device(),
     )
-    M = x.size // K if K else 0
-    plan = None
-    if transpose and w.ndim == 2 and stream is None:
-        plan = planner.plan_dense(M, N, K, bits, group_size, mode, x.dtype)
-    if plan is None:
+    if plan is None or stream is not None:
         return mx.quantized_matmul(
             x, w, scales, biases, transpose, group_size, bits, mode, stream=stream
         )
-    from . import launch
-
     y = launch.dense(plan, x.reshape(M, K), w, scales, biases)
     return y.reshape(*x.shape[:-1], N)
 
@@ -140,17 +172,18 @@ def gather_qmm(
     stream=None,
 ) -> mx.array:
     """``mx.gather_qmm``; the grouped MoE kernel plugs in here."""
-    group_size, bits = resolve_mode(mode, group_size, bits)
-    check_quantized_weight(x, w, scales, biases, transpose, group_size, bits, mode)
-    if global_scale is not None and mode != "nvfp4":
-        raise ValueError(f"global_scale is only used by mode 'nvfp4', not {mode!r}.")
-    for name, idx in (("lhs_indices", lhs_indices), ("rhs_indices", rhs_indices)):
-        if idx is not None and not mx.issubdtype(idx.dtype, mx.integer):
-            raise ValueError(f"{name} must be integer, got {idx.dtype}.")
-    if global_scale is None and lhs_indices is None and rhs_indices is not None and stream is None:
-        y = _grouped(x, w, scales, biases, rhs_indices, transpose, group_size, bits, mode)
-        if y is not None:
-            return y
+    group_size, bits, grouped = _gather_call(
+        _signature(x), _signature(w), _signature(scales), _signature(biases),
+        _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
+        global_scale is not None, planner.forced_split(), planner.current_device(),
+    )
+    if grouped is not None and stream is None:
+        plan, x_div, out_shape = grouped
+        idx = rhs_indices.flatten()
+        if idx.dtype != mx.uint32:
+            idx = idx.astype(mx.uint32)
+        K = x.shape[-1]
+        return launch.gather(plan, x.reshape(-1, K), w, scales, biases, idx, x_div).reshape(out_shape)
     kwargs = {} if global_scale is None else {"global_scale": global_scale}
     return mx.gather_qmm(
         x,
@@ -169,9 +202,27 @@ def gather_qmm(
     )
 
 
-def _grouped(x, w, scales, biases, indices, transpose, group_size, bits, mode):
-    """The grouped split-K kernel for mlx-lm's two switch-layer call shapes,
-    or None to let MLX take the call:
+@lru_cache(maxsize=4096)
+def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mode, has_global_scale,
+                 split, device):
+    """(group_size, bits, (plan, x_div, output shape) or None) for a
+    gather_qmm signature."""
+    group_size, bits = resolve_mode(mode, group_size, bits)
+    _check(x, w, scales, biases, transpose, group_size, bits, mode)
+    if has_global_scale and mode != "nvfp4":
+        raise ValueError(f"global_scale is only used by mode 'nvfp4', not {mode!r}.")
+    for name, idx in (("lhs_indices", lhs), ("rhs_indices", rhs)):
+        if idx is not None and not mx.issubdtype(idx[1], mx.integer):
+            raise ValueError(f"{name} must be integer, got {idx[1]}.")
+    grouped = None
+    if not has_global_scale and lhs is None and rhs is not None:
+        grouped = _grouped(x, w, rhs[0], transpose, group_size, bits, mode, device)
+    return group_size, bits, grouped
+
+
+def _grouped(x, w, ishape, transpose, group_size, bits, mode, device):
+    """The grouped split-K kernel's (plan, x_div, output shape) for mlx-lm's
+    two switch-layer call shapes, or None to let MLX take the call:
 
     * unsorted: x (..., 1, 1, K) with indices (..., top_k): pair p reads x
       row p // top_k (SwitchGLU's expand_dims before gather_qmm);
@@ -180,24 +231,21 @@ def _grouped(x, w, scales, biases, indices, transpose, group_size, bits, mode):
     Output (..., top_k, 1, N) or (P, 1, N), in MLX's order. (nvfp4 with a
     global scale and explicit lhs_indices stay on MLX's path.)
     """
-    if not transpose or w.ndim != 3 or x.ndim < 2 or x.shape[-2] != 1:
+    (x_shape, x_dtype), (w_shape, _) = x, w
+    if not transpose or len(w_shape) != 3 or len(x_shape) < 2 or x_shape[-2] != 1:
         return None
-    batch = tuple(x.shape[:-2])
-    ishape = tuple(indices.shape)
+    batch = tuple(x_shape[:-2])
+    ishape = tuple(ishape)
     if batch == ishape:
         x_div = 1
     elif len(ishape) >= 1 and batch == ishape[:-1] + (1,):
         x_div = ishape[-1]
     else:
         return None
-    E, N = w.shape[0], w.shape[1]
-    K = x.shape[-1]
-    P = indices.size
-    plan = planner.plan_gather(P, E, N, K, bits, group_size, mode, x.dtype)
+    E, N = w_shape[0], w_shape[1]
+    K = x_shape[-1]
+    P = math.prod(ishape)
+    plan = planner.plan_gather(P, E, N, K, bits, group_size, mode, x_dtype, device)
     if plan is None:
         return None
-    from . import launch
-
-    idx = indices.flatten().astype(mx.uint32)
-    y = launch.gather(plan, x.reshape(-1, K), w, scales, biases, idx, x_div)
-    return y.reshape(*ishape, 1, N)
+    return plan, x_div, (*ishape, 1, N)

@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.utils import sharded_load
 
-from mtp_splitk import plan, tp
+from mtp_splitk import ops, plan, tp
 from mtp_splitk.speculative import AcceptanceControlledDrafter, DraftModelDrafter
 
 
@@ -60,6 +60,7 @@ def main(job_path, out_dir):
             drafters["draft"] = lambda m: DraftModelDrafter(draft)
         seen = set()
         original = planner_spy(seen)
+        ops.clear_cache()  # a model of the same shapes before must not hide the planner's calls
         try:
             tokens = tp.greedy_runs(model, prompt, job["max_tokens"], drafters, k)
             logits = tp.probe_logits(model, prompt, spec["reference"][: k + 1])

@@ -149,6 +149,7 @@ def test_sharded_layers_reach_ops_with_per_device_shapes(model_dirs, family, mon
         if getattr(m, "sharding_group", None) is not None:
             m.sharding_group = alone
     planned = set()
+    ops.clear_cache()  # so that every call signature asks the planner afresh
     dense, gather = plan.plan_dense, plan.plan_gather
     monkeypatch.setattr(
         plan, "plan_dense", lambda M, N, K, *a, **k: planned.add((N, K)) or dense(M, N, K, *a, **k)

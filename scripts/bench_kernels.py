@@ -175,30 +175,17 @@ def main():
         print("tuning table:", json.dumps(table["m_range"]))
 
 
-def winning_range(rows):
-    """Longest run of consecutive measured M where ours beat MLX, as (lo, hi)."""
-    rows = sorted(rows, key=lambda r: r["M"])
-    best, run = (0, 0), None
-    for r in rows:
-        if r["speedup"] >= 1.0:
-            run = (run[0] if run else r["M"], r["M"])
-            if run[1] - run[0] > best[1] - best[0] or best == (0, 0):
-                best = run
-        else:
-            run = None
-    return best
-
-
 def tuning_table(rows, warps_k, depths, row_tiles, meta):
-    """Per mode and shape, the M range where the kernel measured faster than
-    MLX (the planner sends every other M to MLX), plus the split, prefetch
-    depth and row tiles the sweep chose."""
+    """Per mode and shape, the M range where the kernel measured at least
+    plan.MIN_SPEEDUP times faster than MLX (the planner sends every other M
+    to MLX), plus the split, prefetch depth and row tiles the sweep chose."""
     by_key = {}
     for r in rows:
         by_key.setdefault(f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}", []).append(r)
-    m_range = {key: winning_range(rs) for key, rs in by_key.items()}
+    m_range = {key: planner.winning_range((r["M"], r["speedup"]) for r in rs) for key, rs in by_key.items()}
     return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                warps_k=warps_k, depth=depths, row_tiles=row_tiles, m_range=m_range)
+                min_speedup=planner.MIN_SPEEDUP, warps_k=warps_k, depth=depths, row_tiles=row_tiles,
+                m_range=m_range)
 
 
 def retune(src, out):
@@ -206,6 +193,8 @@ def retune(src, out):
     key = planner.tuning_key(data["meta"]["device"])
     old = json.load(open(os.path.join(src, key + ".json")))
     table = tuning_table(data["rows"], old["warps_k"], old["depth"], old["row_tiles"], data["meta"])
+    if "moe_p_range" in old:  # merged in by scripts/install_tuning.py; not this script's to drop
+        table["moe_p_range"] = old["moe_p_range"]
     with open(os.path.join(out, key + ".json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print(json.dumps(table["m_range"]))

@@ -11,8 +11,11 @@ unique experts per call, % of the unique experts' bytes over the copy
 bandwidth, and MLX / ours in the same run.
 
 Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune the pair
-ranges where the kernel won go into <out>/<device>_moe.json for the planner.
-Usage: python scripts/bench_moe.py --out benchmarks/moe [--tune]
+ranges where the kernel won (by plan.MIN_SPEEDUP) go into
+<out>/<device>_moe.json, which scripts/install_tuning.py merges into the
+planner's table.
+Usage: python scripts/bench_moe.py --out benchmarks/moe [--tune] [--shapes 0,1] [--ms 1,2,4]
+       python scripts/bench_moe.py --retune DIR
 """
 import argparse
 import json
@@ -79,10 +82,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/moe")
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--retune", metavar="DIR", help="rebuild DIR/<device>_moe.json from DIR/bench_moe.json "
+                    "(no GPU needed)")
     ap.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
     ap.add_argument("--ms", default=None, help="comma-separated token counts (default: all of MS)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.retune:
+        data = json.load(open(os.path.join(args.retune, "bench_moe.json")))
+        return write_ranges(data["rows"], data["meta"], args.retune)
     assert mx.cuda.is_available(), "needs MLX's CUDA backend"
     device = planner.current_device()
     bw, floor = copy_bandwidth(), trivial_op_floor()
@@ -139,20 +147,21 @@ def main():
                      f"{r['pct_unique_bytes_bw']:.0f} | {r['floor_us']:.1f} |")
     open(os.path.join(args.out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
     if args.tune:
-        ranges = {}
-        for key in {(r["E"], r["N"], r["K"]) for r in rows}:
-            rs = sorted((r for r in rows if (r["E"], r["N"], r["K"]) == key), key=lambda r: r["pairs"])
-            lo = hi = 0
-            for r in rs:  # longest run of winning pair counts starting anywhere
-                if r["speedup"] >= 1.0:
-                    lo = lo or r["pairs"]
-                    hi = r["pairs"]
-                elif hi:
-                    break
-            ranges[f"affine4:{key[0] * key[1]}x{key[2]}"] = [lo, hi]
-        json.dump(dict(device=device.name, moe_p_range=ranges, measured_with=meta["command"]),
-                  open(os.path.join(args.out, planner.tuning_key(device.name) + "_moe.json"), "w"), indent=1)
-        print("moe pair ranges:", ranges)
+        write_ranges(rows, meta, args.out)
+
+
+def write_ranges(rows, meta, out):
+    """<out>/<device>_moe.json: per expert shape, the pair counts where the
+    kernel measured at least plan.MIN_SPEEDUP times faster than MLX."""
+    ranges = {}
+    for key in sorted({(r["E"], r["N"], r["K"]) for r in rows}):
+        speedups = [(r["pairs"], r["speedup"]) for r in rows if (r["E"], r["N"], r["K"]) == key]
+        ranges[f"affine4:{key[0] * key[1]}x{key[2]}"] = list(planner.winning_range(speedups))
+    table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
+                 min_speedup=planner.MIN_SPEEDUP)
+    with open(os.path.join(out, planner.tuning_key(meta["device"]) + "_moe.json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    print("moe pair ranges:", ranges)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,15 @@ def test_cpu_never_plans():
     assert planner.plan_dense(1, 4096, 4096, 4, 64, "affine", mx.bfloat16, device=CPU) is None
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 6])
+@pytest.mark.parametrize("M", [2, 5, 6])
 def test_measured_winning_range_takes_the_kernel(M):
     plan = planner.plan_dense(M, 14336, 4096, 4, 64, "affine", mx.bfloat16, device=H100)
     assert plan is not None and plan.warps_k == TABLE["warps_k"]["14336x4096"]
 
 
-@pytest.mark.parametrize("M", [8, 16, 65, 1000])
+@pytest.mark.parametrize("M", [1, 8, 16, 65, 1000])
 def test_outside_the_range_goes_to_mlx(M):
+    # M = 1 measured 1.02x MLX on the H100: under plan.MIN_SPEEDUP.
     assert planner.plan_dense(M, 14336, 4096, 4, 64, "affine", mx.bfloat16, device=H100) is None
 
 
@@ -50,9 +51,35 @@ def test_split_never_depends_on_m():
 
 
 def test_unmeasured_shape_takes_the_nearest_measured_range():
-    # 14336 x 4096 and 4096 x 14336 bracket 12288 x 4096 in size; both win at M = 1..6.
-    assert planner.m_range(TABLE, "affine", 4, 12288, 4096) == (1, 6)
+    # 14336 x 4096 and 4096 x 14336 bracket 12288 x 4096 in size; both win at M = 2..6.
+    assert planner.m_range(TABLE, "affine", 4, 12288, 4096) == (2, 6)
     assert planner.m_range(TABLE, "mxfp8", 8, 4096, 4096) == (0, 0)  # no measurement of the mode
+
+
+def test_winning_range_needs_the_margin_and_takes_the_longest_run():
+    points = [(1, 1.1), (2, 1.3), (3, 2.0), (4, 0.9), (5, 1.5), (6, 1.6), (7, 1.7), (8, 0.5)]
+    assert planner.winning_range(points) == (5, 7)
+    assert planner.winning_range(points, min_speedup=1.0) == (1, 3)
+    assert planner.winning_range([(1, 1.19)]) == (0, 0)
+    assert planner.winning_range([]) == (0, 0)
+
+
+def test_committed_tables_keep_the_margin():
+    """Each installed table's ranges are what its benchmark measured at
+    plan.MIN_SPEEDUP or more (tables regenerate with --retune)."""
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).parent.parent / "benchmarks"
+    for table_name, bench in [("NVIDIA H100 80GB HBM3", root / "kernels" / "bench_kernels.json"),
+                              ("NVIDIA H200", root / "h200" / "kernels" / "bench_kernels.json")]:
+        table = planner.load_tuning(table_name)
+        rows = json.loads(bench.read_text())["rows"]
+        for key, (lo, hi) in table["m_range"].items():
+            mode_bits, shape = key.split(":")
+            measured = {r["M"]: r["speedup"] for r in rows
+                        if f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}" == key}
+            assert all(measured[M] >= planner.MIN_SPEEDUP for M in measured if lo <= M <= hi), key
 
 
 def test_unsupported_inputs_stay_on_mlx():

@@ -1,0 +1,35 @@
+#!/usr/bin/env python3
+"""Install a GPU's measured tuning table for the planner.
+
+Merges <kernels_dir>/<device>.json (scripts/bench_kernels.py --tune: splits
+and dense M ranges) with <moe_dir>/<device>_moe.json (scripts/bench_moe.py
+--tune: MoE pair ranges), if present, into mtp_splitk/tuning/<device>.json.
+Usage: python scripts/install_tuning.py DEVICE_KEY KERNELS_DIR [MOE_DIR]
+"""
+import json
+import os
+import sys
+
+TUNING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtp_splitk", "tuning")
+
+
+def main(key, kernels_dir, moe_dir=None):
+    dense = os.path.join(kernels_dir, f"{key}.json")
+    if not os.path.exists(dense):
+        print(f"no {dense}: nothing installed; the planner keeps every call on MLX's ops on this GPU")
+        return 1
+    table = json.load(open(dense))
+    moe = os.path.join(moe_dir, f"{key}_moe.json") if moe_dir else None
+    if moe and os.path.exists(moe):
+        table["moe_p_range"] = json.load(open(moe))["moe_p_range"]
+    path = os.path.join(TUNING, f"{key}.json")
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    print(f"installed {path}: m_range {table['m_range']}, moe_p_range {table.get('moe_p_range')}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    sys.exit(main(*sys.argv[1:]))

@@ -10,7 +10,9 @@ loaded by ``mlx_lm.load``):
   drafter (the target's recorded greedy continuation, each token proposed
   with probability p, another token otherwise) for every (p, k), unpatched
   and patched: the system at a known acceptance rate, whatever the random
-  weights make of the text;
+  weights make of the text. The continuation is recorded on the verify
+  path (the loop itself at p = 1, same k; see ``reference`` below), and
+  each run says whether it reproduced it;
 - ``draft``: the speculative loop with a real draft model (a smaller
   synthetic model of the same family and vocabulary);
 - ``mtp``: the speculative loop with an MTP head (a model with one);
@@ -105,6 +107,14 @@ def model_dir(root: Path, family: str, size: str, mtp: bool = False, progress=No
         synthetic.write_model(partial, family, size, progress=progress)
     partial.rename(path)
     return path
+
+
+def model_specs() -> List[Tuple[str, str, bool]]:
+    """(family, size, with MTP head) of every directory a full run reads."""
+    specs = []
+    for family, size, draft_family, draft_size in MODELS.values():
+        specs += [(family, size, False), (draft_family, draft_size, False)]
+    return specs + [(*MTP_MODEL, True)]
 
 
 def prompt_tokens(tokenizer) -> mx.array:
@@ -252,13 +262,15 @@ def _forward_trim(model, cache, M, vocab):
     return out
 
 
-@contextmanager
-def kernel_census():
-    """Counts the quantized matmuls that reach the split-K kernels vs MLX."""
+def matmul_census(model, M: int) -> Dict[str, int]:
+    """Where the quantized matmuls of one forward of M rows go: the split-K
+    kernels or MLX's ops (counted in an untimed call)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
     from . import launch, ops
 
     counts = {"splitk": 0, "mlx": 0}
-    real = (launch.dense, launch.gather, ops.mx.quantized_matmul, ops.mx.gather_qmm)
+    real = launch.dense, launch.gather, ops.mx
 
     def counting(fn, key):
         def wrapper(*args, **kwargs):
@@ -268,13 +280,12 @@ def kernel_census():
         return wrapper
 
     launch.dense, launch.gather = counting(real[0], "splitk"), counting(real[1], "splitk")
-    # ops calls mx.* through the module attribute; count MLX's side there.
-    ops.mx = _CountingMx(counts)
+    ops.mx = _CountingMx(counts)  # ops reaches MLX's ops through this name
     try:
-        yield counts
+        mx.eval(model(mx.arange(M)[None], cache=make_prompt_cache(model)))
     finally:
-        launch.dense, launch.gather = real[0], real[1]
-        ops.mx = mx
+        launch.dense, launch.gather, ops.mx = real
+    return counts
 
 
 class _CountingMx:
@@ -355,20 +366,45 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
             plain_tokens[label] = run["tokens"]
             results.put(name, "plain", label, _strip(run))
 
-    def acceptance(k, p, warmup):
+    references = {}
+
+    def reference(label, k):
+        """The target's greedy continuation as the verify path computes it.
+
+        A verify row can round differently from a decode row (other kernels,
+        other M), and random weights have near-ties: where plain decoding and
+        the loop part, a reference taken from plain decoding goes stale and
+        the measured acceptance falls below p. So the reference is re-recorded
+        by the loop itself at p = 1 with the same k (which emits the target's
+        own verify-path tokens whatever it is proposed), until it reproduces
+        itself. These runs also warm the loop up (first use compiles).
+        """
+        model, prompt = target()
+        if (label, k) not in references:
+            tokens, passes = plain_tokens[label], 0
+            while passes < 3:
+                passes += 1
+                drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), 1.0, model.args.vocab_size)
+                emitted = speculative_decode(model, prompt, drafter, k, max_tokens)["tokens"]
+                if emitted == tokens:
+                    break
+                tokens = emitted
+            references[label, k] = (tokens, passes)
+        return references[label, k]
+
+    def acceptance(k, p):
         model, prompt = target()
         for label, on in STATES:
-            # The reference the drafter proposes from: this state's own greedy
-            # continuation (patched, a near-tie can round the other way).
-            reference = plain_tokens[label] + [0] * (k + 1)
-            drafter = AcceptanceControlledDrafter(reference, p, model.args.vocab_size, seed=k)
-            with patched(on), kernel_census() as census:
+            with patched(on):
+                tokens, passes = reference(label, k)
+                drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k)
                 run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens), repeats,
-                                 warmup=warmup)
-            run["matmuls"] = dict(census)
-            # Did the loop emit exactly the plain greedy tokens? (Where they
-            # part, the reference goes stale and acceptance with it.)
+                                 warmup=False)
+                run["matmuls"] = matmul_census(model, k + 1) if on else None
+            # The loop reproduced the reference, so p is the acceptance it ran at.
+            run["matches_reference"] = run["tokens"] == tokens
             run["matches_plain"] = run["tokens"] == plain_tokens[label]
+            run["reference_passes"] = passes
             results.put(name, "acceptance", f"{label} p={p} k={k}", _strip(run))
 
     def verify():
@@ -401,10 +437,10 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     k_key = key[0]
     head = [
         (f"{name}: plain decode", plain),
-        (f"{name}: p={key[1]} k={key[0]}", lambda: acceptance(*key, warmup=True)),
+        (f"{name}: p={key[1]} k={key[0]}", lambda: acceptance(*key)),
         (f"{name}: breakdown M={k_key + 1}", lambda: parts(k_key + 1)),
     ]
-    rest = [(f"{name}: p={p} k={k}", lambda k=k, p=p: acceptance(k, p, warmup=False))
+    rest = [(f"{name}: p={p} k={k}", lambda k=k, p=p: acceptance(k, p))
             for k, p in grid if (k, p) != key]
     rest += [(f"{name}: verify latency M={verify_ms[0]}..{verify_ms[-1]}", verify),
              (f"{name}: breakdown M=1", lambda: parts(1))]
@@ -495,8 +531,8 @@ def markdown(doc: Dict) -> str:
                 continue
             lines += ["", f"**Speculative, {title}**", "",
                       "| run | tok/s | × MLX plain | × same loop unpatched | acceptance (per token) "
-                      "| tokens/step | verify ms | split-K share |",
-                      "|---|---|---|---|---|---|---|---|"]
+                      "| tokens/step | verify ms | split-K matmuls of one forward | as recorded |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for key, r in rows.items():
                 twin = rows.get(key.replace("patched", "mlx", 1)) if key.startswith("patched") else None
                 vs_loop = f"{r['tps'] / twin['tps']:.2f}" if twin and twin["tps"] else ""
@@ -504,10 +540,13 @@ def markdown(doc: Dict) -> str:
                 census = r.get("matmuls")
                 share = (f"{census['splitk']}/{census['splitk'] + census['mlx']}"
                          if census and census["splitk"] + census["mlx"] else "")
+                # Did the loop emit the tokens the drafter proposes from (so the
+                # acceptance is the one asked for)? Only the acceptance runs say.
+                recorded = {True: "yes", False: "no"}.get(r.get("matches_reference"), "")
                 lines.append(
                     f"| {key} | {r['tps']:.1f} | {vs_plain} | {vs_loop} | {r['acceptance_rate']:.2f} "
                     f"({r['per_token_acceptance']:.2f}) | {r['tokens_per_step']:.2f} | {r['verify_ms']:.2f} "
-                    f"| {share} |"
+                    f"| {share} | {recorded} |"
                 )
         verify = m.get("verify_ms", {})
         if verify:

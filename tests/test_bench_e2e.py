@@ -67,9 +67,13 @@ def test_acceptance_controlled_drafter_hits_its_rate(smoke_doc):
     for label in ("mlx", "patched"):
         always, never = runs[f"{label} p=1.0 k=3"], runs[f"{label} p=0.0 k=3"]
         assert always["matches_plain"] and never["matches_plain"]
+        assert always["matches_reference"] and never["matches_reference"]
+        assert always["reference_passes"] == 1  # the plain continuation already was the verify path's
         assert always["accepted"] == always["drafted"] > 0
         assert never["accepted"] == 0 and never["drafted"] > 0
         assert never["tokens_per_step"] == 1
+    census = runs["patched p=0.8 k=3"]["matmuls"]
+    assert census["mlx"] > 0 and census["splitk"] == 0  # the CPU: every matmul on MLX's path
 
 
 def test_deadline_skips_and_says_so(tmp_path, capsys):

@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .plan import ROWS_PER_TILE, Plan
+from .plan import Plan
 
 MODE_IDS = {"affine": 0, "mxfp4": 1, "mxfp8": 2, "nvfp4": 3}
 _CORE = "quant_core.h"
@@ -113,7 +113,7 @@ def _shared_memory(plan: Plan) -> int:
 
 @lru_cache(maxsize=4096)
 def _cuda_launch(plan: Plan, dtype, scales_dtype):
-    """Everything about a launch except the arrays, built once per plan."""
+    """Everything about a dense launch except the arrays, built once per plan."""
     threads = plan.warps_k * 32
     return (
         _cuda_kernel(plan.mode == "affine", _shared_memory(plan)),
@@ -123,17 +123,30 @@ def _cuda_launch(plan: Plan, dtype, scales_dtype):
     )
 
 
+def _dense_launch(plan: Plan, dtype, scales_dtype):
+    if plan.backend == "cuda":
+        return _cuda_launch(plan, dtype, scales_dtype)
+    from .launch_metal import dense_launch
+
+    return dense_launch(plan, dtype, scales_dtype)
+
+
+def _gather_kernel(plan: Plan):
+    if plan.backend == "cuda":
+        return _cuda_gather_kernel(plan.mode == "affine", _shared_memory(plan))
+    from .launch_metal import gather_kernel
+
+    return gather_kernel(plan)
+
+
 def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison=None) -> mx.array:
-    """y (M, N) = x (M, K) @ dequant(w).T with the planned kernel.
+    """y (M, N) = x (M, K) @ dequant(w).T with the planned kernel (CUDA or
+    Metal, by ``plan.backend``).
 
     ``poison`` (tests only) pre-fills the output, e.g. with NaN, to prove the
     kernel writes every element; the normal path leaves it uninitialized.
     """
-    if plan.backend != "cuda":
-        from .launch_metal import dense as metal_dense
-
-        return metal_dense(plan, x, w, scales, biases)
-    kernel, template, grid, threadgroup = _cuda_launch(plan, x.dtype, scales.dtype)
+    kernel, template, grid, threadgroup = _dense_launch(plan, x.dtype, scales.dtype)
     inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
     return kernel(
         inputs=inputs,
@@ -148,17 +161,13 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
 
 def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
     """y (P, N): pair p multiplies x row p // x_div by expert idx[p]."""
-    if plan.backend != "cuda":
-        from .launch_metal import gather as metal_gather
-
-        return metal_gather(plan, x, w, scales, biases, idx, x_div)
     P = idx.size
     threads = plan.warps_k * 32
-    # Blocks for up to min(E, P) active experts times the row tiles of one.
+    # Blocks for up to min(E, P) active experts times the row tiles of one
+    # (grids count threads on both backends).
     blocks = min(w.shape[0], P) * plan.blocks
-    kernel = _cuda_gather_kernel(plan.mode == "affine", _shared_memory(plan))
     inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
-    return kernel(
+    return _gather_kernel(plan)(
         inputs=inputs,
         template=_template(plan, x.dtype, scales.dtype) + [("XDIV", x_div)],
         grid=(blocks * threads, 1, 1),

@@ -2,8 +2,9 @@
 
 """Launch the split-K kernels on Apple GPUs through mx.fast.metal_kernel.
 
-The Metal mirror of launch.py's CUDA path: the same Plan, template tuple,
-input names, grid and threadgroup, so ops.py and plan.py need no change.
+The Metal side of launch.py: the kernel objects for a Plan, with the CUDA
+path's template tuple, input names, grid and threadgroup; launch.dense and
+launch.gather make the calls for both backends.
 kernels/splitk_qmm.metal has been compiled and run only as C++ on a Linux CPU
 (tests/test_metal.py); it has not been run on an Apple GPU.
 """
@@ -59,8 +60,9 @@ def _metal_kernel(affine: bool, gather: bool):
 
 
 @lru_cache(maxsize=4096)
-def _metal_launch(plan: Plan, dtype, scales_dtype):
-    """Everything about a dense launch except the arrays, built once per plan."""
+def dense_launch(plan: Plan, dtype, scales_dtype):
+    """Everything about a dense launch except the arrays, built once per plan
+    (launch.dense makes the call)."""
     threads = plan.warps_k * 32
     return (
         _metal_kernel(plan.mode == "affine", False),
@@ -70,35 +72,6 @@ def _metal_launch(plan: Plan, dtype, scales_dtype):
     )
 
 
-def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison=None) -> mx.array:
-    """y (M, N) = x (M, K) @ dequant(w).T; see launch.dense."""
-    kernel, template, grid, threadgroup = _metal_launch(plan, x.dtype, scales.dtype)
-    inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
-    return kernel(
-        inputs=inputs,
-        template=template,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[(x.shape[0], plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
-
-
-def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
-    """y (P, N): pair p multiplies x row p // x_div by expert idx[p]; see launch.gather."""
-    P = idx.size
-    threads = plan.warps_k * 32
-    # Threadgroups for up to min(E, P) active experts times the row tiles of one.
-    blocks = min(w.shape[0], P) * plan.blocks
-    kernel = _metal_kernel(plan.mode == "affine", True)
-    inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
-    return kernel(
-        inputs=inputs,
-        template=_template(plan, x.dtype, scales.dtype) + [("XDIV", x_div)],
-        grid=(blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(P, plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+def gather_kernel(plan: Plan):
+    """The grouped kernel for a plan (launch.gather makes the call)."""
+    return _metal_kernel(plan.mode == "affine", True)

@@ -1,6 +1,8 @@
 import mlx.core as mx
 import pytest
 
+from mtp_splitk import patch
+
 
 def cuda_available() -> bool:
     try:
@@ -18,3 +20,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_patch_state():
+    """Every test starts and ends unpatched, whatever it does in between."""
+    patch.disable()
+    yield
+    patch.disable()

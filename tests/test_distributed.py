@@ -22,7 +22,7 @@ import mlx_lm
 import pytest
 
 import mtp_splitk
-from mtp_splitk import ops, patch, plan, synthetic, tp
+from mtp_splitk import ops, plan, synthetic, tp
 from mtp_splitk.speculative import AcceptanceControlledDrafter, DraftModelDrafter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,13 +34,6 @@ PROMPT = list(range(5, 45))  # 40 tokens x top-2 experts >= 64: SwitchGLU sorts
 MAX_TOKENS = 24
 K = 3
 TIMEOUT = 120  # seconds for both ranks, start-up included (10-25 s on 2 busy CPU cores)
-
-
-@pytest.fixture(autouse=True)
-def _restore_patch_state():
-    patch.disable()
-    yield
-    patch.disable()
 
 
 @pytest.fixture(scope="module")

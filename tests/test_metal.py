@@ -98,7 +98,7 @@ class Recorder:
 
 def _clear_caches():
     launch_metal._metal_kernel.cache_clear()
-    launch_metal._metal_launch.cache_clear()
+    launch_metal.dense_launch.cache_clear()
 
 
 @pytest.fixture
@@ -161,7 +161,7 @@ def test_dense_fp_mode_and_row_tiles(recorder):
     wq, s, _ = quantized((100, 512), "nvfp4", 4, 16)
     x = mx.random.normal((12, 512)).astype(mx.float16)
     plan = metal_plan(12, 100, 512, "nvfp4", 4, 16, warps=4, depth=2, row_tiles=2)
-    launch_metal.dense(plan, x, wq, s, None, poison=float("nan"))
+    launch.dense(plan, x, wq, s, None, poison=float("nan"))
     (kernel,) = recorder.kernels
     assert kernel["name"] == "mtp_splitk_qmm_fp"
     assert kernel["input_names"] == ["x", "w", "scales"]
@@ -206,7 +206,7 @@ def test_gather_fp_call(recorder):
     x = mx.random.normal((10, 128)).astype(mx.bfloat16)
     idx = mx.array([0, 2, 2, 1, 0, 2, 2, 1, 0, 0], dtype=mx.uint32)
     plan = metal_plan(10, 16, 128, "mxfp8", 8, 32, warps=1, token_tiles=1)
-    launch_metal.gather(plan, x, wq, s, None, idx, 1)
+    launch.gather(plan, x, wq, s, None, idx, 1)
     (kernel,) = recorder.kernels
     assert kernel["name"] == "mtp_splitk_gather_fp"
     assert kernel["input_names"] == ["x", "w", "scales", "idx"]
@@ -448,7 +448,7 @@ def _emulate(cases, workdir, flags=()):
     _clear_caches()
     try:
         for case in cases:
-            fn = launch_metal.dense if case["kind"] == "dense" else launch_metal.gather
+            fn = launch.dense if case["kind"] == "dense" else launch.gather
             fn(case["plan"], *case["args"])
     finally:
         mx.fast.metal_kernel = original

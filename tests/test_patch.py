@@ -33,14 +33,6 @@ SPECULATIVE = [f for f in synthetic.FAMILIES if f not in ("qwen3_next", "qwen3_5
 PROMPT = mx.array(list(range(5, 45)))  # 40 tokens x top-2 experts >= 64: SwitchGLU sorts
 
 
-@pytest.fixture(autouse=True)
-def _restore_patch_state():
-    """Every test starts and ends unpatched, whatever it does in between."""
-    patch.disable()
-    yield
-    patch.disable()
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")

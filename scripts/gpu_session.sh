@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e]
+#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
@@ -59,6 +59,12 @@ for step in "$@"; do
       timeout $(( left + 25 )) python3 scripts/bench_e2e.py --out "$OUT/e2e" --model-dir "$MODELS" \
         --repeats "${E2E_REPEATS:-1}" --deadline "$left" 2>&1 | tee "$OUT/bench_e2e.log" | tail -4
       ;;
+    profile)
+      # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
+      timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
+        python3 scripts/profile_kernel.py 2>&1 | tail -5
+      python3 scripts/profile_kernel.py --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
   pack

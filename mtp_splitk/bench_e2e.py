@@ -187,22 +187,8 @@ def median_run(run: Callable[[], Dict], repeats: int, warmup: bool = True) -> Di
 def verify_latency(model, Ms, context: int, reps: int) -> Dict[int, float]:
     """Median ms of one synchronous forward of M rows after ``context`` tokens,
     the cache trimmed back after each call (the verify step's shape)."""
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-
-    cache = make_prompt_cache(model)
-    vocab = model.args.vocab_size if hasattr(model, "args") else 1000
-    mx.eval(model(mx.arange(context)[None] % vocab, cache=cache))
-    out = {}
-    for M in Ms:
-        x = (mx.arange(M)[None] * 7 + 3) % vocab
-        times = []
-        for i in range(reps + 2):
-            t0 = time.perf_counter()
-            mx.eval(model(x, cache=cache))
-            times.append(time.perf_counter() - t0)
-            trim_prompt_cache(cache, M)
-        out[M] = 1e3 * statistics.median(times[2:])
-    return out
+    cache = _warm_cache(model, context)
+    return {M: _time(lambda: _forward_trim(model, cache, M), reps) for M in Ms}
 
 
 def _time(fn, reps: int) -> float:
@@ -221,14 +207,12 @@ def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
     (synchronously, as many calls as the model makes) and scaled by the
     number of layers: attention (projections, RoPE, SDPA, norms), MLP or
     MoE block, the LM head, and the whole forward for comparison."""
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.models.cache import trim_prompt_cache
 
     layers = model.layers
     layer = layers[len(layers) // 2]  # a MoE layer where a model mixes dense ones
     dim = model.args.hidden_size
-    cache = make_prompt_cache(model)
-    vocab = model.args.vocab_size
-    mx.eval(model(mx.arange(context)[None] % vocab, cache=cache))
+    cache = _warm_cache(model, context)
     x = (mx.random.normal((1, M, dim)) * 0.5).astype(mx.bfloat16)
     mx.eval(x)
     c = cache[len(layers) // 2]
@@ -242,7 +226,7 @@ def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
     mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
     head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
     norm = model.model.norm
-    whole = _time(lambda: _forward_trim(model, cache, M, vocab), reps)
+    whole = _time(lambda: _forward_trim(model, cache, M), reps)
     parts = {
         "attention": len(layers) * _time(attention, reps),
         "mlp": len(layers) * _time(lambda: mlp(layer.post_attention_layernorm(x)), reps),
@@ -253,10 +237,20 @@ def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
     return parts
 
 
-def _forward_trim(model, cache, M, vocab):
+def _warm_cache(model, context: int):
+    """A prompt cache holding ``context`` tokens."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.arange(context)[None] % model.args.vocab_size, cache=cache))
+    return cache
+
+
+def _forward_trim(model, cache, M: int):
+    """One forward of M rows on ``cache``, evaluated, then trimmed back off it."""
     from mlx_lm.models.cache import trim_prompt_cache
 
-    out = model((mx.arange(M)[None] * 5 + 1) % vocab, cache=cache)
+    out = model((mx.arange(M)[None] * 5 + 1) % model.args.vocab_size, cache=cache)
     mx.eval(out)
     trim_prompt_cache(cache, M)
     return out
@@ -360,11 +354,7 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
 
     def plain():
         model, prompt = target()
-        for label, on in STATES:
-            with patched(on):
-                run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
-            plain_tokens[label] = run["tokens"]
-            results.put(name, "plain", label, _strip(run))
+        plain_tokens.update(plain_both(name, model, prompt, results, max_tokens, repeats))
 
     references = {}
 
@@ -466,11 +456,7 @@ def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List
 
     def plain():
         model, _, prompt = target()
-        for label, on in STATES:
-            with patched(on):
-                run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
-            plain_tokens[label] = run["tokens"]
-            results.put(name, "plain", label, _strip(run))
+        plain_tokens.update(plain_both(name, model, prompt, results, max_tokens, repeats))
 
     def speculate(k, warmup):
         model, head, prompt = target()
@@ -487,6 +473,17 @@ def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List
 
 
 STATES = (("mlx", False), ("patched", True))
+
+
+def plain_both(name, model, prompt, results, max_tokens, repeats) -> Dict[str, List[int]]:
+    """Plain decode unpatched and patched, recorded; each state's tokens."""
+    tokens = {}
+    for label, on in STATES:
+        with patched(on):
+            run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
+        tokens[label] = run["tokens"]
+        results.put(name, "plain", label, _strip(run))
+    return tokens
 
 
 def device_meta() -> Dict:

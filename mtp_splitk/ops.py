@@ -47,15 +47,6 @@ def resolve_mode(mode: str, group_size: Optional[int], bits: Optional[int]):
     return group_size, bits
 
 
-def check_quantized_weight(x, w, scales, biases, transpose, group_size, bits, mode):
-    """Validate a quantized weight (any leading batch dims) against x.
-
-    Returns (N, K): output features and reduction length.
-    """
-    return _check(_signature(x), _signature(w), _signature(scales), _signature(biases),
-                  transpose, group_size, bits, mode)
-
-
 def _signature(a: Optional[mx.array]):
     return None if a is None else (a.shape, a.dtype)
 
@@ -118,8 +109,9 @@ def clear_cache() -> None:
 
 @lru_cache(maxsize=4096)
 def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
-    """(N, K, M, plan or None) for a quantized_matmul signature; ``split`` and
-    ``device`` are the planner's inputs that are not in the arrays."""
+    """(N, K, M, group_size, bits, plan or None) for a quantized_matmul
+    signature. ``split`` (plan.forced_split(), which plan_dense reads itself)
+    and ``device`` are in the key because the plan depends on them."""
     group_size, bits = resolve_mode(mode, group_size, bits)
     N, K = _check(x, w, scales, biases, transpose, group_size, bits, mode)
     M = math.prod(x[0]) // K if K else 0
@@ -143,8 +135,7 @@ def quantized_matmul(
 ) -> mx.array:
     """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU."""
     N, K, M, group_size, bits, plan = _dense_call(
-        (x.shape, x.dtype), (w.shape, w.dtype), (scales.shape, scales.dtype),
-        None if biases is None else (biases.shape, biases.dtype),
+        _signature(x), _signature(w), _signature(scales), _signature(biases),
         transpose, group_size, bits, mode, planner.forced_split(), planner.current_device(),
     )
     if plan is None or stream is not None:
@@ -206,7 +197,7 @@ def gather_qmm(
 def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mode, has_global_scale,
                  split, device):
     """(group_size, bits, (plan, x_div, output shape) or None) for a
-    gather_qmm signature."""
+    gather_qmm signature; ``split`` and ``device`` as for _dense_call."""
     group_size, bits = resolve_mode(mode, group_size, bits)
     _check(x, w, scales, biases, transpose, group_size, bits, mode)
     if has_global_scale and mode != "nvfp4":

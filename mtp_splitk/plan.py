@@ -151,7 +151,8 @@ def winning_range(speedups, min_speedup: float = MIN_SPEEDUP) -> tuple:
 
 
 def m_range(tuning: dict, mode: str, bits: int, N: int, K: int) -> tuple:
-    """(lo, hi): the M values for which the kernel measured faster than MLX.
+    """(lo, hi): the M values for which the kernel measured at least
+    MIN_SPEEDUP times faster than MLX (the table's ``m_range``).
 
     A shape that was not measured takes the range of the measured shape of
     the same mode whose weight size is nearest (same order of bytes, same

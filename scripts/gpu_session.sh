@@ -33,10 +33,25 @@ for step in "$@"; do
       done
       ;;
     tests)
-      # TEST_SELECT narrows the run (pytest arguments); -rA names every result.
-      timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
-        ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_patch.py} 2>&1 \
-        | tee "$RES/gpu_tests.txt" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed" | tail -30 ;;
+      # NVRTC compiles (CPU) dominate: TEST_SHARDS pytest processes share the
+      # GPU, each given every n-th test. TEST_SELECT narrows the run (pytest
+      # arguments); -rA names every result.
+      shards=${TEST_SHARDS:-1}
+      python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider \
+        ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_patch.py} 2>/dev/null \
+        | grep "::" >"$RES/gpu_test_ids.txt"
+      pids=(); set -f  # test ids hold [ ]: no globbing
+      for i in $(seq 0 $(( shards - 1 ))); do
+        awk -v n="$shards" -v i="$i" 'NR % n == i' "$RES/gpu_test_ids.txt" >"$RES/shard$i.txt"
+        [ -s "$RES/shard$i.txt" ] || continue
+        timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
+          $(cat "$RES/shard$i.txt") >"$RES/gpu_tests_shard$i.txt" 2>&1 &
+        pids+=($!)
+      done
+      set +f; wait "${pids[@]}"
+      cat "$RES"/gpu_tests_shard*.txt >"$RES/gpu_tests.txt"
+      grep -hoE "^(PASSED|FAILED|ERROR|SKIPPED)" "$RES/gpu_tests.txt" | sort | uniq -c
+      grep -hE "^(FAILED|ERROR)|[0-9]+ (passed|failed)" "$RES/gpu_tests.txt" | tail -30 ;;
     bench)
       # Timings wait for the model writers: a busy host skews per-op times.
       wait

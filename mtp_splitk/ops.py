@@ -8,7 +8,6 @@ and otherwise hands the call to MLX unchanged.
 """
 
 import math
-from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -51,11 +50,6 @@ def _signature(a: Optional[mx.array]):
     return None if a is None else (a.shape, a.dtype)
 
 
-# Validation and planning depend only on shapes, dtypes and settings, and a
-# model makes the same few calls every step: they are cached by that
-# signature, so a patched matmul costs the host about what MLX's own does
-# (a few µs) instead of tens of µs of Python per call. Errors are not cached.
-@lru_cache(maxsize=4096)
 def _check(x, w, scales, biases, transpose, group_size, bits, mode):
     (x_shape, x_dtype), (w_shape, w_dtype), (s_shape, s_dtype) = x, w, scales
     if x_dtype not in FLOAT_DTYPES:
@@ -103,11 +97,31 @@ def _check(x, w, scales, biases, transpose, group_size, bits, mode):
 def clear_cache() -> None:
     """Forget cached decisions (after changing what the planner reads, e.g.
     a tuning table, or to watch the planner being asked)."""
-    for cached in (_check, _dense_call, _gather_call):
-        cached.cache_clear()
+    _calls.clear()
 
 
-@lru_cache(maxsize=4096)
+# Validation and planning depend only on shapes, dtypes and settings, and a
+# model makes the same few calls every step: their outcome is cached under one
+# flat tuple of those, hashed once per call. A patched matmul then costs the
+# host ~1 µs more than MLX's own (nested signatures in an lru_cache cost
+# ~4.5 µs, the uncached checks tens of µs), and a decode step makes a few
+# hundred calls. One device at a time (the planner's object, by identity);
+# errors are not cached.
+_calls = {}
+_calls_device = [None]
+_MAX_CALLS = 4096
+
+
+def _cached(key, device, miss):
+    if device is not _calls_device[0] or len(_calls) >= _MAX_CALLS:
+        _calls.clear()
+        _calls_device[0] = device
+    found = _calls.get(key)
+    if found is None:
+        found = _calls[key] = miss()
+    return found
+
+
 def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
     """(N, K, M, group_size, bits, plan or None) for a quantized_matmul
     signature. ``split`` (plan.forced_split(), which plan_dense reads itself)
@@ -116,7 +130,8 @@ def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, 
     N, K = _check(x, w, scales, biases, transpose, group_size, bits, mode)
     M = math.prod(x[0]) // K if K else 0
     plan = None
-    if transpose and len(w[0]) == 2:
+    # The kernels read biases in the scales' type; MLX also takes mixed ones.
+    if transpose and len(w[0]) == 2 and (biases is None or biases[1] == scales[1]):
         plan = planner.plan_dense(M, N, K, bits, group_size, mode, x[1], device)
     return N, K, M, group_size, bits, plan
 
@@ -134,10 +149,13 @@ def quantized_matmul(
     stream=None,
 ) -> mx.array:
     """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU."""
-    N, K, M, group_size, bits, plan = _dense_call(
+    device, split = planner.current_device(), planner.forced_split()
+    key = ("dense", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
+           transpose, group_size, bits, mode, split)
+    N, K, M, group_size, bits, plan = _cached(key, device, lambda: _dense_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
-        transpose, group_size, bits, mode, planner.forced_split(), planner.current_device(),
-    )
+        transpose, group_size, bits, mode, split, device,
+    ))
     if plan is None or stream is not None:
         return mx.quantized_matmul(
             x, w, scales, biases, transpose, group_size, bits, mode, stream=stream
@@ -163,11 +181,15 @@ def gather_qmm(
     stream=None,
 ) -> mx.array:
     """``mx.gather_qmm``; the grouped MoE kernel plugs in here."""
-    group_size, bits, grouped = _gather_call(
+    device, split = planner.current_device(), planner.forced_split()
+    key = ("gather", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
+           _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
+           global_scale is not None, split)
+    group_size, bits, grouped = _cached(key, device, lambda: _gather_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
         _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
-        global_scale is not None, planner.forced_split(), planner.current_device(),
-    )
+        global_scale is not None, split, device,
+    ))
     if grouped is not None and stream is None:
         plan, x_div, out_shape = grouped
         idx = rhs_indices.flatten()
@@ -193,7 +215,6 @@ def gather_qmm(
     )
 
 
-@lru_cache(maxsize=4096)
 def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mode, has_global_scale,
                  split, device):
     """(group_size, bits, (plan, x_div, output shape) or None) for a
@@ -206,7 +227,7 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
         if idx is not None and not mx.issubdtype(idx[1], mx.integer):
             raise ValueError(f"{name} must be integer, got {idx[1]}.")
     grouped = None
-    if not has_global_scale and lhs is None and rhs is not None:
+    if not has_global_scale and lhs is None and rhs is not None and (biases is None or biases[1] == scales[1]):
         grouped = _grouped(x, w, rhs[0], transpose, group_size, bits, mode, device)
     return group_size, bits, grouped
 

@@ -68,11 +68,20 @@ for step in "$@"; do
       # This GPU's table (dense M ranges + MoE pair ranges) for the planner.
       python3 scripts/install_tuning.py "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
       log "waiting for the model writers"; wait; tail -3 "$RES/models.log"
-      # Straight into $OUT: what it measured comes back even if the call is cut.
-      left=$(( ${SESSION_SECONDS:-570} - ($(date +%s) - start) - 30 ))
-      log "e2e with a ${left}s deadline"
-      timeout $(( left + 25 )) python3 scripts/bench_e2e.py --out "$OUT/e2e" --model-dir "$MODELS" \
-        --repeats "${E2E_REPEATS:-1}" --deadline "$left" 2>&1 | tee "$OUT/bench_e2e.log" | tail -4
+      # E2E_RUNS: ';'-separated bench_e2e argument lists (e.g. "--models=, ;
+      # --models qwen3-30b-a3b --no-draft"), one run each into $OUT/e2e<i>,
+      # straight into $OUT so what it measured comes back even if the call is
+      # cut. Each run's deadline is what is left unless its arguments set one.
+      IFS=';' read -ra runs <<<"${E2E_RUNS:-}"
+      [ ${#runs[@]} -gt 0 ] || runs=("")
+      i=0
+      for extra in "${runs[@]}"; do
+        left=$(( ${SESSION_SECONDS:-570} - ($(date +%s) - start) - 30 ))
+        log "e2e run $i ($extra) within ${left}s"
+        timeout $(( left + 25 )) python3 scripts/bench_e2e.py --out "$OUT/e2e$i" --model-dir "$MODELS" \
+          --repeats "${E2E_REPEATS:-1}" --deadline "$left" $extra 2>&1 | tee "$RES/bench_e2e$i.log" | tail -4
+        i=$(( i + 1 ))
+      done
       ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).

@@ -11,7 +11,7 @@ unique experts per call, % of the unique experts' bytes over the copy
 bandwidth, and MLX / ours in the same run.
 
 Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune the pair
-ranges where the kernel won (by plan.MIN_SPEEDUP) go into
+ranges where the kernel won (by plan.required_speedup) go into
 <out>/<device>_moe.json, which scripts/install_tuning.py merges into the
 planner's table.
 Usage: python scripts/bench_moe.py --out benchmarks/moe [--tune] [--shapes 0,1] [--ms 1,2,4]
@@ -152,13 +152,13 @@ def main():
 
 def write_ranges(rows, meta, out):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
-    kernel measured at least plan.MIN_SPEEDUP times faster than MLX."""
+    kernel measured at least plan.required_speedup(M) times faster than MLX."""
     ranges = {}
     for key in sorted({(r["E"], r["N"], r["K"]) for r in rows}):
-        speedups = [(r["pairs"], r["speedup"]) for r in rows if (r["E"], r["N"], r["K"]) == key]
+        speedups = [(r["pairs"], r["speedup"], r["M"]) for r in rows if (r["E"], r["N"], r["K"]) == key]
         ranges[f"affine4:{key[0] * key[1]}x{key[2]}"] = list(planner.winning_range(speedups))
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
-                 min_speedup=planner.MIN_SPEEDUP)
+                 min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
     with open(os.path.join(out, planner.tuning_key(meta["device"]) + "_moe.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print("moe pair ranges:", ranges)

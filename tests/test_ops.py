@@ -84,3 +84,40 @@ def test_errors_name_the_problem():
         gather_qmm(x, wq[None], s[None], b[None], global_scale=mx.array(1.0))
     with pytest.raises(ValueError, match="rhs_indices must be integer"):
         gather_qmm(x, wq[None], s[None], b[None], rhs_indices=mx.array([0.5]))
+
+
+def test_cached_decisions_follow_every_part_of_the_call(monkeypatch):
+    """The op caches its checks and plan per call signature: a call that
+    differs in any part the plan depends on (biases dtype, scales shape,
+    device) is decided afresh, never served a stale plan."""
+    from mtp_splitk import launch, ops, plan as planner
+
+    h200, cpu = planner.Device("cuda", "NVIDIA H200", 132), planner.Device("cpu", "cpu", 0)
+    device = [h200]
+    monkeypatch.setattr(planner, "current_device", lambda: device[0])
+    launched = []
+
+    def fake_dense(p, x, w, scales, biases, poison=None):
+        launched.append(p)
+        return mx.zeros((x.shape[0], p.N), x.dtype)
+
+    monkeypatch.setattr(launch, "dense", fake_dense)
+    ops.clear_cache()
+    try:
+        wq, s, b = weights(4096, 4096, "affine", 4, 64, dtype=mx.bfloat16)
+        x = mx.random.normal((3, 4096)).astype(mx.bfloat16)
+        quantized_matmul(x, wq, s, b)
+        assert len(launched) == 1  # the H200 table plans 4096 x 4096 at M = 3
+        # Biases in another type than the scales: MLX takes them, the kernel would not.
+        mixed = quantized_matmul(x, wq, s, b.astype(mx.float32))
+        assert len(launched) == 1 and mx.array_equal(mixed, mx.quantized_matmul(x, wq, s, b.astype(mx.float32))).item()
+        with pytest.raises(ValueError, match="scales shape"):
+            quantized_matmul(x, wq, s[:, :1], b[:, :1])
+        device[0] = cpu
+        quantized_matmul(x, wq, s, b)
+        assert len(launched) == 1
+        device[0] = h200
+        quantized_matmul(x, wq, s, b)
+        assert len(launched) == 2
+    finally:
+        ops.clear_cache()

@@ -57,16 +57,24 @@ def test_unmeasured_shape_takes_the_nearest_measured_range():
 
 
 def test_winning_range_needs_the_margin_and_takes_the_longest_run():
-    points = [(1, 1.1), (2, 1.3), (3, 2.0), (4, 0.9), (5, 1.5), (6, 1.6), (7, 1.7), (8, 0.5)]
+    points = [(M, s, M) for M, s in [(1, 1.1), (2, 1.3), (3, 2.0), (4, 0.9), (5, 1.5), (6, 1.6), (7, 1.7), (8, 0.5)]]
     assert planner.winning_range(points) == (5, 7)
-    assert planner.winning_range(points, min_speedup=1.0) == (1, 3)
-    assert planner.winning_range([(1, 1.19)]) == (0, 0)
+    assert planner.winning_range([(2, 1.19, 2)]) == (0, 0)
+    assert planner.winning_range([(2, 1.2, 2)]) == (2, 2)
     assert planner.winning_range([]) == (0, 0)
+
+
+def test_a_single_row_needs_the_decode_margin():
+    # M = 1 must clear DECODE_MIN_SPEEDUP, the rest MIN_SPEEDUP.
+    assert planner.winning_range([(1, 1.5, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (2, 3)
+    assert planner.winning_range([(1, 1.9, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (1, 3)
+    # MoE: sizes are pairs; a single token's pairs need the decode margin.
+    assert planner.winning_range([(8, 1.3, 1), (16, 1.3, 2)]) == (16, 16)
 
 
 def test_committed_tables_keep_the_margin():
     """Each installed table's ranges are what its benchmark measured at
-    plan.MIN_SPEEDUP or more (tables regenerate with --retune)."""
+    plan.required_speedup(M) or more (tables regenerate with --retune)."""
     import json
     import pathlib
 
@@ -79,7 +87,7 @@ def test_committed_tables_keep_the_margin():
             mode_bits, shape = key.split(":")
             measured = {r["M"]: r["speedup"] for r in rows
                         if f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}" == key}
-            assert all(measured[M] >= planner.MIN_SPEEDUP for M in measured if lo <= M <= hi), key
+            assert all(measured[M] >= planner.required_speedup(M) for M in measured if lo <= M <= hi), key
 
 
 def test_unsupported_inputs_stay_on_mlx():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [profile]
+#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
@@ -83,6 +83,11 @@ for step in "$@"; do
         i=$(( i + 1 ))
       done
       ;;
+    chain)
+      # Dependent chains of Llama's MLP shapes, ours vs MLX (what a forward does; see the script).
+      wait
+      timeout "${CHAIN_TIMEOUT:-120}" python3 scripts/bench_chain.py --out "$RES/chain" 2>&1 \
+        | tee "$RES/bench_chain.log" | tail -6 ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
       timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none --section SpeedOfLight --section Occupancy \

@@ -72,6 +72,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if not mx.cuda.is_available():
+        sys.exit("bench_chain.py needs MLX's CUDA backend (the kernels do not run on this machine).")
     weights = []
     for i in range(COPIES):
         weights += [quantized(*UP, 2 * i), quantized(*DOWN, 2 * i + 1)]

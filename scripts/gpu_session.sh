@@ -44,8 +44,10 @@ for step in "$@"; do
       for i in $(seq 0 $(( shards - 1 ))); do
         awk -v n="$shards" -v i="$i" 'NR % n == i' "$RES/gpu_test_ids.txt" >"$RES/shard$i.txt"
         [ -s "$RES/shard$i.txt" ] || continue
+        # faulthandler dumps every thread's stack when one test runs past
+        # TEST_DUMP_AFTER seconds: a test cut by the timeout still says where it was.
         timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -rA -m gpu -p no:cacheprovider \
-          $(cat "$RES/shard$i.txt") >"$RES/gpu_tests_shard$i.txt" 2>&1 &
+          -o faulthandler_timeout="${TEST_DUMP_AFTER:-100}" $(cat "$RES/shard$i.txt") >"$RES/gpu_tests_shard$i.txt" 2>&1 &
         pids+=($!)
       done
       set +f; wait "${pids[@]}"

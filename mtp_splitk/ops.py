@@ -102,11 +102,12 @@ def clear_cache() -> None:
 
 # Validation and planning depend only on shapes, dtypes and settings, and a
 # model makes the same few calls every step: their outcome is cached under one
-# flat tuple of those, hashed once per call. A patched matmul then costs the
-# host ~1 µs more than MLX's own (nested signatures in an lru_cache cost
-# ~4.5 µs, the uncached checks tens of µs), and a decode step makes a few
-# hundred calls. One device at a time (the planner's object, by identity);
-# errors are not cached.
+# flat tuple of those, hashed once per call. A patched layer call that MLX
+# takes then costs the host ~2.5 µs more than MLX's own (nested signatures in
+# lru_caches cost ~3 µs more, the uncached checks tens of µs;
+# benchmarks/host/host_cost.md), and a decode step makes a few hundred calls.
+# One device at a time (the planner's object, by identity); errors are not
+# cached.
 _calls = {}
 _calls_device = [None]
 _MAX_CALLS = 4096

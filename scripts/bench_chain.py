@@ -5,7 +5,7 @@ previous op's output, ours against MLX's, on Llama-3-8B's MLP shapes.
 scripts/bench_kernels.py times a batch of independent ops, so one op's host
 work overlaps the previous op's GPU work and the ratio it reports is that of
 max(host, GPU). In a decode step every matmul waits for the one before, and
-at M = 1 the end-to-end run disagreed with it (benchmarks/h200/e2e). This
+at M = 1 the end-to-end run disagreed with it (benchmarks/h200/e2e_run5). This
 times, per op, at M = 1, 2, 4, 8:
   chain   a chain of 64 dependent ops (up 14336x4096, down 4096x14336,
           alternating, 16 weight copies: past the L2), built and evaluated;

@@ -182,10 +182,11 @@ def tuning_table(rows, warps_k, depths, row_tiles, meta):
     by_key = {}
     for r in rows:
         by_key.setdefault(f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}", []).append(r)
-    m_range = {key: planner.winning_range((r["M"], r["speedup"], r["M"]) for r in rs) for key, rs in by_key.items()}
+    m_range = {key: planner.winning_range((r["M"], r["speedup"], r["M"]) for r in rs)
+               for key, rs in by_key.items()}
     return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP, warps_k=warps_k, depth=depths, row_tiles=row_tiles,
-                m_range=m_range)
+                min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP,
+                warps_k=warps_k, depth=depths, row_tiles=row_tiles, m_range=m_range)
 
 
 def retune(src, out):

@@ -92,7 +92,10 @@ for step in "$@"; do
         | tee "$RES/bench_chain.log" | tail -6 ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
-      timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none --section SpeedOfLight --section Occupancy \
+      # Only the matmul kernels: the random-weight set-up kernels took most of the
+      # first profile's time limit.
+      timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" \
+        --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
         python3 scripts/profile_kernel.py 2>&1 | tail -5
       python3 scripts/profile_kernel.py --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Launch a few split-K variants and MLX's own op for Nsight Compute.
 
-  ncu --clock-control none --section SpeedOfLight --section Occupancy \
+  ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --csv --log-file ncu.csv \
       python scripts/profile_kernel.py
   python scripts/profile_kernel.py --summarize ncu.csv
@@ -36,7 +36,7 @@ def main():
     from mtp_splitk import launch, plan as planner
 
     configs = []
-    for N, K in ((14336, 4096), (4096, 4096)):
+    for N, K in ((14336, 4096), (4096, 4096), (2048, 768)):
         w = (mx.random.normal((N, K)) * 0.02).astype(mx.bfloat16)
         wq, s, b = mx.quantize(w, 64, 4)
         for M in (1, 8):
@@ -45,6 +45,8 @@ def main():
             mx.eval(mx.quantized_matmul(x, wq, s, b))
             configs.append(f"mlx {N}x{K} M={M}")
             for wk, depth, rt in ((2, 1, 1), (4, 2, 1), (4, 2, 2), (8, 2, 2)):
+                if wk > -(-K // planner.K_PER_CHUNK):
+                    continue  # more warps than K has chunks
                 plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, planner.token_tiles_for(M), depth, rt)
                 mx.eval(launch.dense(plan, x, wq, s, b))
                 configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth} rt={rt}")

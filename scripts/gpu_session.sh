@@ -97,7 +97,7 @@ for step in "$@"; do
       timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" \
         --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
-        python3 scripts/profile_kernel.py 2>&1 | tail -5
+        python3 scripts/profile_kernel.py 2>&1 | tee "$RES/profile_run.log" | tail -5
       python3 scripts/profile_kernel.py --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac

@@ -60,7 +60,7 @@ def call(x, w, s, b, idx, mode, bits, group_size, sorted_indices, warps=2, poiso
 
 
 @pytest.mark.parametrize("mode,bits,group_size", MODES)
-@pytest.mark.parametrize("E,top_k", [(8, 2), (128, 8), (512, 4)])
+@pytest.mark.parametrize("E,top_k", [(8, 2), (128, 8), (512, 4), (16, 1)])
 def test_unsorted_matches_reference(mode, bits, group_size, E, top_k):
     N, K = 200, 544 if group_size <= 32 else 640
     w, s, b = experts(E, N, K, mode, bits, group_size, seed=E + bits)

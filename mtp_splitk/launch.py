@@ -159,6 +159,12 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
     )[0]
 
 
+@lru_cache(maxsize=4096)
+def _gather_template(plan: Plan, dtype, scales_dtype, x_div: int):
+    # Built once per plan, like _cuda_launch's: the grid depends on the call.
+    return _template(plan, dtype, scales_dtype) + [("XDIV", x_div)]
+
+
 def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
     """y (P, N): pair p multiplies x row p // x_div by expert idx[p]."""
     P = idx.size
@@ -169,7 +175,7 @@ def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx
     inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
     return _gather_kernel(plan)(
         inputs=inputs,
-        template=_template(plan, x.dtype, scales.dtype) + [("XDIV", x_div)],
+        template=_gather_template(plan, x.dtype, scales.dtype, x_div),
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(P, plan.N)],

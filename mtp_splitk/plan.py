@@ -139,9 +139,9 @@ MIN_SPEEDUP = 1.2
 # benchmark flatters ours. On the H200, Llama-3-8B's MLP shapes measured
 # 1.25x MLX per op at M = 1, yet inside the model the MLP ran 1.33x slower
 # (7.0 -> 9.4 ms per forward; plain decode 0.61x), while the LM head measured
-# 1.93x per op and ran 1.46x faster (0.41 -> 0.28 ms; benchmarks/h200/
-# e2e_run5/llama, breakdown M=1). Any bar between the
-# two keeps the winner and drops the loser; 1.8 is near the winner's side.
+# 1.93x per op and ran 1.46x faster (0.41 -> 0.28 ms); see the M=1 breakdown
+# in benchmarks/h200/e2e_run5/llama. Any bar between the two keeps the winner
+# and drops the loser; 1.8 is near the winner's side.
 DECODE_MIN_SPEEDUP = 1.8
 
 

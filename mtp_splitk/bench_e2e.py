@@ -34,7 +34,6 @@ import platform
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -65,24 +64,6 @@ class Deadline:
 
     def passed(self) -> bool:
         return self.end is not None and time.monotonic() > self.end
-
-
-@contextmanager
-def patched(on: bool):
-    """The patch on or off for the block (the planner's auto policy)."""
-    with patch.enabled() if on else _unpatched():
-        yield
-
-
-@contextmanager
-def _unpatched():
-    was = patch.is_enabled()
-    patch.disable()
-    try:
-        yield
-    finally:
-        if was:
-            patch.enable()
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -304,12 +285,18 @@ class _CountingMx:
 
 
 class Results:
-    """The JSON document, rewritten after every measurement."""
+    """A benchmark's JSON document and its markdown (``render``, by default
+    this module's), rewritten after every measurement as <out>/<name>.json
+    and .md; with ``write=False`` (ranks other than 0) it stays in memory."""
 
-    def __init__(self, out: Path, meta: Dict):
+    def __init__(self, out: Path, meta: Dict, name: str = "bench_e2e", render=None, write: bool = True):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.render = render or markdown
+        self.write = write
         self.doc = {"meta": meta, "models": {}}
+        if write:
+            self.out.mkdir(parents=True, exist_ok=True)
 
     def put(self, model: str, section: str, key, value) -> None:
         value = json.loads(json.dumps(value))  # as it will read back (string keys)
@@ -317,10 +304,12 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        with open(self.out / "bench_e2e.json", "w") as f:
+        if not self.write:
+            return
+        with open(self.out / f"{self.name}.json", "w") as f:
             json.dump(self.doc, f, indent=1)
-        with open(self.out / "bench_e2e.md", "w") as f:
-            f.write(markdown(self.doc))
+        with open(self.out / f"{self.name}.md", "w") as f:
+            f.write(self.render(self.doc))
 
 
 def _strip(result: Dict) -> Dict:
@@ -385,7 +374,7 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     def acceptance(k, p):
         model, prompt = target()
         for label, on in STATES:
-            with patched(on):
+            with patch.enabled(on):
                 tokens, passes = reference(label, k)
                 drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k)
                 run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens), repeats,
@@ -400,13 +389,13 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     def verify():
         model, _ = target()
         for label, on in STATES:
-            with patched(on):
+            with patch.enabled(on):
                 results.put(name, "verify_ms", label, verify_latency(model, verify_ms, 64, 5))
 
     def parts(M):
         model, _ = target()
         for label, on in STATES:
-            with patched(on):
+            with patch.enabled(on):
                 results.put(name, "breakdown", f"{label} M={M}", breakdown(model, M, 64, 5))
 
     def draft(k, warmup):
@@ -416,7 +405,7 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
 
             loaded["draft"], _ = load(str(draft_path))
         for label, on in STATES:
-            with patched(on):
+            with patch.enabled(on):
                 run = median_run(
                     lambda: speculative_decode(model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens),
                     repeats, warmup=warmup)
@@ -461,7 +450,7 @@ def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List
     def speculate(k, warmup):
         model, head, prompt = target()
         for label, on in STATES:
-            with patched(on):
+            with patch.enabled(on):
                 run = median_run(lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens),
                                  repeats, warmup=warmup)
             run["matches_plain"] = run["tokens"] == plain_tokens[label]
@@ -479,7 +468,7 @@ def plain_both(name, model, prompt, results, max_tokens, repeats) -> Dict[str, L
     """Plain decode unpatched and patched, recorded; each state's tokens."""
     tokens = {}
     for label, on in STATES:
-        with patched(on):
+        with patch.enabled(on):
             run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
         tokens[label] = run["tokens"]
         results.put(name, "plain", label, _strip(run))

@@ -199,12 +199,12 @@ def disable() -> None:
 
 
 @contextlib.contextmanager
-def enabled():
-    """``with enabled():`` patches for the block, then restores the previous state."""
+def enabled(on: bool = True):
+    """``with enabled():`` patches for the block (``enabled(False)`` runs it
+    unpatched), then restores the previous state."""
     was_enabled = is_enabled()
-    enable()
+    (enable if on else disable)()
     try:
         yield
     finally:
-        if not was_enabled:
-            disable()
+        (enable if was_enabled else disable)()

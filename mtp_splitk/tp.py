@@ -85,9 +85,7 @@ def greedy_runs(
 
     out = {}
     for label, on in (("mlx", False), ("patched", True)):
-        was = patch.is_enabled()
-        _set_patch(on)
-        try:
+        with patch.enabled(on):
             runs = {
                 "plain": [int(t) for t, _ in generate_step(prompt, model, max_tokens=max_tokens)]
             }
@@ -100,8 +98,6 @@ def greedy_runs(
                     max_tokens=max_tokens,
                 )
                 runs[name] = [int(t) for t, _, _ in steps]
-        finally:
-            _set_patch(was)
         out[label] = runs
     return out
 
@@ -114,24 +110,13 @@ def probe_logits(model: nn.Module, prompt: mx.array, rows: Sequence[int]) -> Dic
 
     out = {}
     for label, on in (("mlx", False), ("patched", True)):
-        was = patch.is_enabled()
-        _set_patch(on)
-        try:
+        with patch.enabled(on):
             cache = make_prompt_cache(model)
             last = model(prompt[None], cache=cache)[0, -1:]
             verify = model(mx.array(rows)[None], cache=cache)[0]
             logits = mx.concatenate([last, verify]).astype(mx.float32)
             out[label] = logits.tolist()
-        finally:
-            _set_patch(was)
     return out
-
-
-def _set_patch(on: bool) -> None:
-    if on:
-        patch.enable()
-    else:
-        patch.disable()
 
 
 # -- launching ranks on this machine --------------------------------------------------------

@@ -28,7 +28,6 @@ layer's sum), so the deadline is agreed on by all ranks before each one.
 
 import argparse
 import gc
-import json
 import os
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
-from mtp_splitk import bench_e2e, plan, synthetic, tp  # noqa: E402
+from mtp_splitk import bench_e2e, patch, plan, synthetic, tp  # noqa: E402
 
 MODELS = {  # name: (family, size)
     "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b"),
@@ -49,33 +48,6 @@ SMOKE = ("qwen3_moe", {"bits": 4, "group_size": 32, "mode": "affine"})
 VERIFY_MS = tuple(range(1, 18))
 ACCEPTANCE = 0.8
 STATES = bench_e2e.STATES  # (("mlx", False), ("patched", True))
-
-
-class Results:
-    """The JSON document (rank 0 writes it), rewritten after every measurement."""
-
-    def __init__(self, out: Path, meta: dict, write: bool):
-        self.out = Path(out)
-        self.write = write
-        self.doc = {"meta": meta, "models": {}}
-        if write:
-            self.out.mkdir(parents=True, exist_ok=True)
-
-    def put(self, model: str, section: str, key, value) -> None:
-        value = json.loads(json.dumps(value))  # as it will read back (string keys)
-        self.doc["models"].setdefault(model, {}).setdefault(section, {})[str(key)] = value
-        self.save()
-
-    def get(self, model: str, section: str, key):
-        return self.doc["models"].get(model, {}).get(section, {}).get(str(key))
-
-    def save(self) -> None:
-        if not self.write:
-            return
-        with open(self.out / "bench_tp.json", "w") as f:
-            json.dump(self.doc, f, indent=1)
-        with open(self.out / "bench_tp.md", "w") as f:
-            f.write(markdown(self.doc))
 
 
 # -- measurements ---------------------------------------------------------------------------
@@ -95,15 +67,11 @@ def greedy(model, prompt, reference, k, max_tokens):
 
 
 def verify(model, Ms, reps):
-    return {
-        label: _with_patch(on, lambda: bench_e2e.verify_latency(model, Ms, 64, reps))
-        for label, on in STATES
-    }
-
-
-def _with_patch(on, fn):
-    with bench_e2e.patched(on):
-        return fn()
+    out = {}
+    for label, on in STATES:
+        with patch.enabled(on):
+            out[label] = bench_e2e.verify_latency(model, Ms, 64, reps)
+    return out
 
 
 def agreement(single: dict, sharded: dict) -> dict:
@@ -189,7 +157,7 @@ def _cache() -> Path:
     return cache_dir()
 
 
-def bench_model(args, group, results: Results, name: str, deadline: bench_e2e.Deadline):
+def bench_model(args, group, results: bench_e2e.Results, name: str, deadline: bench_e2e.Deadline):
     from mlx_lm import load
 
     k, Ms, max_tokens, reps = args.num_draft_tokens, args.verify_ms, args.max_tokens, args.repeats
@@ -328,7 +296,7 @@ def main(argv=None):
     meta = bench_e2e.device_meta()
     meta.update(ranks=group.size(), distributed=backend, smoke=args.smoke, repeats=args.repeats,
                 max_tokens=args.max_tokens, num_draft_tokens=args.num_draft_tokens)
-    results = Results(Path(args.out), meta, write=group.rank() == 0)
+    results = bench_e2e.Results(Path(args.out), meta, name="bench_tp", render=markdown, write=group.rank() == 0)
     deadline = bench_e2e.Deadline(args.deadline)
     for name in args.models.split(","):
         bench_model(args, group, results, name, deadline)

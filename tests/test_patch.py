@@ -119,6 +119,9 @@ def test_enabled_context_restores_the_previous_state():
     with mtp_splitk.enabled():
         pass
     assert patch.is_enabled()  # enabled before the block, still enabled after
+    with mtp_splitk.enabled(False):
+        assert not patch.is_enabled()  # enabled(False): the block runs unpatched
+    assert patch.is_enabled()  # and the patch comes back after it
     mtp_splitk.disable()
 
     with pytest.raises(RuntimeError):

@@ -6,6 +6,7 @@ The sources are read once, at import; MLX compiles one variant per template
 tuple (shape, mode, split, token tiles) on first use and caches it.
 """
 
+import hashlib
 import os
 from functools import lru_cache
 
@@ -53,6 +54,15 @@ def _strip_comments(source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kernel_name(kind: str, affine: bool, header: str, source: str) -> str:
+    """A name that changes with the kernel's text. MLX's CUDA backend caches
+    compiled kernels on disk by name alone (in $MLX_PTX_CACHE_DIR, else
+    <tmp>/mlx/<version>/ptx), so a fixed name would run the previous
+    version's binary after an upgrade of this package."""
+    digest = hashlib.sha1((header + source).encode()).hexdigest()[:10]
+    return f"mtp_splitk_{kind}_{'affine' if affine else 'fp'}_{digest}"
+
+
 @lru_cache(maxsize=None)
 def _cuda_kernel(affine: bool, shared_memory: int):
     # MLX fixes the dynamic shared memory per kernel object, hence one per size.
@@ -62,12 +72,13 @@ def _cuda_kernel(affine: bool, shared_memory: int):
         "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
         f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);"
     )
+    header = read_source("splitk_qmm.cu")
     return mx.fast.cuda_kernel(
-        name="mtp_splitk_qmm_affine" if affine else "mtp_splitk_qmm_fp",
+        name=kernel_name("qmm", affine, header, source),
         input_names=inputs,
         output_names=["y"],
         source=source,
-        header=read_source("splitk_qmm.cu"),
+        header=header,
         shared_memory=shared_memory,
     )
 
@@ -80,12 +91,13 @@ def _cuda_gather_kernel(affine: bool, shared_memory: int):
         "splitk_gather_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
         f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], XDIV);"
     )
+    header = read_source("splitk_qmm.cu")
     return mx.fast.cuda_kernel(
-        name="mtp_splitk_gather_affine" if affine else "mtp_splitk_gather_fp",
+        name=kernel_name("gather", affine, header, source),
         input_names=inputs,
         output_names=["y"],
         source=source,
-        header=read_source("splitk_qmm.cu"),
+        header=header,
         shared_memory=shared_memory,
     )
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .launch import _template, read_source
+from .launch import _template, kernel_name, read_source
 from .plan import Plan
 
 # Metal declares threadgroup memory in the kernel function itself (MLX's
@@ -48,13 +48,13 @@ def _metal_kernel(affine: bool, gather: bool):
     # The fp modes have no biases input; their (never read) biases argument is
     # the scales pointer, which keeps one pointer type and needs no nullptr.
     body = (_GATHER_BODY if gather else _DENSE_BODY).format(biases="biases" if affine else "scales")
-    kind = "gather" if gather else "qmm"
+    header = read_source("splitk_qmm.metal")
     return mx.fast.metal_kernel(
-        name=f"mtp_splitk_{kind}_{'affine' if affine else 'fp'}",
+        name=kernel_name("gather" if gather else "qmm", affine, header, body),
         input_names=_inputs(affine, gather),
         output_names=["y"],
         source=body,
-        header=read_source("splitk_qmm.metal"),
+        header=header,
         ensure_row_contiguous=True,
     )
 

@@ -16,7 +16,9 @@ TUNING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def main(key, kernels_dir, moe_dir=None):
     dense = os.path.join(kernels_dir, f"{key}.json")
     if not os.path.exists(dense):
-        print(f"no {dense}: nothing installed; the planner keeps every call on MLX's ops on this GPU")
+        committed = os.path.join(TUNING, f"{key}.json")
+        keeps = f"the committed {committed}" if os.path.exists(committed) else "no table: every call stays on MLX"
+        print(f"no {dense}: nothing installed; the planner keeps {keeps}")
         return 1
     table = json.load(open(dense))
     moe = os.path.join(moe_dir, f"{key}_moe.json") if moe_dir else None

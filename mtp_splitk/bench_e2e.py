@@ -128,13 +128,13 @@ def plain_decode(model, prompt: mx.array, max_tokens: int) -> Dict:
     }
 
 
-def speculative_decode(model, prompt: mx.array, drafter, k: int, max_tokens: int) -> Dict:
+def speculative_decode(model, prompt: mx.array, drafter, k: int, max_tokens: int, submit_every: int = 0) -> Dict:
     from .speculative import Stats, speculative_generate_step
 
     stats = Stats()
     times, tokens = [], []
     steps = speculative_generate_step(
-        prompt, model, drafter, num_draft_tokens=k, max_tokens=max_tokens, stats=stats
+        prompt, model, drafter, num_draft_tokens=k, max_tokens=max_tokens, stats=stats, submit_every=submit_every
     )
     for token, _, _ in steps:
         times.append(time.perf_counter())
@@ -323,8 +323,13 @@ Task = Tuple[str, Callable[[], None]]
 KEY = (4, 0.8)  # the (k, p) the issue's targets are stated at
 
 
+def _run_key(label: str, run: str, every: int) -> str:
+    # Runs that submit the verify pass in pieces are told apart by a suffix.
+    return f"{label} {run}" + (f" every={every}" if every else "")
+
+
 def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_tokens, draft_path,
-                verify_ms) -> Tuple[List[Task], List[Task]]:
+                verify_ms, submit_every=(0,)) -> Tuple[List[Task], List[Task]]:
     """(headline tasks, the rest) for one target model."""
     from .speculative import AcceptanceControlledDrafter, DraftModelDrafter
 
@@ -374,17 +379,18 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     def acceptance(k, p):
         model, prompt = target()
         for label, on in STATES:
-            with patch.enabled(on):
-                tokens, passes = reference(label, k)
-                drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k)
-                run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens), repeats,
-                                 warmup=False)
-                run["matmuls"] = matmul_census(model, k + 1) if on else None
-            # The loop reproduced the reference, so p is the acceptance it ran at.
-            run["matches_reference"] = run["tokens"] == tokens
-            run["matches_plain"] = run["tokens"] == plain_tokens[label]
-            run["reference_passes"] = passes
-            results.put(name, "acceptance", f"{label} p={p} k={k}", _strip(run))
+            for every in submit_every:
+                with patch.enabled(on):
+                    tokens, passes = reference(label, k)
+                    drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k)
+                    run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens, every),
+                                     repeats, warmup=False)
+                    run["matmuls"] = matmul_census(model, k + 1) if on else None
+                # The loop reproduced the reference, so p is the acceptance it ran at.
+                run["matches_reference"] = run["tokens"] == tokens
+                run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                run["reference_passes"] = passes
+                results.put(name, "acceptance", _run_key(label, f"p={p} k={k}", every), _strip(run))
 
     def verify():
         model, _ = target()
@@ -405,11 +411,13 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
 
             loaded["draft"], _ = load(str(draft_path))
         for label, on in STATES:
-            with patch.enabled(on):
-                run = median_run(
-                    lambda: speculative_decode(model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens),
-                    repeats, warmup=warmup)
-            results.put(name, "draft", f"{label} k={k}", _strip(run))
+            for every in submit_every:
+                with patch.enabled(on):
+                    run = median_run(
+                        lambda: speculative_decode(model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens,
+                                                   every),
+                        repeats, warmup=warmup)
+                results.put(name, "draft", _run_key(label, f"k={k}", every), _strip(run))
 
     grid = [(k, p) for k in draft_tokens for p in acceptances]
     key = KEY if KEY in grid else grid[0]
@@ -429,7 +437,7 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     return head, rest
 
 
-def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List[Task]:
+def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens, submit_every=(0,)) -> List[Task]:
     from . import mtp
     from .speculative import MTPDrafter
 
@@ -450,11 +458,13 @@ def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens) -> List
     def speculate(k, warmup):
         model, head, prompt = target()
         for label, on in STATES:
-            with patch.enabled(on):
-                run = median_run(lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens),
-                                 repeats, warmup=warmup)
-            run["matches_plain"] = run["tokens"] == plain_tokens[label]
-            results.put(name, "mtp", f"{label} k={k}", _strip(run))
+            for every in submit_every:
+                with patch.enabled(on):
+                    run = median_run(
+                        lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens, every),
+                        repeats, warmup=warmup)
+                run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                results.put(name, "mtp", _run_key(label, f"k={k}", every), _strip(run))
 
     return [(f"{name}: plain decode", plain)] + [
         (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0)) for i, k in enumerate(draft_tokens)
@@ -567,6 +577,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--acceptance", default=",".join(map(str, ACCEPTANCES)))
     parser.add_argument("--num-draft-tokens", default=",".join(map(str, DRAFT_TOKENS)))
+    parser.add_argument("--submit-every", default="0",
+                        help="comma-separated: run each speculative measurement submitting the verify pass "
+                             "every N decoder layers (0: whole; see speculative.layers_started_early)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds after which remaining measurements are skipped")
     parser.add_argument("--smoke", action="store_true",
@@ -577,6 +590,9 @@ def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
     acceptances = [float(v) for v in args.acceptance.split(",")]
     draft_tokens = [int(v) for v in args.num_draft_tokens.split(",")]
+    submit_every = tuple(int(v) for v in args.submit_every.split(","))
+    if any(v < 0 for v in submit_every):
+        raise ValueError("--submit-every values must be >= 0.")
     if not all(0.0 <= p <= 1.0 for p in acceptances) or not all(k >= 1 for k in draft_tokens):
         raise ValueError("--acceptance values must be in [0, 1] and --num-draft-tokens values >= 1.")
     names = [n for n in args.models.split(",") if n]
@@ -614,7 +630,8 @@ def run(args) -> Dict:
     if args.no_mtp:
         mtp_model = None
 
-    common = dict(max_tokens=args.max_tokens, repeats=args.repeats, draft_tokens=draft_tokens)
+    common = dict(max_tokens=args.max_tokens, repeats=args.repeats, draft_tokens=draft_tokens,
+                  submit_every=submit_every)
     heads, rests = [], []
     for name, target, draft in jobs:
         head, rest = model_tasks(name, target, results, acceptances=acceptances, draft_path=draft,

@@ -56,6 +56,7 @@ built by then, so this costs only the submission latency.
 
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple, Union
 
@@ -347,6 +348,57 @@ class Rollback:
             mx.eval([c.state for c in self.cache])
 
 
+class _Started:
+    """A decoder layer whose output is submitted to the device as soon as
+    its graph is built (see :func:`layers_started_early`)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, *args, **kwargs):
+        out = self.layer(*args, **kwargs)
+        arrays = [a for a in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(a, mx.array)]
+        mx.async_eval(arrays)
+        return out
+
+    def __getattr__(self, name):
+        # Models read attributes of their layers in the forward (sliding or
+        # linear-attention flags): those of the wrapped layer.
+        return getattr(self.layer, name)
+
+
+@contextmanager
+def layers_started_early(model: nn.Module, every: int):
+    """Within the block, every ``every``-th decoder layer of ``model``
+    submits its output as soon as its graph is built.
+
+    A verify pass must wait for the previous verdict, so its graph cannot be
+    built while the device runs the previous pass (plain decoding hides its
+    graph building that way). Submitting the pass in pieces lets the device
+    run the first layers while the host builds the rest. Values are
+    unchanged: only when the work is submitted. ``every <= 0``, or a model
+    without a ``layers`` list, leaves the model alone.
+    """
+    # The backbone's own list (a model's ``layers`` property may return a copy).
+    text = getattr(model, "language_model", model)
+    layers = getattr(getattr(text, "model", None), "layers", None)
+    if not isinstance(layers, list):
+        layers = getattr(model, "layers", None)
+    if every <= 0 or not isinstance(layers, list):
+        yield
+        return
+    # The last layer is left alone: the caller evaluates the whole pass.
+    chosen = [i for i in range(every - 1, len(layers) - 1, every)]
+    originals = [layers[i] for i in chosen]
+    for i in chosen:
+        layers[i] = _Started(layers[i])
+    try:
+        yield
+    finally:
+        for i, layer in zip(chosen, originals):
+            layers[i] = layer
+
+
 # -- drafters ------------------------------------------------------------------------------
 
 
@@ -618,6 +670,7 @@ def speculative_generate_step(
     quantized_kv_start: int = DEFAULT_QUANTIZED_KV_START,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     stats: Optional[Stats] = None,
+    submit_every: int = 0,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Speculative decoding with any :class:`Drafter`; see the module docstring.
 
@@ -641,6 +694,9 @@ def speculative_generate_step(
         prefill_step_size, kv_bits, kv_group_size, quantized_kv_start,
           prompt_progress_callback: as for ``mlx_lm.generate.generate_step``.
         stats: filled in as the generation runs.
+        submit_every: submit each verify pass to the device every this many
+          decoder layers, while its graph is still being built (see
+          :func:`layers_started_early`); 0 submits it whole.
 
     Yields:
         ``(token, logprobs, from_draft)``: ``logprobs`` is the target's (V,)
@@ -662,11 +718,12 @@ def speculative_generate_step(
 
     def forward(inputs: mx.array):
         """(L,) -> (logits (L, V), hidden (1, L, D) or None)."""
-        if parts is None:
-            logits, hidden = model(inputs[None], cache=cache), None
-        else:
-            hidden = parts.hidden(inputs[None], cache)
-            logits = parts.logits(hidden)
+        with layers_started_early(model, submit_every):
+            if parts is None:
+                logits, hidden = model(inputs[None], cache=cache), None
+            else:
+                hidden = parts.hidden(inputs[None], cache)
+                logits = parts.logits(hidden)
         maybe_quantize_kv_cache(cache, quantized_kv_start, kv_group_size, kv_bits)
         return logits[0], hidden
 

@@ -94,13 +94,13 @@ def plot_e2e(path, data):
         for label, style in (("mlx", "--"), ("patched", "-")):
             by_p = {}
             for key, r in runs.items():
-                state, p, k = key.split()
+                state, p, k, *every = key.split()  # "patched p=0.8 k=4 [every=4]"
                 if state == label:
-                    by_p.setdefault(p, []).append((int(k[2:]), r["tps"]))
-            for i, (p, pts) in enumerate(sorted(by_p.items())):
+                    by_p.setdefault((p, *every), []).append((int(k[2:]), r["tps"]))
+            for i, (series, pts) in enumerate(sorted(by_p.items())):
                 pts.sort()
                 ax.plot([k for k, _ in pts], [t for _, t in pts], style, marker="o", color=f"C{i}",
-                        label=f"{'patched' if label == 'patched' else 'unpatched'} {p}")
+                        label=f"{'patched' if label == 'patched' else 'unpatched'} {' '.join(series)}")
         for label, color in (("mlx", "gray"), ("patched", "black")):
             if label in m.get("plain", {}):
                 ax.axhline(m["plain"][label]["tps"], color=color, lw=0.8,

@@ -204,6 +204,52 @@ def test_rollback_is_exact(family, loaded):
         assert mx.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_5"])
+def test_submitting_verify_passes_in_pieces_changes_no_value(family, loaded, monkeypatch):
+    """submit_every starts layers early; the logprobs of every position and
+    the rollbacks are those of the pass submitted whole."""
+    from mtp_splitk import speculative
+
+    model, head, _ = loaded(family, float32=True)
+    expected = plain(model, n=24)
+    started = []
+    real_call = speculative._Started.__call__
+    monkeypatch.setattr(speculative._Started, "__call__",
+                        lambda self, *a, **k: (started.append(self.layer), real_call(self, *a, **k))[1])
+    layers_before = list(model.model.layers)
+    outs = {}
+    for every in (0, 1, 2):
+        started.clear()
+        drafter = AcceptanceControlledDrafter(tokens(expected), 0.5, VOCAB, seed=3)
+        stats = Stats()
+        outs[every] = speculate(model, drafter, n=24, num_draft_tokens=3, stats=stats, submit_every=every)
+        # Every `every`-th layer but the last, once per pass: one a step, and
+        # for hybrid models the passes that re-feed tokens after a rollback.
+        chosen = [layers_before[i] for i in range(every - 1, len(layers_before) - 1, every)] if every else []
+        passes = len(started) // len(chosen) if chosen else 0
+        assert started == chosen * passes
+        assert passes >= stats.steps if chosen else not started
+        assert stats.rejected > 0
+    assert [type(layer) for layer in model.model.layers] == [type(layer) for layer in layers_before]
+    assert all(a is b for a, b in zip(model.model.layers, layers_before))
+    for every in (1, 2):
+        assert tokens(outs[every]) == tokens(expected)
+        for (_, want, _), (_, got, _) in zip(outs[0], outs[every]):
+            assert mx.array_equal(got, want)
+
+
+def test_layers_started_early_leaves_other_models_alone():
+    from mtp_splitk.speculative import layers_started_early
+
+    class NoLayers:
+        pass
+
+    model = NoLayers()
+    with layers_started_early(model, 2):
+        pass
+    assert vars(model) == {}
+
+
 @pytest.mark.parametrize("family", HYBRID)
 def test_hybrid_draft_model_rolls_back_its_recurrent_state(family, loaded):
     model, _, _ = loaded(family)

@@ -18,6 +18,13 @@ mkdir -p "$RES" "$OUT"
 start=$(date +%s)
 log() { echo "=== $* ($(( $(date +%s) - start ))s)" | tee -a "$RES/session.log"; }
 pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; cp "$RES/session.log" "$OUT/" 2>/dev/null; }
+# MLX's CUDA backend keeps compiled kernels on disk by name (ours carry a
+# digest of their text). PTX_CARRY, a ptx.tgz from an earlier sitting on the
+# same MLX, skips compiling them again; this sitting's cache goes back in
+# $OUT/ptx.tgz.
+export MLX_PTX_CACHE_DIR=/tmp/ptx
+mkdir -p "$MLX_PTX_CACHE_DIR"
+[ -n "${PTX_CARRY:-}" ] && [ -f "$PTX_CARRY" ] && tar xzf "$PTX_CARRY" -C "$MLX_PTX_CACHE_DIR"
 device_key=$(python3 -c 'from mtp_splitk import plan; print(plan.tuning_key(plan.current_device().name))')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$RES/session.log"
 
@@ -103,4 +110,4 @@ for step in "$@"; do
   esac
   pack
 done
-log "end"; pack; ls -la "$OUT"
+log "end"; pack; tar czf "$OUT/ptx.tgz" -C "$MLX_PTX_CACHE_DIR" .; ls -la "$OUT"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [profile]
+#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [launch] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
@@ -97,6 +97,10 @@ for step in "$@"; do
       wait
       timeout "${CHAIN_TIMEOUT:-120}" python3 scripts/bench_chain.py --out "$RES/chain" 2>&1 \
         | tee "$RES/bench_chain.log" | tail -6 ;;
+    launch)
+      # Per-op overhead of custom kernels against MLX's ops (see the script).
+      timeout "${LAUNCH_TIMEOUT:-90}" python3 scripts/bench_launch.py --out "$RES/launch" 2>&1 \
+        | tee "$RES/bench_launch.log" | tail -10 ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
       # Only the matmul kernels: the random-weight set-up kernels took most of the

@@ -2,8 +2,10 @@
 
 """Build the split-K kernels from kernels/ and launch them for a Plan.
 
-The sources are read once, at import; MLX compiles one variant per template
-tuple (shape, mode, split, token tiles) on first use and caches it.
+The sources are read once; MLX compiles one variant per plan (mode, split,
+token tiles, dtypes) on first use and caches it. On CUDA each variant is its
+own kernel object whose body names the plan's constants, and whose header
+only #includes the kernel file: both keep MLX's per-call work small.
 """
 
 import hashlib
@@ -32,6 +34,7 @@ def _kernel_dir() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels")
 
 
+@lru_cache(maxsize=None)
 def read_source(name: str) -> str:
     """A kernel file with ``#include "quant_core.h"`` expanded (JIT compilers
     see no include path of ours)."""
@@ -63,42 +66,48 @@ def kernel_name(kind: str, affine: bool, header: str, source: str) -> str:
     return f"mtp_splitk_{kind}_{'affine' if affine else 'fp'}_{digest}"
 
 
-@lru_cache(maxsize=None)
-def _cuda_kernel(affine: bool, shared_memory: int):
-    # MLX fixes the dynamic shared memory per kernel object, hence one per size.
-    inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
-    biases = "biases" if affine else "(const uint8_t*)nullptr"
-    source = (
-        "splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
-        f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);"
-    )
-    header = read_source("splitk_qmm.cu")
-    return mx.fast.cuda_kernel(
-        name=kernel_name("qmm", affine, header, source),
-        input_names=inputs,
-        output_names=["y"],
-        source=source,
-        header=header,
-        shared_memory=shared_memory,
-    )
+# What mx.fast.cuda_kernel declares each dtype as in the kernel it generates.
+_CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.uint8: "uint8_t"}
 
 
 @lru_cache(maxsize=None)
-def _cuda_gather_kernel(affine: bool, shared_memory: int):
-    inputs = ["x", "w", "scales", "biases", "idx"] if affine else ["x", "w", "scales", "idx"]
-    biases = "biases" if affine else "(const uint8_t*)nullptr"
-    source = (
-        "splitk_gather_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>"
-        f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], XDIV);"
-    )
-    header = read_source("splitk_qmm.cu")
+def _cuda_header() -> str:
+    """The kernel file for NVRTC, by absolute path when that can be spelled in
+    an #include: MLX copies a kernel's header text into every call's
+    primitive, and the measured per-op cost grew with it (scripts/
+    bench_launch.py), so only the include line travels."""
+    path = os.path.join(_kernel_dir(), "splitk_qmm.cu").replace(os.sep, "/")
+    if os.path.isabs(path) and not any(c in path for c in '"\\\n'):
+        return f'#include "{path}"\n'
+    return read_source("splitk_qmm.cu")
+
+
+def _cuda_call(function: str, plan: Plan, dtype, scales_dtype) -> str:
+    """The body: one call of the kernel's function with the plan's constants
+    written in. MLX's template arguments cost time on every call (bench_launch)."""
+    values = []
+    for name, v in _template(plan, dtype, scales_dtype):
+        if isinstance(v, bool):
+            values.append("true" if v else "false")
+        elif isinstance(v, int):
+            values.append(str(v))
+        elif v in _CUDA_TYPES:
+            values.append(_CUDA_TYPES[v])
+        else:
+            raise ValueError(f"no CUDA type for {name} = {v}")
+    return f"{function}<{', '.join(values)}>"
+
+
+def _cuda_kernel(kind: str, plan: Plan, body: str, inputs):
+    # Our kernel text, not the include line, names it: an edit of the file
+    # must change the name (see kernel_name).
     return mx.fast.cuda_kernel(
-        name=kernel_name("gather", affine, header, source),
+        name=kernel_name(kind, plan.mode == "affine", read_source("splitk_qmm.cu"), body),
         input_names=inputs,
         output_names=["y"],
-        source=source,
-        header=header,
-        shared_memory=shared_memory,
+        source=body,
+        header=_cuda_header(),
+        shared_memory=_shared_memory(plan),  # fixed per kernel object by MLX
     )
 
 
@@ -126,13 +135,24 @@ def _shared_memory(plan: Plan) -> int:
 @lru_cache(maxsize=4096)
 def _cuda_launch(plan: Plan, dtype, scales_dtype):
     """Everything about a dense launch except the arrays, built once per plan."""
+    affine = plan.mode == "affine"
+    biases = "biases" if affine else "(const uint8_t*)nullptr"
+    body = (_cuda_call("splitk_qmm", plan, dtype, scales_dtype)
+            + f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);")
     threads = plan.warps_k * 32
-    return (
-        _cuda_kernel(plan.mode == "affine", _shared_memory(plan)),
-        _template(plan, dtype, scales_dtype),
-        (plan.blocks * threads, 1, 1),
-        (threads, 1, 1),
-    )
+    inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
+    return (_cuda_kernel("qmm", plan, body, inputs), None, (plan.blocks * threads, 1, 1), (threads, 1, 1))
+
+
+@lru_cache(maxsize=4096)
+def _cuda_gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
+    """The grouped kernel and its template (None) for a plan."""
+    affine = plan.mode == "affine"
+    biases = "biases" if affine else "(const uint8_t*)nullptr"
+    body = (_cuda_call("splitk_gather_qmm", plan, dtype, scales_dtype)
+            + f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], {x_div});")
+    inputs = ["x", "w", "scales", "biases", "idx"] if affine else ["x", "w", "scales", "idx"]
+    return _cuda_kernel("gather", plan, body, inputs), None
 
 
 def _dense_launch(plan: Plan, dtype, scales_dtype):
@@ -143,12 +163,12 @@ def _dense_launch(plan: Plan, dtype, scales_dtype):
     return dense_launch(plan, dtype, scales_dtype)
 
 
-def _gather_kernel(plan: Plan):
+def _gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     if plan.backend == "cuda":
-        return _cuda_gather_kernel(plan.mode == "affine", _shared_memory(plan))
-    from .launch_metal import gather_kernel
+        return _cuda_gather_launch(plan, dtype, scales_dtype, x_div)
+    from .launch_metal import gather_launch
 
-    return gather_kernel(plan)
+    return gather_launch(plan, dtype, scales_dtype, x_div)
 
 
 def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison=None) -> mx.array:
@@ -162,19 +182,13 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
     inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
     return kernel(
         inputs=inputs,
-        template=template,
+        template=template,  # None on CUDA: the constants are in the body
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=[(x.shape[0], plan.N)],
         output_dtypes=[x.dtype],
         init_value=poison,
     )[0]
-
-
-@lru_cache(maxsize=4096)
-def _gather_template(plan: Plan, dtype, scales_dtype, x_div: int):
-    # Built once per plan, like _cuda_launch's: the grid depends on the call.
-    return _template(plan, dtype, scales_dtype) + [("XDIV", x_div)]
 
 
 def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
@@ -185,9 +199,10 @@ def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx
     # (grids count threads on both backends).
     blocks = min(w.shape[0], P) * plan.blocks
     inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
-    return _gather_kernel(plan)(
+    kernel, template = _gather_launch(plan, x.dtype, scales.dtype, x_div)
+    return kernel(
         inputs=inputs,
-        template=_gather_template(plan, x.dtype, scales.dtype, x_div),
+        template=template,
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(P, plan.N)],

@@ -72,6 +72,8 @@ def dense_launch(plan: Plan, dtype, scales_dtype):
     )
 
 
-def gather_kernel(plan: Plan):
-    """The grouped kernel for a plan (launch.gather makes the call)."""
-    return _metal_kernel(plan.mode == "affine", True)
+@lru_cache(maxsize=4096)
+def gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
+    """The grouped kernel and its template for a plan (launch.gather makes
+    the call; the grid depends on the call)."""
+    return _metal_kernel(plan.mode == "affine", True), _template(plan, dtype, scales_dtype) + [("XDIV", x_div)]

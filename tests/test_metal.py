@@ -99,6 +99,7 @@ class Recorder:
 def _clear_caches():
     launch_metal._metal_kernel.cache_clear()
     launch_metal.dense_launch.cache_clear()
+    launch_metal.gather_launch.cache_clear()
 
 
 @pytest.fixture

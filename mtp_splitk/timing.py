@@ -39,3 +39,17 @@ def trivial_op_floor():
     s = mx.ones((16,))
     mx.eval(s)
     return median_time(lambda i: s + i, reps=20, batch=64)
+
+
+def median_call_us(fn, reps=15, warmup=3, per=1):
+    """Median µs of one ``fn()`` call (divided by ``per``, the ops it makes),
+    after warm-up: for chains of dependent ops (scripts/bench_chain.py,
+    bench_launch.py), where each call is its own measurement."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / per * 1e6

@@ -16,15 +16,14 @@ Usage: python scripts/bench_chain.py [--out DIR]
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
 from mtp_splitk import launch, plan as planner  # noqa: E402
+from mtp_splitk.timing import median_call_us as median_us  # noqa: E402
 
 UP, DOWN = (14336, 4096), (4096, 14336)
 COPIES = 8  # pairs: 8 x 2 x 29 MB, past the 50 MB L2
@@ -55,17 +54,6 @@ def chain(kind, x, weights):
     for i in range(LENGTH):
         x = op(kind, x, weights[i % len(weights)])
     return x
-
-
-def median_us(fn, reps=15, warmup=3, per=1):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / per * 1e6
 
 
 def main():

@@ -21,15 +21,14 @@ Usage: python scripts/bench_launch.py [--out DIR]
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mlx.core as mx  # noqa: E402
 
 from mtp_splitk import launch, plan as planner  # noqa: E402
+from mtp_splitk.timing import median_call_us  # noqa: E402
 
 LENGTH = 64
 D = 256
@@ -47,17 +46,6 @@ def custom(name, header="", template=None):
                       output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
 
     return op
-
-
-def median_us(fn, reps=21, warmup=3, per=LENGTH):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / per * 1e6
 
 
 def main():
@@ -90,7 +78,8 @@ def main():
             return v
 
         try:
-            row = {"op": name, "build": median_us(chain), "chain": median_us(lambda: mx.eval(chain()))}
+            row = {"op": name, "build": median_call_us(chain, reps=21, per=LENGTH),
+                   "chain": median_call_us(lambda: mx.eval(chain()), reps=21, per=LENGTH)}
         except Exception as e:  # the include variant may not compile
             print(f"{name:12s} failed: {str(e)[:300]}", flush=True)
             rows.append({"op": name, "error": str(e)[:2000]})

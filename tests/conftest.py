@@ -28,3 +28,26 @@ def _restore_patch_state():
     patch.disable()
     yield
     patch.disable()
+
+
+class KernelRecorder:
+    """Stands in for mx.fast.metal_kernel or mx.fast.cuda_kernel on the CPU:
+    keeps each kernel's arguments and each call's, and returns zeros."""
+
+    def __init__(self):
+        self.kernels = []
+        self.calls = []
+
+    def __call__(self, **spec):
+        self.kernels.append(spec)
+
+        def call(**kwargs):
+            self.calls.append(dict(kwargs, kernel=spec))
+            return [mx.zeros(s, d) for s, d in zip(kwargs["output_shapes"], kwargs["output_dtypes"])]
+
+        return call
+
+
+@pytest.fixture
+def kernel_recorder():
+    return KernelRecorder()

@@ -14,25 +14,9 @@ from mtp_splitk import launch, plan as planner
 from mtp_splitk.plan import Plan
 
 
-class Recorder:
-    """Stands in for mx.fast.cuda_kernel: keeps each kernel's arguments and each call's."""
-
-    def __init__(self):
-        self.kernels, self.calls = [], []
-
-    def __call__(self, **spec):
-        self.kernels.append(spec)
-
-        def call(**kwargs):
-            self.calls.append(dict(kwargs, kernel=spec))
-            return [mx.zeros(s, d) for s, d in zip(kwargs["output_shapes"], kwargs["output_dtypes"])]
-
-        return call
-
-
 @pytest.fixture
-def recorder(monkeypatch):
-    rec = Recorder()
+def recorder(monkeypatch, kernel_recorder):
+    rec = kernel_recorder
     monkeypatch.setattr(mx.fast, "cuda_kernel", rec)
     launch._cuda_launch.cache_clear()
     launch._cuda_gather_launch.cache_clear()

@@ -23,6 +23,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import KernelRecorder
+
 from mtp_splitk import gather_qmm, launch, launch_metal, plan as planner
 from mtp_splitk.plan import Plan
 
@@ -79,23 +81,6 @@ CUDA_ONLY = [r"__device__", r"__shared__", r"\basm\b", r"__syncthreads", r"\bthr
 NOT_MSL = [r"if\s+constexpr", r"\[&\]", r"\[=\]", r"\bgoto\b", r"\bnew\b", r"\bvirtual\b"]
 
 
-class Recorder:
-    """Stands in for mx.fast.metal_kernel: keeps each kernel's arguments and each call's."""
-
-    def __init__(self):
-        self.kernels = []
-        self.calls = []
-
-    def __call__(self, **spec):
-        self.kernels.append(spec)
-
-        def call(**kwargs):
-            self.calls.append(dict(kwargs, kernel=spec))
-            return [mx.zeros(s, d) for s, d in zip(kwargs["output_shapes"], kwargs["output_dtypes"])]
-
-        return call
-
-
 def _clear_caches():
     launch_metal._metal_kernel.cache_clear()
     launch_metal.dense_launch.cache_clear()
@@ -103,8 +88,8 @@ def _clear_caches():
 
 
 @pytest.fixture
-def recorder(monkeypatch):
-    rec = Recorder()
+def recorder(monkeypatch, kernel_recorder):
+    rec = kernel_recorder
     monkeypatch.setattr(mx.fast, "metal_kernel", rec)
     _clear_caches()
     yield rec
@@ -455,7 +440,7 @@ def _emulate(cases, workdir, flags=()):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not installed: the Metal kernel cannot be compiled through the C++ shim")
-    rec = Recorder()
+    rec = KernelRecorder()
     original = mx.fast.metal_kernel
     mx.fast.metal_kernel = rec
     _clear_caches()

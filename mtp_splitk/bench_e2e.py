@@ -379,18 +379,19 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
     def acceptance(k, p):
         model, prompt = target()
         for label, on in STATES:
-            for every in submit_every:
-                with patch.enabled(on):
-                    tokens, passes = reference(label, k)
+            with patch.enabled(on):
+                tokens, passes = reference(label, k)
+                census = matmul_census(model, k + 1) if on else None
+                for every in submit_every:
                     drafter = AcceptanceControlledDrafter(tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k)
                     run = median_run(lambda: speculative_decode(model, prompt, drafter, k, max_tokens, every),
                                      repeats, warmup=False)
-                    run["matmuls"] = matmul_census(model, k + 1) if on else None
-                # The loop reproduced the reference, so p is the acceptance it ran at.
-                run["matches_reference"] = run["tokens"] == tokens
-                run["matches_plain"] = run["tokens"] == plain_tokens[label]
-                run["reference_passes"] = passes
-                results.put(name, "acceptance", _run_key(label, f"p={p} k={k}", every), _strip(run))
+                    run["matmuls"] = census
+                    # The loop reproduced the reference, so p is the acceptance it ran at.
+                    run["matches_reference"] = run["tokens"] == tokens
+                    run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                    run["reference_passes"] = passes
+                    results.put(name, "acceptance", _run_key(label, f"p={p} k={k}", every), _strip(run))
 
     def verify():
         model, _ = target()
@@ -411,13 +412,13 @@ def model_tasks(name, path, results, *, max_tokens, repeats, acceptances, draft_
 
             loaded["draft"], _ = load(str(draft_path))
         for label, on in STATES:
-            for every in submit_every:
-                with patch.enabled(on):
+            with patch.enabled(on):
+                for every in submit_every:
                     run = median_run(
                         lambda: speculative_decode(model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens,
                                                    every),
                         repeats, warmup=warmup)
-                results.put(name, "draft", _run_key(label, f"k={k}", every), _strip(run))
+                    results.put(name, "draft", _run_key(label, f"k={k}", every), _strip(run))
 
     grid = [(k, p) for k in draft_tokens for p in acceptances]
     key = KEY if KEY in grid else grid[0]
@@ -458,13 +459,13 @@ def mtp_tasks(name, path, results, *, max_tokens, repeats, draft_tokens, submit_
     def speculate(k, warmup):
         model, head, prompt = target()
         for label, on in STATES:
-            for every in submit_every:
-                with patch.enabled(on):
+            with patch.enabled(on):
+                for every in submit_every:
                     run = median_run(
                         lambda: speculative_decode(model, prompt, MTPDrafter(model, head), k, max_tokens, every),
                         repeats, warmup=warmup)
-                run["matches_plain"] = run["tokens"] == plain_tokens[label]
-                results.put(name, "mtp", _run_key(label, f"k={k}", every), _strip(run))
+                    run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                    results.put(name, "mtp", _run_key(label, f"k={k}", every), _strip(run))
 
     return [(f"{name}: plain decode", plain)] + [
         (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0)) for i, k in enumerate(draft_tokens)

@@ -66,6 +66,12 @@ def kernel_name(kind: str, affine: bool, header: str, source: str) -> str:
     return f"mtp_splitk_{kind}_{'affine' if affine else 'fp'}_{digest}"
 
 
+def input_names(affine: bool, gather: bool):
+    """The kernels' inputs, on both backends: the fp modes have no biases."""
+    names = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
+    return names + ["idx"] if gather else names
+
+
 # What mx.fast.cuda_kernel declares each dtype as in the kernel it generates.
 _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.uint8: "uint8_t"}
 
@@ -98,12 +104,13 @@ def _cuda_call(function: str, plan: Plan, dtype, scales_dtype) -> str:
     return f"{function}<{', '.join(values)}>"
 
 
-def _cuda_kernel(kind: str, plan: Plan, body: str, inputs):
+def _cuda_kernel(kind: str, plan: Plan, body: str):
     # Our kernel text, not the include line, names it: an edit of the file
     # must change the name (see kernel_name).
+    affine = plan.mode == "affine"
     return mx.fast.cuda_kernel(
-        name=kernel_name(kind, plan.mode == "affine", read_source("splitk_qmm.cu"), body),
-        input_names=inputs,
+        name=kernel_name(kind, affine, read_source("splitk_qmm.cu"), body),
+        input_names=input_names(affine, kind == "gather"),
         output_names=["y"],
         source=body,
         header=_cuda_header(),
@@ -140,8 +147,7 @@ def _cuda_launch(plan: Plan, dtype, scales_dtype):
     body = (_cuda_call("splitk_qmm", plan, dtype, scales_dtype)
             + f"(x, w, scales, {biases}, y, x_shape[0], w_shape[0], x_shape[1]);")
     threads = plan.warps_k * 32
-    inputs = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
-    return (_cuda_kernel("qmm", plan, body, inputs), None, (plan.blocks * threads, 1, 1), (threads, 1, 1))
+    return (_cuda_kernel("qmm", plan, body), None, (plan.blocks * threads, 1, 1), (threads, 1, 1))
 
 
 @lru_cache(maxsize=4096)
@@ -151,8 +157,7 @@ def _cuda_gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     biases = "biases" if affine else "(const uint8_t*)nullptr"
     body = (_cuda_call("splitk_gather_qmm", plan, dtype, scales_dtype)
             + f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], {x_div});")
-    inputs = ["x", "w", "scales", "biases", "idx"] if affine else ["x", "w", "scales", "idx"]
-    return _cuda_kernel("gather", plan, body, inputs), None
+    return _cuda_kernel("gather", plan, body), None
 
 
 def _dense_launch(plan: Plan, dtype, scales_dtype):

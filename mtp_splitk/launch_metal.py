@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .launch import _template, kernel_name, read_source
+from .launch import _template, input_names, kernel_name, read_source
 from .plan import Plan
 
 # Metal declares threadgroup memory in the kernel function itself (MLX's
@@ -38,11 +38,6 @@ splitk_gather_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
 """
 
 
-def _inputs(affine: bool, gather: bool):
-    names = ["x", "w", "scales", "biases"] if affine else ["x", "w", "scales"]
-    return names + ["idx"] if gather else names
-
-
 @lru_cache(maxsize=None)
 def _metal_kernel(affine: bool, gather: bool):
     # The fp modes have no biases input; their (never read) biases argument is
@@ -51,7 +46,7 @@ def _metal_kernel(affine: bool, gather: bool):
     header = read_source("splitk_qmm.metal")
     return mx.fast.metal_kernel(
         name=kernel_name("gather" if gather else "qmm", affine, header, body),
-        input_names=_inputs(affine, gather),
+        input_names=input_names(affine, gather),
         output_names=["y"],
         source=body,
         header=header,

@@ -392,7 +392,7 @@ def layers_started_early(model: nn.Module, every: int):
         yield
         return
     # The last layer is left alone: the caller evaluates the whole pass.
-    chosen = [i for i in range(every - 1, len(layers) - 1, every)]
+    chosen = list(range(every - 1, len(layers) - 1, every))
     originals = [layers[i] for i in chosen]
     for i in chosen:
         layers[i] = _Started(layers[i])

@@ -432,9 +432,9 @@ def lazy_model(config: dict, quantization: Optional[dict] = None):
     the config with mlx-lm's ``quantization`` entries added.
     """
     from mlx_lm.convert import MODEL_CONVERSION_DTYPES
-    from mlx_lm.utils import _get_classes
+    from .compat import get_classes
 
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = get_classes(config)
     model = model_class(args_class.from_dict(copy.deepcopy(config)))
 
     # Cast floating parameters to the checkpoint dtype, as convert does.

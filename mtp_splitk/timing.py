@@ -44,7 +44,7 @@ def trivial_op_floor():
 def median_call_us(fn, reps=15, warmup=3, per=1):
     """Median µs of one ``fn()`` call (divided by ``per``, the ops it makes),
     after warm-up: for chains of dependent ops (scripts/bench_chain.py,
-    bench_launch.py), where each call is its own measurement."""
+    scripts/bench_launch.py), where each call is its own measurement."""
     for _ in range(warmup):
         fn()
     times = []

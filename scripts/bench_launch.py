@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mlx.core as mx  # noqa: E402
 
 from mtp_splitk import launch, plan as planner  # noqa: E402
+from mtp_splitk.launch import common  # noqa: E402
 from mtp_splitk.timing import median_call_us  # noqa: E402
 
 LENGTH = 64
@@ -59,14 +60,14 @@ def main():
     w, s, b = mx.quantize(mx.random.normal((D, D)).astype(mx.bfloat16) * 0.02, 64, 4)
     mx.eval(x, w, s, b)
     plan = planner.Plan("cuda", "affine", 4, 64, D, D, 2, 1, 1, 1)
-    template = launch._template(plan, mx.bfloat16, mx.bfloat16)
+    template = common.template(plan, mx.bfloat16, mx.bfloat16)
     ops = {
         "mlx_add": lambda v: v + 1,
         "mlx_qmm": lambda v: mx.quantized_matmul(v, w, s, b, True, 64, 4),
         "tiny": custom("bench_tiny"),
         "tiny_tmpl": custom("bench_tiny_tmpl", template=template),
         "big_header": custom("bench_big_header", header=launch.read_source("splitk_qmm.cu")),
-        "include": custom("bench_include", header=f'#include "{launch._kernel_dir()}/splitk_qmm.cu"\n'),
+        "include": custom("bench_include", header=f'#include "{common.kernel_dir()}/splitk_qmm.cu"\n'),
         "ours": lambda v: launch.dense(plan, v, w, s, b),
     }
     rows = []

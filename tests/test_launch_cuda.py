@@ -1,6 +1,6 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""What launch.py hands mx.fast.cuda_kernel (recorded on the CPU), and that
+"""What mtp_splitk.launch hands mx.fast.cuda_kernel (recorded on the CPU), and that
 the text it hands over compiles (with nvcc, where this machine has one)."""
 
 import os
@@ -11,6 +11,7 @@ import mlx.core as mx
 import pytest
 
 from mtp_splitk import launch, plan as planner
+from mtp_splitk.launch import common, cuda
 from mtp_splitk.plan import Plan
 
 
@@ -18,11 +19,11 @@ from mtp_splitk.plan import Plan
 def recorder(monkeypatch, kernel_recorder):
     rec = kernel_recorder
     monkeypatch.setattr(mx.fast, "cuda_kernel", rec)
-    launch._cuda_launch.cache_clear()
-    launch._cuda_gather_launch.cache_clear()
+    cuda.dense_launch.cache_clear()
+    cuda.gather_launch.cache_clear()
     yield rec
-    launch._cuda_launch.cache_clear()
-    launch._cuda_gather_launch.cache_clear()
+    cuda.dense_launch.cache_clear()
+    cuda.gather_launch.cache_clear()
 
 
 def cuda_plan(M, N, K, mode="affine", bits=4, group_size=64, warps=2, depth=1, row_tiles=1):
@@ -45,7 +46,7 @@ def test_dense_kernel_carries_the_plan_in_its_body(recorder):
     assert kernel["source"] == ("splitk_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 2>"
                                 "(x, w, scales, biases, y, x_shape[0], w_shape[0], x_shape[1]);")
     # Only an include of the kernel file travels with every call.
-    path = os.path.join(launch._kernel_dir(), "splitk_qmm.cu")
+    path = os.path.join(common.kernel_dir(), "splitk_qmm.cu")
     assert kernel["header"] == f'#include "{path}"\n'
     assert kernel["name"].startswith("mtp_splitk_qmm_affine_")
     assert kernel["shared_memory"] == 2 * 1 * 1 * 32 * 16
@@ -87,12 +88,12 @@ def test_gather_kernel_bakes_in_the_row_divisor(recorder):
 
 def test_a_dtype_without_a_cuda_type_is_an_error(recorder):
     with pytest.raises(ValueError, match="no CUDA type"):
-        launch._cuda_call("splitk_qmm", cuda_plan(1, 16, 128), mx.int32, mx.int32)
+        cuda._cuda_call("splitk_qmm", cuda_plan(1, 16, 128), mx.int32, mx.int32)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on this machine's PATH")
 def test_generated_kernels_compile_with_nvcc(recorder, tmp_path):
-    """The include header and bodies as launch.py writes them, inside a
+    """The include header and bodies as mtp_splitk.launch writes them, inside a
     wrapper shaped like the one mx.fast.cuda_kernel generates."""
     wq, s, b = quantized((40, 256))
     x = mx.random.normal((5, 256)).astype(mx.bfloat16)

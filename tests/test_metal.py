@@ -25,7 +25,8 @@ import pytest
 
 from conftest import KernelRecorder
 
-from mtp_splitk import gather_qmm, launch, launch_metal, plan as planner
+from mtp_splitk import gather_qmm, launch, plan as planner
+from mtp_splitk.launch import common, metal as launch_metal
 from mtp_splitk.plan import Plan
 
 SHIM_DIR = os.path.join(os.path.dirname(__file__), "metal_shim")
@@ -223,8 +224,8 @@ def test_source_is_metal_and_holds_the_shared_core():
         for pattern in CUDA_ONLY + NOT_MSL:
             assert not re.search(pattern, text), pattern
     # quant_core.h pasted in, once, comments stripped like the rest.
-    with open(os.path.join(launch._kernel_dir(), "quant_core.h")) as f:
-        core = launch._strip_comments(f.read())
+    with open(os.path.join(common.kernel_dir(), "quant_core.h")) as f:
+        core = common._strip_comments(f.read())
     assert core.strip() in header
     assert header.count("QC_FN float qc_e2m1_to_float") == 1
     assert "#include \"quant_core.h\"" not in header

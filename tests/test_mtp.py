@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step as plain_generate_step
 
 from mtp_splitk import synthetic
+from mtp_splitk.compat import get_classes
 from mtp_splitk.mtp import (
     MTP_SHARD,
     TargetParts,
@@ -96,7 +97,7 @@ def test_stored_keys_follow_the_reference_layout(family):
     # Every key is one mlx-lm's sanitize treats as MTP (so the target loads).
     module = model_module(config)
     fam = family_for(module)
-    model_class, args_class = mlx_lm.utils._get_classes(config)
+    model_class, args_class = get_classes(config)
     args = model_text_args(model_class(args_class.from_dict(config)))
     assert all(fam.is_mtp_key(k, args) for k in keys)
 
@@ -104,7 +105,7 @@ def test_stored_keys_follow_the_reference_layout(family):
 def float_head(family):
     config = config_for(family, None)
     module = model_module(config)
-    model_class, args_class = mlx_lm.utils._get_classes(config)
+    model_class, args_class = get_classes(config)
     args = model_text_args(model_class(args_class.from_dict(config)))
     head = family_for(module).build(module, args)
     head.set_dtype(mx.float32)
@@ -248,7 +249,7 @@ def test_raw_qwen3_next_tensors_are_stacked_and_norms_shifted():
     config = config_for("qwen3_next", None)
     module = model_module(config)
     family = family_for(module)
-    model_class, args_class = mlx_lm.utils._get_classes(config)
+    model_class, args_class = get_classes(config)
     args = model_text_args(model_class(args_class.from_dict(config)))
     converted = {
         k[len("mtp.") :]: v for k, v in mtp_weights(config, dtype=mx.float32).items()
@@ -278,7 +279,7 @@ def test_raw_deepseek_tensors_go_through_the_familys_sanitize():
     config = config_for("deepseek_v3", None)
     module = model_module(config)
     family = family_for(module)
-    model_class, args_class = mlx_lm.utils._get_classes(config)
+    model_class, args_class = get_classes(config)
     args = model_text_args(model_class(args_class.from_dict(config)))
     raw = {}
     for k, v in mtp_weights(config, dtype=mx.float32).items():

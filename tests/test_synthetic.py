@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import mla, switch_layers
-from mlx_lm.utils import _get_classes, get_total_parameters
+from mlx_lm.utils import get_total_parameters
+
+from mtp_splitk.compat import get_classes
 
 from mtp_splitk import synthetic
 
@@ -272,7 +274,7 @@ def test_pair_shares_weights_and_tokenizer(tmp_path):
 
 def test_lazy_model_matches_config_classes():
     config = synthetic.model_config("deepseek_v3", "small")
-    model_class, _ = _get_classes(config)
+    model_class, _ = get_classes(config)
     model, qconfig = synthetic.lazy_model(config, synthetic.DEFAULT_QUANTIZATION)
     assert type(model) is model_class
     assert qconfig["quantization"]["bits"] == 4

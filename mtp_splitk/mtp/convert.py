@@ -30,13 +30,13 @@ from mlx_lm.convert import (
 )
 from mlx_lm.convert import convert as mlx_lm_convert
 from mlx_lm.utils import (
-    _get_classes,
     load_config,
     load_model,
     save_config,
     upload_to_hub,
 )
 
+from ..compat import get_classes
 from .families import family_for, model_module, model_text_args
 from .loading import (
     MTP_SHARD,
@@ -72,7 +72,7 @@ def convert(
     config = load_config(source)
     module = model_module(config)
     family = family_for(module)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = get_classes(config)
     # Lazy: only its args are read.
     args = model_text_args(model_class(args_class.from_dict(config)))
     source_weights = read_weights(source)

@@ -27,7 +27,7 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
+from ..compat import get_classes
 
 from .heads import DeepSeekMTP, MiMoMTP, MTPHead, QwenMTP
 
@@ -306,7 +306,7 @@ FAMILIES = (DeepSeekFamily(), QwenFamily(), MiMoFamily())
 
 def model_module(config: dict):
     """The mlx-lm module (``mlx_lm.models.<type>``) that loads ``config``."""
-    model_class, _ = _get_classes(config)
+    model_class, _ = get_classes(config)
     return importlib.import_module(model_class.__module__)
 
 

@@ -32,13 +32,13 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
-    _get_classes,
     infer_quant_config,
     load_config,
     load_model,
     load_tokenizer,
 )
 
+from ..compat import get_classes
 from .families import Family, family_for, model_module, model_text_args
 from .heads import MTPHead
 
@@ -106,8 +106,8 @@ def _without_mtp():
     name and module so nothing downstream can tell.
     """
 
-    def get_classes(config):
-        model_class, args_class = _get_classes(config)
+    def classes(config):
+        model_class, args_class = get_classes(config)
         family = family_for(model_module(config))
 
         class Model(model_class):
@@ -123,7 +123,7 @@ def _without_mtp():
         Model.__module__ = model_class.__module__
         return Model, args_class
 
-    return get_classes
+    return classes
 
 
 def load(

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_lm.utils import _get_classes
+from ..compat import get_classes
 
 from .families import family_for, model_module, model_text_args
 from .loading import quantize_head, stored_tensors
@@ -48,7 +48,7 @@ def mtp_weights(
         stored key -> tensor, e.g. ``model.layers.2.eh_proj.weight`` for a
         two-layer DeepSeek-V3.
     """
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = get_classes(config)
     module = model_module(config)
     family = family_for(module)
     # Built only for its args and quant_predicate: MLX arrays are lazy, so the

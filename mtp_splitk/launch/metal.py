@@ -2,8 +2,8 @@
 
 """Launch the split-K kernels on Apple GPUs through mx.fast.metal_kernel.
 
-The Metal side of launch.py: the kernel objects for a Plan, with the CUDA
-path's template tuple, input names, grid and threadgroup; launch.dense and
+The kernel objects for a Plan, with the CUDA path's constants (as template
+arguments), input names, grid and threadgroup; launch.dense and
 launch.gather make the calls for both backends.
 kernels/splitk_qmm.metal has been compiled and run only as C++ on a Linux CPU
 (tests/test_metal.py); it has not been run on an Apple GPU.
@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .launch import _template, input_names, kernel_name, read_source
-from .plan import Plan
+from ..plan import Plan
+from .common import input_names, kernel_name, read_source, template
 
 # Metal declares threadgroup memory in the kernel function itself (MLX's
 # metal_kernel has no dynamic size), so the bodies declare it, sized from
@@ -61,7 +61,7 @@ def dense_launch(plan: Plan, dtype, scales_dtype):
     threads = plan.warps_k * 32
     return (
         _metal_kernel(plan.mode == "affine", False),
-        _template(plan, dtype, scales_dtype),
+        template(plan, dtype, scales_dtype),
         (plan.blocks * threads, 1, 1),  # MLX's Metal grid counts threads, not threadgroups
         (threads, 1, 1),
     )
@@ -71,4 +71,4 @@ def dense_launch(plan: Plan, dtype, scales_dtype):
 def gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     """The grouped kernel and its template for a plan (launch.gather makes
     the call; the grid depends on the call)."""
-    return _metal_kernel(plan.mode == "affine", True), _template(plan, dtype, scales_dtype) + [("XDIV", x_div)]
+    return _metal_kernel(plan.mode == "affine", True), template(plan, dtype, scales_dtype) + [("XDIV", x_div)]

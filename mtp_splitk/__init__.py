@@ -3,7 +3,7 @@
 """Split-K small-M quantized matmuls and MTP speculative decoding for mlx-lm."""
 
 from .ops import gather_qmm, quantized_matmul
-from .plan import set_split
+from .plan import set_split, split
 
 __version__ = "0.1.0"
 

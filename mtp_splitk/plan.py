@@ -12,6 +12,7 @@ that range excludes M = 1, decode and verify take different kernels and are
 equal only to rounding; ``set_split(n)`` forces the kernel for every M <= 64.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -291,3 +292,15 @@ def set_split(value: Optional[int]) -> None:
             f"split-K must be 'auto', 'off' or one of {', '.join(map(str, WARP_CHOICES))}; got {value}."
         )
     _forced = value
+
+
+@contextlib.contextmanager
+def split(value: Optional[int]):
+    """Within the block, the split policy is ``value`` (as for
+    :func:`set_split`); the previous policy comes back after it."""
+    previous = _forced
+    set_split(value)
+    try:
+        yield
+    finally:
+        set_split(previous)

@@ -30,13 +30,9 @@ from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from mtp_splitk import mtp
-from mtp_splitk.speculative import (
-    AcceptanceControlledDrafter,
-    MTPDrafter,
-    Stats,
-    make_distribution,
-    stream_generate,
-)
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.mtp import MTPDrafter
+from mtp_splitk.speculative import Stats, make_distribution, stream_generate
 
 
 def parse_args():
@@ -90,7 +86,7 @@ def compare(plain, spec):
 def main():
     args = parse_args()
     if args.model is None:
-        from mtp_splitk.mtp.synthetic import write_mtp_model
+        from mtp_splitk.synthetic import write_mtp_model
 
         path = Path(tempfile.mkdtemp()) / args.family
         print(

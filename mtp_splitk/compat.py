@@ -5,7 +5,11 @@
 An mlx-lm release that renames one breaks this module alone, and its tests.
 """
 
+from mlx_lm.models.cache import _BaseCache
 from mlx_lm.utils import _get_classes
+
+#: The base class of mlx-lm's caches (defaults for state, trim, ...).
+BaseCache = _BaseCache
 
 
 def get_classes(config: dict):

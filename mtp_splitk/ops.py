@@ -4,15 +4,25 @@
 
 Each op validates its inputs (a ValueError that names the problem, never a
 wrong number), asks the planner whether a split-K kernel is the right call,
-and otherwise hands the call to MLX unchanged.
+and otherwise hands the call to MLX unchanged. A call the kernel takes keeps
+MLX's derivatives: ``mx.grad`` / ``mx.vjp`` / ``mx.jvp`` use MLX's own op's
+(see :func:`_kernel_op`). :func:`recording` lists the calls and their plans.
 """
 
+import contextlib
 import math
-from typing import Optional
+import threading
+from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
 from . import launch, plan as planner
+from .plan import Plan
+
+# MLX's ops, bound once: after `mx.quantized_matmul = quantized_matmul` (a global
+# swap) the fallback must still reach MLX's op, not this one.
+_mlx_quantized_matmul = mx.quantized_matmul
+_mlx_gather_qmm = mx.gather_qmm
 
 # (group sizes, bits) MLX accepts per mode, and its defaults (first entries).
 MODES = {
@@ -22,6 +32,41 @@ MODES = {
     "nvfp4": ((16,), (4,)),
 }
 FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
+
+
+class Call(NamedTuple):
+    """One op call seen by :func:`recording`: rows M of the result, its
+    columns N, the reduction K, and the kernel's Plan (None: MLX's op)."""
+
+    op: str  # "quantized_matmul" or "gather_qmm"
+    M: int
+    N: int
+    K: int
+    plan: Optional[Plan]
+
+
+_recording = None  # the lists of the open recording() blocks, or None
+_recording_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def recording():
+    """``with recording() as calls:`` appends a :class:`Call` to ``calls``
+    for every op call in the block (any thread; nested blocks each see all)."""
+    global _recording
+    calls = []
+    with _recording_lock:
+        _recording = (*(_recording or ()), calls)
+    try:
+        yield calls
+    finally:
+        with _recording_lock:
+            _recording = tuple(c for c in _recording if c is not calls) or None
+
+
+def _record(call: Call) -> None:
+    for calls in _recording or ():
+        calls.append(call)
 
 
 def resolve_mode(mode: str, group_size: Optional[int], bits: Optional[int]):
@@ -96,21 +141,21 @@ def _check(x, w, scales, biases, transpose, group_size, bits, mode):
 
 def clear_cache() -> None:
     """Forget cached decisions (after changing what the planner reads, e.g.
-    a tuning table, or to watch the planner being asked)."""
+    a tuning table, or to watch the planner being asked), the patched
+    layers' too (they compare ``generation``)."""
+    global generation
     _calls.clear()
+    generation += 1
 
 
-# Validation and planning depend only on shapes, dtypes and settings, and a
-# model makes the same few calls every step: their outcome is cached under one
-# flat tuple of those, hashed once per call. A patched layer call that MLX
-# takes then costs the host ~2.5 µs more than MLX's own (nested signatures in
-# lru_caches cost ~3 µs more, the uncached checks tens of µs;
-# benchmarks/host/host_cost.md), and a decode step makes a few hundred calls.
-# One device at a time (the planner's object, by identity); errors are not
-# cached.
+# A model makes the same few calls every step, so validation and planning are
+# cached under one flat tuple of the call's shapes, dtypes and settings (nested
+# keys hash slower). One device at a time (the planner's object, by identity);
+# errors are not cached.
 _calls = {}
 _calls_device = [None]
 _MAX_CALLS = 4096
+generation = 0  # bumped by clear_cache: caches built on these decisions are stale
 
 
 def _cached(key, device, miss):
@@ -123,8 +168,51 @@ def _cached(key, device, miss):
     return found
 
 
+def _replace(values, positions, chosen):
+    values = list(values)
+    for i, value in zip(positions, chosen):
+        values[i] = value
+    return values
+
+
+def _kernel_op(forward, reference, constant):
+    """``forward`` (a kernel launch) as an op whose derivatives are those of
+    ``reference`` (MLX's op on the same arguments): a custom kernel has none.
+
+    The arguments at the positions in ``constant`` (packed weights, indices,
+    the scales of the fp modes), which MLX's op does not differentiate, get
+    zero cotangents. ``forward`` must stop gradients at x, so that ``mx.jvp``
+    reaches the jvp here without differentiating the kernel. (MLX's op has no
+    vmap, so neither has this one.)
+    """
+    op = mx.custom_function(forward)
+
+    @op.vjp
+    def vjp(primals, cotangent, output):
+        free = [i for i in range(len(primals)) if i not in constant]
+        _, grads = mx.vjp(
+            lambda *args: reference(*_replace(primals, free, args)),
+            [primals[i] for i in free],
+            [cotangent],
+        )
+        cotangents = [mx.zeros_like(p) if i in constant else None for i, p in enumerate(primals)]
+        return tuple(_replace(cotangents, free, grads))
+
+    @op.jvp
+    def jvp(primals, tangents):
+        moving = [i for i, t in enumerate(tangents) if t is not None]
+        _, (tangent,) = mx.jvp(
+            lambda *args: reference(*_replace(primals, moving, args)),
+            [primals[i] for i in moving],
+            [tangents[i] for i in moving],
+        )
+        return tangent
+
+    return op
+
+
 def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
-    """(N, K, M, group_size, bits, plan or None) for a quantized_matmul
+    """(N, K, M, plan or None, kernel op or None) for a quantized_matmul
     signature. ``split`` (plan.forced_split(), which plan_dense reads itself)
     and ``device`` are in the key because the plan depends on them."""
     group_size, bits = resolve_mode(mode, group_size, bits)
@@ -134,7 +222,19 @@ def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, 
     # The kernels read biases in the scales' type; MLX also takes mixed ones.
     if transpose and len(w[0]) == 2 and (biases is None or biases[1] == scales[1]):
         plan = planner.plan_dense(M, N, K, bits, group_size, mode, x[1], device)
-    return N, K, M, group_size, bits, plan
+    if plan is None:
+        return N, K, M, None, None
+    out_shape = (*x[0][:-1], N)
+
+    def forward(x, w, scales, biases=None):
+        x = mx.stop_gradient(x).reshape(M, K)
+        return launch.dense(plan, x, w, scales, biases).reshape(out_shape)
+
+    def reference(x, w, scales, biases=None):
+        return _mlx_quantized_matmul(x, w, scales, biases, True, group_size, bits, mode)
+
+    constant = (1,) if mode == "affine" else (1, 2)
+    return N, K, M, plan, _kernel_op(forward, reference, constant)
 
 
 def quantized_matmul(
@@ -153,16 +253,20 @@ def quantized_matmul(
     device, split = planner.current_device(), planner.forced_split()
     key = ("dense", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
            transpose, group_size, bits, mode, split)
-    N, K, M, group_size, bits, plan = _cached(key, device, lambda: _dense_call(
+    N, K, M, plan, kernel = _cached(key, device, lambda: _dense_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
         transpose, group_size, bits, mode, split, device,
     ))
-    if plan is None or stream is not None:
-        return mx.quantized_matmul(
+    if kernel is None or stream is not None:
+        y = _mlx_quantized_matmul(
             x, w, scales, biases, transpose, group_size, bits, mode, stream=stream
         )
-    y = launch.dense(plan, x.reshape(M, K), w, scales, biases)
-    return y.reshape(*x.shape[:-1], N)
+        plan = None
+    else:
+        y = kernel(x, w, scales) if biases is None else kernel(x, w, scales, biases)
+    if _recording is not None:
+        _record(Call("quantized_matmul", M, N, K, plan))
+    return y
 
 
 def gather_qmm(
@@ -185,43 +289,43 @@ def gather_qmm(
     device, split = planner.current_device(), planner.forced_split()
     key = ("gather", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
            _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
-           global_scale is not None, split)
-    group_size, bits, grouped = _cached(key, device, lambda: _gather_call(
+           global_scale is not None, sorted_indices, split)
+    N, K, group_size, bits, plan, kernel = _cached(key, device, lambda: _gather_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
         _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
-        global_scale is not None, split, device,
+        global_scale is not None, sorted_indices, split, device,
     ))
-    if grouped is not None and stream is None:
-        plan, x_div, out_shape = grouped
-        idx = rhs_indices.flatten()
-        if idx.dtype != mx.uint32:
-            idx = idx.astype(mx.uint32)
-        K = x.shape[-1]
-        return launch.gather(plan, x.reshape(-1, K), w, scales, biases, idx, x_div).reshape(out_shape)
-    kwargs = {} if global_scale is None else {"global_scale": global_scale}
-    return mx.gather_qmm(
-        x,
-        w,
-        scales,
-        biases,
-        lhs_indices,
-        rhs_indices,
-        transpose,
-        group_size,
-        bits,
-        mode,
-        sorted_indices=sorted_indices,
-        stream=stream,
-        **kwargs,
-    )
+    if kernel is not None and stream is None:
+        y = kernel(x, w, scales, rhs_indices) if biases is None else kernel(x, w, scales, biases, rhs_indices)
+    else:
+        kwargs = {} if global_scale is None else {"global_scale": global_scale}
+        y = _mlx_gather_qmm(
+            x,
+            w,
+            scales,
+            biases,
+            lhs_indices,
+            rhs_indices,
+            transpose,
+            group_size,
+            bits,
+            mode,
+            sorted_indices=sorted_indices,
+            stream=stream,
+            **kwargs,
+        )
+        plan = None
+    if _recording is not None:
+        _record(Call("gather_qmm", y.size // N if N else 0, N, K, plan))
+    return y
 
 
 def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mode, has_global_scale,
-                 split, device):
-    """(group_size, bits, (plan, x_div, output shape) or None) for a
+                 sorted_indices, split, device):
+    """(N, K, group_size, bits, plan or None, kernel op or None) for a
     gather_qmm signature; ``split`` and ``device`` as for _dense_call."""
     group_size, bits = resolve_mode(mode, group_size, bits)
-    _check(x, w, scales, biases, transpose, group_size, bits, mode)
+    N, K = _check(x, w, scales, biases, transpose, group_size, bits, mode)
     if has_global_scale and mode != "nvfp4":
         raise ValueError(f"global_scale is only used by mode 'nvfp4', not {mode!r}.")
     for name, idx in (("lhs_indices", lhs), ("rhs_indices", rhs)):
@@ -230,7 +334,27 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
     grouped = None
     if not has_global_scale and lhs is None and rhs is not None and (biases is None or biases[1] == scales[1]):
         grouped = _grouped(x, w, rhs[0], transpose, group_size, bits, mode, device)
-    return group_size, bits, grouped
+    if grouped is None:
+        return N, K, group_size, bits, None, None
+    plan, x_div, out_shape = grouped
+
+    def forward(x, w, scales, *rest):  # rest: [biases,] rhs_indices
+        *biases, idx = rest
+        idx = idx.flatten()
+        if idx.dtype != mx.uint32:
+            idx = idx.astype(mx.uint32)
+        x = mx.stop_gradient(x).reshape(-1, K)
+        y = launch.gather(plan, x, w, scales, biases[0] if biases else None, idx, x_div)
+        return y.reshape(out_shape)
+
+    def reference(x, w, scales, *rest):
+        *biases, idx = rest
+        return _mlx_gather_qmm(x, w, scales, biases[0] if biases else None, None, idx, True,
+                               group_size, bits, mode, sorted_indices=sorted_indices)
+
+    last = 3 if biases is None else 4  # the indices
+    constant = (1, last) if mode == "affine" else (1, 2, last)
+    return N, K, group_size, bits, plan, _kernel_op(forward, reference, constant)
 
 
 def _grouped(x, w, ishape, transpose, group_size, bits, mode, device):

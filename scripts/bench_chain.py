@@ -11,19 +11,17 @@ times, per op, at M = 1, 2, 4, 8:
           alternating, 16 weight copies: past the L2), built and evaluated;
   build   building that chain's graph alone (host, nothing evaluated);
   single  one op built, evaluated and waited for (host + dispatch + GPU).
-Usage: python scripts/bench_chain.py [--out DIR]
+Usage: python -m scripts.bench_chain [--out DIR]
 """
 import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
-
-from mtp_splitk import launch, plan as planner  # noqa: E402
-from mtp_splitk.timing import median_call_us as median_us  # noqa: E402
+from mtp_splitk import launch, plan as planner
+from mtp_splitk.bench.timing import median_call_us as median_us
 
 UP, DOWN = (14336, 4096), (4096, 14336)
 COPIES = 8  # pairs: 8 x 2 x 29 MB, past the 50 MB L2

@@ -15,7 +15,7 @@ Method (see README, "Benchmarks"):
 Writes <out>/bench_kernels.json, <out>/bench_kernels.md and, with --tune,
 <out>/<device>.json (the planner's tuning table: split per shape, M cut-over).
 Usage:
-  python scripts/bench_kernels.py --out benchmarks [--tune] [--quick]
+  python -m scripts.bench_kernels --out benchmarks [--tune] [--quick]
 """
 import argparse
 import json
@@ -23,12 +23,10 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
-
-from mtp_splitk import launch, plan as planner  # noqa: E402
-from mtp_splitk.timing import copy_bandwidth, median_time, trivial_op_floor  # noqa: E402
+from mtp_splitk import launch, plan as planner
+from mtp_splitk.bench.timing import copy_bandwidth, median_time, trivial_op_floor
 
 L2_BYTES = 50 * 2**20
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048)]

@@ -16,20 +16,18 @@ dependent ops on a 1 x 256 bfloat16 row:
   ours         our split-K op at 256 x 256 (launch.dense, a fixed plan).
 Columns: build (graph construction only) and chain (build + evaluate + wait),
 us per op, medians.
-Usage: python scripts/bench_launch.py [--out DIR]
+Usage: python -m scripts.bench_launch [--out DIR]
 """
 import argparse
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mlx.core as mx
 
-import mlx.core as mx  # noqa: E402
-
-from mtp_splitk import launch, plan as planner  # noqa: E402
-from mtp_splitk.launch import common  # noqa: E402
-from mtp_splitk.timing import median_call_us  # noqa: E402
+from mtp_splitk import launch, plan as planner
+from mtp_splitk.bench.timing import median_call_us
+from mtp_splitk.launch import common
 
 LENGTH = 64
 D = 256

@@ -14,22 +14,19 @@ Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune the pair
 ranges where the kernel won (by plan.required_speedup) go into
 <out>/<device>_moe.json, which scripts/install_tuning.py merges into the
 planner's table.
-Usage: python scripts/bench_moe.py --out benchmarks/moe [--tune] [--shapes 0,1] [--ms 1,2,4]
-       python scripts/bench_moe.py --retune DIR
+Usage: python -m scripts.bench_moe --out benchmarks/moe [--tune] [--shapes 0,1] [--ms 1,2,4]
+       python -m scripts.bench_moe --retune DIR
 """
 import argparse
 import json
 import os
 import sys
 
+import mlx.core as mx
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import mlx.core as mx  # noqa: E402
-
-from mtp_splitk import launch, plan as planner  # noqa: E402
-from mtp_splitk.timing import copy_bandwidth, median_time, trivial_op_floor  # noqa: E402
+from mtp_splitk import launch, plan as planner
+from mtp_splitk.bench.timing import copy_bandwidth, median_time, trivial_op_floor
 
 # (name, E, N, K, top_k)
 SHAPES = [

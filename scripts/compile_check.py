@@ -4,7 +4,7 @@ resource report (registers, spills, shared memory) per variant.
 
 Mirrors what mx.fast.cuda_kernel generates (a __global__ wrapper around the
 body), so errors and spills show up before any device time is spent.
-Usage: python scripts/compile_check.py [--sass]
+Usage: python -m scripts.compile_check [--sass]
 """
 import argparse
 import os
@@ -12,8 +12,7 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mtp_splitk.launch import read_source  # noqa: E402
+from mtp_splitk.launch import read_source
 
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 

@@ -7,7 +7,8 @@
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
 # "bench" and "moe" measure on this GPU (after the writers are done) and write
 # its tuning table, which scripts/install_tuning.py installs into
-# mtp_splitk/tuning/ before "e2e" so the patched runs use it.
+# mtp_splitk/tuning/ before "e2e" so the patched runs use it. The scripts run
+# as modules from the repo root (python3 -m scripts.NAME).
 # Logs and results land in $OUT/results.tgz (re-packed after every step, so
 # a run cut short still returns what it measured) and $OUT/session.log.
 set -u
@@ -33,9 +34,9 @@ for step in "$@"; do
   case "$step" in
     models)
       # One process per model directory: the writer is single-threaded numpy.
-      for spec in $(python3 -c "from mtp_splitk import bench_e2e as b; print(*(f'{f},{s},{int(m)}' for f, s, m in b.model_specs()))"); do
+      for spec in $(python3 -c "from mtp_splitk.bench import models as b; print(*(f'{f},{s},{int(m)}' for f, s, m in b.model_specs()))"); do
         IFS=, read -r family size mtp <<<"$spec"
-        python3 -c "from mtp_splitk import bench_e2e as b; b.model_dir('$MODELS', '$family', '$size', mtp=bool($mtp))" \
+        python3 -c "from mtp_splitk.bench import models as b; b.model_dir('$MODELS', '$family', '$size', mtp=bool($mtp))" \
           >>"$RES/models.log" 2>&1 &
       done
       ;;
@@ -66,16 +67,16 @@ for step in "$@"; do
       wait
       # Split, depth and row tiles as the H100 sweep chose them (no sweep: the
       # lease is short); the M ranges where the kernel wins are measured here.
-      timeout "${BENCH_TIMEOUT:-110}" python3 scripts/bench_kernels.py --out "$RES/kernels" --tune --quick \
+      timeout "${BENCH_TIMEOUT:-110}" python3 -m scripts.bench_kernels --out "$RES/kernels" --tune --quick \
         --splits-from mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json ${BENCH_ARGS:-} 2>&1 \
         | tee "$RES/bench_kernels.log" | tail -8 ;;
     moe)
       wait
-      timeout "${MOE_TIMEOUT:-100}" python3 scripts/bench_moe.py --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
+      timeout "${MOE_TIMEOUT:-100}" python3 -m scripts.bench_moe --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
         | tee "$RES/bench_moe.log" | tail -8 ;;
     e2e)
       # This GPU's table (dense M ranges + MoE pair ranges) for the planner.
-      python3 scripts/install_tuning.py "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
+      python3 -m scripts.install_tuning "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
       log "waiting for the model writers"; wait; tail -3 "$RES/models.log"
       # E2E_RUNS: ';'-separated bench_e2e argument lists (e.g. "--models=, ;
       # --models qwen3-30b-a3b --no-draft"), one run each into $OUT/e2e<i>,
@@ -87,7 +88,7 @@ for step in "$@"; do
       for extra in "${runs[@]}"; do
         left=$(( ${SESSION_SECONDS:-570} - ($(date +%s) - start) - 30 ))
         log "e2e run $i ($extra) within ${left}s"
-        timeout $(( left + 25 )) python3 scripts/bench_e2e.py --out "$OUT/e2e$i" --model-dir "$MODELS" \
+        timeout $(( left + 25 )) python3 -m scripts.bench_e2e --out "$OUT/e2e$i" --model-dir "$MODELS" \
           --repeats "${E2E_REPEATS:-1}" --deadline "$left" $extra 2>&1 | tee "$RES/bench_e2e$i.log" | tail -4
         i=$(( i + 1 ))
       done
@@ -95,11 +96,11 @@ for step in "$@"; do
     chain)
       # Dependent chains of Llama's MLP shapes, ours vs MLX (what a forward does; see the script).
       wait
-      timeout "${CHAIN_TIMEOUT:-120}" python3 scripts/bench_chain.py --out "$RES/chain" 2>&1 \
+      timeout "${CHAIN_TIMEOUT:-120}" python3 -m scripts.bench_chain --out "$RES/chain" 2>&1 \
         | tee "$RES/bench_chain.log" | tail -6 ;;
     launch)
       # Per-op overhead of custom kernels against MLX's ops (see the script).
-      timeout "${LAUNCH_TIMEOUT:-90}" python3 scripts/bench_launch.py --out "$RES/launch" 2>&1 \
+      timeout "${LAUNCH_TIMEOUT:-90}" python3 -m scripts.bench_launch --out "$RES/launch" 2>&1 \
         | tee "$RES/bench_launch.log" | tail -10 ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
@@ -108,8 +109,8 @@ for step in "$@"; do
       timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" \
         --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
-        python3 scripts/profile_kernel.py 2>&1 | tee "$RES/profile_run.log" | tail -5
-      python3 scripts/profile_kernel.py --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
+        python3 -m scripts.profile_kernel 2>&1 | tee "$RES/profile_run.log" | tail -5
+      python3 -m scripts.profile_kernel --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
     *) echo "unknown step $step" ;;
   esac
   pack

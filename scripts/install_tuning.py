@@ -4,7 +4,7 @@
 Merges <kernels_dir>/<device>.json (scripts/bench_kernels.py --tune: splits
 and dense M ranges) with <moe_dir>/<device>_moe.json (scripts/bench_moe.py
 --tune: MoE pair ranges), if present, into mtp_splitk/tuning/<device>.json.
-Usage: python scripts/install_tuning.py DEVICE_KEY KERNELS_DIR [MOE_DIR]
+Usage: python -m scripts.install_tuning DEVICE_KEY KERNELS_DIR [MOE_DIR]
 """
 import json
 import os

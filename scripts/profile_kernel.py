@@ -3,14 +3,11 @@
 
   ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --csv --log-file ncu.csv \
-      python scripts/profile_kernel.py
-  python scripts/profile_kernel.py --summarize ncu.csv
+      python -m scripts.profile_kernel
+  python -m scripts.profile_kernel --summarize ncu.csv
 """
 import csv
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KEYS = ["Duration", "DRAM Throughput", "Memory Throughput", "Registers Per Thread", "Achieved Occupancy",
         "Theoretical Occupancy", "Warp Cycles Per Issued Instruction", "Grid Size", "Block Size",

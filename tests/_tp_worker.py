@@ -1,4 +1,4 @@
-"""One rank of tests/test_distributed.py (run by mtp_splitk.tp.launch_local).
+"""One rank of tests/test_distributed.py (run by mtp_splitk.bench.ring.launch_local).
 
     python tests/_tp_worker.py JOB.json OUT_DIR
 
@@ -19,7 +19,9 @@ from mlx_lm import load
 from mlx_lm.utils import sharded_load
 
 from mtp_splitk import ops, plan, tp
-from mtp_splitk.speculative import AcceptanceControlledDrafter, DraftModelDrafter
+from mtp_splitk.bench import measure
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.speculative import DraftModelDrafter
 
 
 def planner_spy(seen):
@@ -62,8 +64,8 @@ def main(job_path, out_dir):
         original = planner_spy(seen)
         ops.clear_cache()  # a model of the same shapes before must not hide the planner's calls
         try:
-            tokens = tp.greedy_runs(model, prompt, job["max_tokens"], drafters, k)
-            logits = tp.probe_logits(model, prompt, spec["reference"][: k + 1])
+            tokens = measure.greedy_runs(model, prompt, job["max_tokens"], drafters, k)
+            logits = measure.probe_logits(model, prompt, spec["reference"][: k + 1])
         finally:
             plan.plan_dense, plan.plan_gather = original
         results[name] = {

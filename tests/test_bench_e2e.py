@@ -7,13 +7,17 @@ import json
 import mlx.core as mx
 import pytest
 
-from mtp_splitk import bench_e2e, cli
-from mtp_splitk.speculative import AcceptanceControlledDrafter
+from mtp_splitk import cli
+from mtp_splitk.bench import e2e
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.bench.models import MODELS
+from mtp_splitk.speculative.loop import num_drafts
+from mtp_splitk.speculative.sampling import judge
 
 
 def smoke_args(tmp_path, **overrides):
     parser = argparse.ArgumentParser()
-    bench_e2e.add_arguments(parser)
+    e2e.add_arguments(parser)
     args = parser.parse_args(
         ["--smoke", "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models"),
          "--repeats", "1", "--max-tokens", "20", "--acceptance", "0,0.8,1",
@@ -27,7 +31,7 @@ def smoke_args(tmp_path, **overrides):
 @pytest.fixture(scope="module")
 def smoke_doc(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    doc = bench_e2e.run(smoke_args(tmp))
+    doc = e2e.run(smoke_args(tmp))
     return doc, tmp / "out"
 
 
@@ -79,7 +83,7 @@ def test_acceptance_controlled_drafter_hits_its_rate(smoke_doc):
 
 
 def test_deadline_skips_and_says_so(tmp_path, capsys):
-    doc = bench_e2e.run(smoke_args(tmp_path, deadline=0.0, no_draft=True, no_mtp=True))
+    doc = e2e.run(smoke_args(tmp_path, deadline=0.0, no_draft=True, no_mtp=True))
     assert doc["meta"]["complete"] is False
     assert "Deadline passed" in capsys.readouterr().err
     assert all("plain" not in m for m in doc["models"].values())
@@ -94,16 +98,17 @@ def test_cli_reaches_the_harness_and_rejects_bad_input(capsys):
 
 def _replay(p, k, vocab_size, max_tokens):
     """The speculative loop's (steps, accepted) when the target always emits
-    the reference: only the drafter's seeded stream decides them."""
+    the reference: only the drafter's seeded stream decides them. The loop's
+    own draft count and verdict reading are used, with the reference as the
+    target's picks."""
     reference = list(range(max_tokens + k + 1))
     drafter = AcceptanceControlledDrafter(reference, p, vocab_size, seed=k)
     steps = accepted = emitted = 0
     while emitted < max_tokens:
-        n = max(0, min(k, max_tokens - emitted - 1))
+        n = num_drafts(emitted, k, max_tokens)
         proposals = drafter.draft(None, n, None)[0].tolist()
-        a = 0
-        while a < n and proposals[a] == reference[emitted + a]:
-            a += 1
+        picks = mx.array(reference[emitted : emitted + n + 1])
+        a, _ = judge(picks, proposals)
         drafter.accept(mx.array(reference[emitted : emitted + a + 1]), None)
         steps, accepted, emitted = steps + 1, accepted + a, emitted + a + 1
     return steps, accepted
@@ -124,7 +129,7 @@ def test_recorded_acceptance_runs_replay_from_the_drafter_alone(run):
     doc = json.loads((Path(__file__).parent.parent / "benchmarks" / "h200" / run).read_text())
     checked = 0
     for name, model in doc["models"].items():
-        family, size = bench_e2e.MODELS[name][:2]
+        family, size = MODELS[name][:2]
         vocab = synthetic.model_config(family, size)["vocab_size"]
         for key, r in model.get("acceptance", {}).items():
             p, k = re.search(r"p=([\d.]+) k=(\d+)", key).groups()

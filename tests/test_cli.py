@@ -13,10 +13,14 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import GenerationResponse, setup_arg_parser
 
+from mtp_splitk import cache as model_cache
 from mtp_splitk import cli, patch, plan, synthetic
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.commands import generate
+from mtp_splitk.commands.stats import Recorder
 from mtp_splitk.mtp import MTPHead
-from mtp_splitk.mtp.synthetic import write_mtp_model
-from mtp_splitk.speculative import AcceptanceControlledDrafter, speculative_generate_step
+from mtp_splitk.speculative import speculative_generate_step
+from mtp_splitk.synthetic import write_mtp_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,21 +81,21 @@ def stats_lines(stdout):
 def cache(tmp_path_factory):
     """A cache with the default pair already built (the first-run test builds its own)."""
     path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get(cli.CACHE_ENV)
-    os.environ[cli.CACHE_ENV] = str(path)
+    old = os.environ.get(model_cache.ENV)
+    os.environ[model_cache.ENV] = str(path)
     try:
-        cli.default_models()
+        generate.default_models()
     finally:
         if old is None:
-            del os.environ[cli.CACHE_ENV]
+            del os.environ[model_cache.ENV]
         else:
-            os.environ[cli.CACHE_ENV] = old
+            os.environ[model_cache.ENV] = old
     return path
 
 
 @pytest.fixture
 def in_cache(cache, monkeypatch):
-    monkeypatch.setenv(cli.CACHE_ENV, str(cache))
+    monkeypatch.setenv(model_cache.ENV, str(cache))
     return cache
 
 
@@ -189,7 +193,7 @@ def test_mtp_without_model_on_a_fresh_machine(tmp_path):
     result = run("generate", "--mtp", "--stats", "-m", "16", cache=tmp_path / "fresh")
     assert result.returncode == 0, result.stderr
     assert "building the synthetic demo models" in result.stderr
-    assert f"tiny-mtp-{cli.MTP_FAMILY}-" in result.stderr
+    assert f"tiny-mtp-{generate.MTP_FAMILY}-" in result.stderr
     stats = stats_lines(result.stdout)
     assert stats["Generation"].startswith("16 tokens,")
     steps, drafted, accepted = speculation(stats)
@@ -203,7 +207,7 @@ def test_mtp_without_model_on_a_fresh_machine(tmp_path):
 
 
 def test_mtp_on_a_model_without_mtp_weights_is_one_line_and_exit_2(cache, tmp_path):
-    model = synthetic.write_model(tmp_path / "m", cli.MTP_FAMILY)
+    model = synthetic.write_model(tmp_path / "m", generate.MTP_FAMILY)
     result = run("generate", "--mtp", "--model", str(model), cache=cache)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -235,7 +239,7 @@ def test_convert_keeps_the_head_for_generate_mtp(cache, tmp_path):
 
 
 def test_generate_takes_every_mlx_lm_generate_flag():
-    ours = cli.build_parser()._subparsers._group_actions[0].choices["generate"]
+    ours = generate.setup_arg_parser()
     theirs = setup_arg_parser()
     flags = lambda p: {s for a in p._actions for s in a.option_strings}  # noqa: E731
     assert flags(theirs) <= flags(ours)
@@ -245,13 +249,13 @@ def test_generate_takes_every_mlx_lm_generate_flag():
 
 
 def test_parse_split_k():
-    assert cli.parse_split_k("auto") is None
-    assert cli.parse_split_k("OFF") == 0
-    assert cli.parse_split_k("0") == 0
-    assert cli.parse_split_k("8") == 8
+    assert generate.parse_split_k("auto") is None
+    assert generate.parse_split_k("OFF") == 0
+    assert generate.parse_split_k("0") == 0
+    assert generate.parse_split_k("8") == 8
     for bad in ("3", "-4", "32", "", "fast"):
         with pytest.raises(argparse.ArgumentTypeError):
-            cli.parse_split_k(bad)
+            generate.parse_split_k(bad)
 
 
 def test_bad_input_in_process(in_cache, capsys):
@@ -267,7 +271,7 @@ def test_bad_input_in_process(in_cache, capsys):
 
 
 def test_mtp_bad_input_in_process(in_cache, capsys):
-    target, draft = cli.default_models()
+    target, draft = generate.default_models()
     assert cli.main(["generate", "--mtp", "--draft-model", str(draft)]) == 2
     assert cli.main(["generate", "--mtp", "--model", str(target)]) == 2
     assert error_lines(capsys.readouterr().err) == [
@@ -366,7 +370,7 @@ def test_mtp_flag_routes_mlx_lm_speculative_branch(in_cache, monkeypatch, capsys
 
 
 def test_recorder_statistics():
-    rec = cli.Recorder()
+    rec = Recorder()
     flags = [
         True,
         True,
@@ -390,7 +394,7 @@ def test_recorder_statistics():
     assert "Accepted drafts per step (drafts:steps): 0:1 1:2 2:1" in text
     assert "Verify step: 2.50 ms mean, 2.50 ms median (3 rows)" in text
     assert "Generation: 7 tokens, 50.000 tokens-per-sec" in text
-    assert "Speculation: none" in cli.Recorder().summary(speculative=False)
+    assert "Speculation: none" in Recorder().summary(speculative=False)
 
 
 def test_synthesize(tmp_path, capsys):

@@ -23,7 +23,9 @@ import pytest
 
 import mtp_splitk
 from mtp_splitk import ops, plan, synthetic, tp
-from mtp_splitk.speculative import AcceptanceControlledDrafter, DraftModelDrafter
+from mtp_splitk.bench import measure, ring
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.speculative import DraftModelDrafter
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_tp_worker.py")
@@ -212,8 +214,8 @@ def single_process(model_dirs):
             drafters["draft"] = lambda m: DraftModelDrafter(draft)
         ref[family] = {
             "reference": reference,
-            "tokens": tp.greedy_runs(model, prompt, MAX_TOKENS, drafters, K),
-            "logits": tp.probe_logits(model, prompt, reference[: K + 1]),
+            "tokens": measure.greedy_runs(model, prompt, MAX_TOKENS, drafters, K),
+            "logits": measure.probe_logits(model, prompt, reference[: K + 1]),
             "shapes": tp.matmul_shapes(model),
         }
     return ref
@@ -242,13 +244,13 @@ def test_two_ring_processes_decode_like_one(model_dirs, tmp_path):
     }
     (tmp_path / "job.json").write_text(json.dumps(job))
     try:
-        tp.launch_local(
+        ring.launch_local(
             [sys.executable, str(WORKER), str(tmp_path / "job.json"), str(tmp_path)],
             n=2,
             timeout=TIMEOUT,
             cwd=str(REPO),
         )
-    except tp.RankFailure as e:
+    except ring.RankFailure as e:
         pytest.fail(str(e), pytrace=False)
 
     for rank in range(2):
@@ -278,13 +280,14 @@ def test_two_ring_processes_decode_like_one(model_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_bench_tp_smoke(tmp_path):
-    """scripts/bench_tp.py --smoke: starts its own 2 ring ranks, and fails
-    unless the sharded greedy tokens equal one device's."""
+    """python -m scripts.bench_tp --smoke (mtp-splitk bench tp --smoke):
+    starts its own 2 ring ranks, and fails unless the sharded greedy tokens
+    equal one device's."""
     result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_tp.py"), "--smoke",
+        [sys.executable, "-m", "scripts.bench_tp", "--smoke",
          "--out", str(tmp_path / "out"), "--model-dir", str(tmp_path / "models"),
          "--timeout", str(TIMEOUT)],
-        capture_output=True, text=True, timeout=TIMEOUT + 30,
+        capture_output=True, text=True, timeout=TIMEOUT + 30, cwd=str(REPO),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     doc = json.loads((tmp_path / "out" / "bench_tp.json").read_text())

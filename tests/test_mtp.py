@@ -12,17 +12,10 @@ from mlx_lm.generate import generate_step as plain_generate_step
 
 from mtp_splitk import synthetic
 from mtp_splitk.compat import get_classes
-from mtp_splitk.mtp import (
-    MTP_SHARD,
-    TargetParts,
-    convert,
-    generate_step,
-    head_for,
-    load,
-    mtp_weights,
-)
+from mtp_splitk.mtp import MTP_SHARD, convert, generate_step, head_for, load
 from mtp_splitk.mtp.families import family_for, model_module, model_text_args
-from mtp_splitk.mtp.synthetic import write_mtp_model
+from mtp_splitk.speculative import TargetParts
+from mtp_splitk.synthetic import mtp_weights, write_mtp_model
 
 FAMILIES = ["deepseek_v3", "qwen3_next", "qwen3_5", "mimo"]
 

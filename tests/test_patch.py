@@ -60,8 +60,10 @@ def load(path):
 @pytest.fixture
 def spy(monkeypatch):
     """Records every call that reaches mtp_splitk.ops (the patched methods
-    look the ops up on the module at call time)."""
+    look the ops up on the module at call time). After ops.clear_cache(),
+    every layer's first call of each input shape does."""
     calls = []
+    ops.clear_cache()
 
     def recording(op):
         original = getattr(ops, op)
@@ -95,7 +97,9 @@ def test_enable_disable_restores_the_original_objects():
 
     patch.enable()
     for cls, name, replacement in patch.PATCHES:
-        assert getattr(cls, name) is replacement
+        installed = getattr(cls, name)  # the replacement inside its router
+        assert installed.__wrapped__ is replacement
+        assert installed.original is originals[(cls, name)]
     patch.enable()  # idempotent: the originals are not overwritten with the replacements
     assert patch._originals == originals
 
@@ -109,7 +113,7 @@ def test_enable_disable_restores_the_original_objects():
 
 def test_enabled_context_restores_the_previous_state():
     with mtp_splitk.enabled():
-        assert nn.QuantizedLinear.__call__ is patch._quantized_linear_call
+        assert nn.QuantizedLinear.__call__.__wrapped__ is patch._quantized_linear_call
         with mtp_splitk.enabled():
             pass
         assert patch.is_enabled()  # the inner block did not switch it off

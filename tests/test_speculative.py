@@ -13,19 +13,23 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors
 
 from mtp_splitk import synthetic
-from mtp_splitk.mtp import TargetParts, load, mtp_weights
-from mtp_splitk.mtp.synthetic import write_mtp_model
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter, ReferenceSteering
+from mtp_splitk.mtp import MTPDrafter, load
 from mtp_splitk.speculative import (
-    AcceptanceControlledDrafter,
     DraftModelDrafter,
-    MTPDrafter,
     Rollback,
     Stats,
+    TargetParts,
+    layers_started_early,
     make_distribution,
+    overlap,
     speculative_accept,
     speculative_generate_step,
     stream_generate,
 )
+from mtp_splitk.speculative.loop import num_drafts
+from mtp_splitk.speculative.sampling import judge
+from mtp_splitk.synthetic import mtp_weights, write_mtp_model
 
 FAMILIES = ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5", "mimo"]
 HYBRID = ["qwen3_next", "qwen3_5"]
@@ -118,35 +122,14 @@ def speculate(model, drafter, prompt=PROMPT, n=24, **kwargs):
     )
 
 
-class Steered(MTPDrafter):
+class Steered(ReferenceSteering, MTPDrafter):
     """An MTP drafter whose head runs as usual (its cache, its self-fed
     hidden chain) but whose proposals are the reference continuation with
     probability ``p``: random heads are never right, and the accept paths of
     the drafter need accepted drafts."""
 
     def __init__(self, model, head, reference, p, seed=0):
-        self.reference, self.p, self.seed = reference, p, seed
-        super().__init__(model, head)
-
-    def reset(self):
-        super().reset()
-        self.rng = np.random.default_rng(self.seed)
-        self.position = 0
-
-    def draft(self, y, n, distribution):
-        self.index = self.position
-        return super().draft(y, n, distribution)
-
-    def choose(self, logits, distribution):
-        token, q = super().choose(logits, distribution)
-        if self.index < len(self.reference) and self.rng.random() < self.p:
-            token = mx.array([self.reference[self.index]], mx.uint32)
-        self.index += 1
-        return token, q
-
-    def accept(self, tokens, hidden):
-        super().accept(tokens, hidden)
-        self.position += tokens.size
+        super().__init__(model, head, reference=reference, acceptance=p, seed=seed)
 
 
 def test_glm4_moe_target_parts_compute_the_models_logits(loaded):
@@ -160,9 +143,10 @@ def test_glm4_moe_target_parts_compute_the_models_logits(loaded):
 # -- exactness ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_mtp_is_token_identical_to_plain_decoding(family, patched, loaded):
+def test_greedy_mtp_is_token_identical_to_plain_decoding(family, patched, overlap, loaded):
     if patched and importlib.util.find_spec("mtp_splitk.patch") is None:
         pytest.skip("mtp_splitk.patch (enable/disable) is not in this checkout yet")
     # mlx-lm's DeepSeek-V3 attention takes a different (absorbed) path for a
@@ -176,16 +160,22 @@ def test_greedy_mtp_is_token_identical_to_plain_decoding(family, patched, loaded
 
         patch.enable()
     try:
-        unsteered = speculate(model, MTPDrafter(model, head), n=32, num_draft_tokens=3)
+        unsteered = speculate(
+            model, MTPDrafter(model, head), n=32, num_draft_tokens=3, overlap=overlap
+        )
         stats = Stats()
         drafter = Steered(model, head, expected, p=0.7)
-        steered = speculate(model, drafter, n=32, num_draft_tokens=3, stats=stats)
+        steered = speculate(
+            model, drafter, n=32, num_draft_tokens=3, stats=stats, overlap=overlap
+        )
     finally:
         if patched:
             patch.disable()
     assert tokens(unsteered) == expected
     assert tokens(steered) == expected
     assert stats.accepted > 0 and stats.rejected > 0
+    # Hybrid caches (Gated DeltaNet) keep the synchronous loop.
+    assert stats.overlapped == (overlap and family not in HYBRID)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -208,13 +198,11 @@ def test_rollback_is_exact(family, loaded):
 def test_submitting_verify_passes_in_pieces_changes_no_value(family, loaded, monkeypatch):
     """submit_every starts layers early; the logprobs of every position and
     the rollbacks are those of the pass submitted whole."""
-    from mtp_splitk import speculative
-
     model, head, _ = loaded(family, float32=True)
     expected = plain(model, n=24)
     started = []
-    real_call = speculative._Started.__call__
-    monkeypatch.setattr(speculative._Started, "__call__",
+    real_call = overlap._Started.__call__
+    monkeypatch.setattr(overlap._Started, "__call__",
                         lambda self, *a, **k: (started.append(self.layer), real_call(self, *a, **k))[1])
     layers_before = list(model.model.layers)
     outs = {}
@@ -239,8 +227,6 @@ def test_submitting_verify_passes_in_pieces_changes_no_value(family, loaded, mon
 
 
 def test_layers_started_early_leaves_other_models_alone():
-    from mtp_splitk.speculative import layers_started_early
-
     class NoLayers:
         pass
 
@@ -349,6 +335,27 @@ def test_speculative_accept_samples_the_target_distribution():
     assert np.abs(counts / trials - target).max() < 0.03
     # Acceptance of the first draft is sum_x min(p, q) = 0.45.
     assert abs(accepted_first / trials - 0.45) < 0.03
+
+
+def test_judge_keeps_drafts_while_they_match_the_targets_picks():
+    """mlx-lm's rule: (accepted drafts, the pick of the row after them)."""
+    assert judge(mx.array([5, 7, 9]), [5, 7]) == (2, 9)  # all accepted: the bonus
+    assert judge(mx.array([5, 8, 9]), [5, 7]) == (1, 8)  # the correction
+    assert judge(mx.array([4, 7, 9]), [5, 7]) == (0, 4)  # no match after a miss
+    assert judge(mx.array([3]), []) == (0, 3)
+
+
+def test_judge_reads_speculative_accepts_verdict():
+    """Point-mass distributions make speculative sampling deterministic."""
+
+    def one_hot(tokens):
+        return mx.where(mx.arange(8)[None] == mx.array(tokens)[:, None], 0.0, -mx.inf)
+
+    q, drafts = one_hot([2, 3]), mx.array([2, 3])
+    # p agrees with both drafts: both accepted, the bonus comes from p's last row.
+    assert judge(speculative_accept(one_hot([2, 3, 4]), q, drafts), [2, 3]) == (2, 4)
+    # p puts no mass on the second draft: it is replaced by p's own token.
+    assert judge(speculative_accept(one_hot([2, 1, 4]), q, drafts), [2, 3]) == (1, 1)
 
 
 @pytest.mark.parametrize("family", ["mimo", "qwen3_next"])
@@ -514,6 +521,15 @@ def test_rollback_follows_cache_entries_replaced_mid_step():
     assert isinstance(cache[0], QuantizedKVCache) and cache[0].offset == 11
 
 
+def test_num_drafts_leaves_room_for_the_targets_token():
+    """A step emits its accepted drafts and one token of the target's, so
+    after e of max_tokens tokens it drafts at most max_tokens - e - 1."""
+    counts = [num_drafts(emitted, 3, 10) for emitted in (0, 6, 7, 8, 9, 10)]
+    assert counts == [3, 3, 2, 1, 0, 0]
+    assert num_drafts(10_000, 3, -1) == 3  # no limit
+    assert num_drafts(0, 0, 10) == 0
+
+
 @pytest.mark.parametrize("prompt", [[42], [5, 17]])
 def test_short_prompts_and_one_token(prompt, loaded):
     model, head, _ = loaded("qwen3_next")
@@ -536,10 +552,7 @@ def test_acceptance_controlled_drafter_is_unbiased(p):
     position = 0
     while position + 5 < len(reference):
         proposals = drafter.draft(None, 4, None)[0].tolist()
-        truth = reference[position : position + 4]
-        accepted = 0
-        while accepted < 4 and proposals[accepted] == truth[accepted]:
-            accepted += 1
+        accepted, _ = judge(mx.array(reference[position : position + 5]), proposals)
         stats.record_step(4, accepted, 5)
         drafter.accept(mx.array(reference[position : position + accepted + 1]), None)
         position += accepted + 1

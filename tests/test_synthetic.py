@@ -284,3 +284,43 @@ def test_lazy_model_matches_config_classes():
         v.dtype in (mx.uint32, mx.bfloat16, mx.float32)
         for _, v in tree_flatten(model.parameters())
     )
+
+
+# Layering: tooling (synthetic) -> runtime, never back.
+RUNTIME_PACKAGES = ("mtp_splitk.mtp", "mtp_splitk.speculative", "mtp_splitk.launch")
+RUNTIME_MODULES = ("mtp_splitk.ops", "mtp_splitk.plan", "mtp_splitk.patch", "mtp_splitk.tp")
+LOADED = "print(sorted(m for m in sys.modules if m.startswith({!r})))"
+
+
+def _fresh(script: str) -> str:
+    # Another process: this one has imported synthetic already.
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=True, capture_output=True, text=True
+    )
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_no_runtime_module_loads_synthetic():
+    script = (
+        "import importlib, pkgutil, sys\n"
+        f"names = list({RUNTIME_MODULES!r})\n"
+        f"for package in {RUNTIME_PACKAGES!r}:\n"
+        "    path = importlib.import_module(package).__path__\n"
+        "    names += [package] + [m.name for m in pkgutil.walk_packages(path, package + '.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(len(names), end=' ')\n" + LOADED.format(("mtp_splitk.synthetic",))
+    )
+    count, loaded = _fresh(script).split(" ", 1)
+    assert int(count) > len(RUNTIME_MODULES) + len(RUNTIME_PACKAGES)
+    assert loaded == "[]"
+
+
+def test_importing_synthetic_loads_no_mlx_lm():
+    # The CLI imports synthetic to build its parser; mlx-lm takes a second to import.
+    script = "import sys, mtp_splitk.synthetic\n" + LOADED.format(
+        ("mlx_lm", "transformers", "mtp_splitk.mtp")
+    )
+    assert _fresh(script) == "[]"

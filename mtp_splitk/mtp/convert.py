@@ -125,16 +125,7 @@ def convert(
             quant_predicate = mixed_quant_predicate_builder(
                 quant_predicate, target, quantization["group_size"]
             )
-        chosen = quantize_head(
-            head,
-            family,
-            args,
-            target,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            mode=quantization.get("mode", "affine"),
-            quant_predicate=quant_predicate,
-        )
+        chosen = quantize_head(head, family, args, target, quantization, quant_predicate)
         if chosen:
             _record_quantization(out, chosen)
 

@@ -17,6 +17,8 @@ import mlx.nn as nn
 from mlx_lm.generate import generation_stream
 from mlx_lm.utils import load_config
 
+from ..speculative.loop import speculative_generate_step
+from .drafter import MTPDrafter
 from .heads import MTPHead
 from .loading import load_head, read_weights, resolve
 
@@ -53,8 +55,6 @@ def generate_step(
     plus ``distribution`` and ``stats``). Yields ``(token, logprobs,
     from_draft)``.
     """
-    from ..speculative import MTPDrafter, speculative_generate_step
-
     if head is None:
         if model_path is None:
             raise ValueError("generate_step needs the MTP head or the model path.")

@@ -47,7 +47,7 @@ Two choices where the references differ:
 The embedding table and the LM head are the target's own (DeepSeek-V3
 checkpoints store copies under the MTP layer; they are equal to the target's
 and are not loaded), so the head takes embeddings in and gives hidden states
-out; :class:`mtp_splitk.mtp.target.TargetParts` does the lookups.
+out; :class:`mtp_splitk.speculative.target.TargetParts` does the lookups.
 """
 
 from typing import Any, List, Optional

@@ -181,18 +181,14 @@ def load_head(
         head.load_weights(list(tensors.items()), strict=True)
     else:
         head.load_weights(list(tensors.items()), strict=True)
-        if quantization is not None:
-            quantize_head(
-                head,
-                family,
-                args,
-                model,
-                group_size=quantization["group_size"],
-                bits=quantization["bits"],
-                mode=quantization.get("mode", "affine"),
-            )
+        quantize_head(head, family, args, model, quantization)
     head.eval()
     return head
+
+
+def quantizable(module: nn.Module) -> bool:
+    """Whether ``nn.quantize`` can turn ``module`` into a quantized layer."""
+    return hasattr(module, "to_quantized")
 
 
 def _quantize_stored(head, family, args, tensors, quantization):
@@ -203,7 +199,7 @@ def _quantize_stored(head, family, args, tensors, quantization):
         stored = family.stored_key(path, args)
         if stored in quantization:
             return quantization[stored]
-        if not hasattr(module, "to_quantized"):
+        if not quantizable(module):
             return False
         if f"{path}.scales" not in tensors:
             return False
@@ -220,27 +216,30 @@ def quantize_head(
     family: Family,
     args,
     model: Optional[nn.Module],
-    group_size: int,
-    bits: int,
-    mode: str = "affine",
+    quantization: Optional[Dict[str, Any]],
     quant_predicate=None,
 ) -> Dict[str, dict]:
     """Quantize a floating-point head like ``mlx_lm.utils.quantize_model``
-    quantizes the target: every layer with ``to_quantized`` whose input size
-    the group divides, filtered by ``quant_predicate`` (default: the target's
-    own ``quant_predicate``), which sees the layer's *stored* path so
-    path-based rules (e.g. Qwen's 8-bit router gates) apply to the MTP block
-    as they do to the target's layers.
+    quantizes the target, with the group size, bits and mode (default
+    affine) of ``quantization`` (the target's ``config["quantization"]``;
+    ``None`` leaves the head as it is): every :func:`quantizable` layer whose
+    input size the group divides, filtered by ``quant_predicate`` (default:
+    the target's own ``quant_predicate``), which sees the layer's *stored*
+    path so path-based rules (e.g. Qwen's 8-bit router gates) apply to the
+    MTP block as they do to the target's layers.
 
     Returns the per-layer parameters the predicate chose (stored path ->
     dict), for ``config["quantization"]``.
     """
+    if quantization is None:
+        return {}
+    group_size = quantization["group_size"]
     if quant_predicate is None and model is not None:
         quant_predicate = getattr(model, "quant_predicate", None)
     chosen = {}
 
     def predicate(path, module):
-        if not hasattr(module, "to_quantized"):
+        if not quantizable(module):
             return False
         if module.weight.shape[-1] % group_size != 0:
             return False
@@ -251,7 +250,13 @@ def quantize_head(
             chosen[family.stored_key(path, args)] = decision
         return decision
 
-    nn.quantize(head, group_size, bits, mode=mode, class_predicate=predicate)
+    nn.quantize(
+        head,
+        group_size,
+        quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
     return chosen
 
 

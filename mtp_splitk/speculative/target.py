@@ -1,10 +1,10 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""The parts of a loaded mlx-lm model that an MTP head needs.
+"""A target model as backbone + LM head, for drafters that read its hidden states.
 
-An MTP head reads the target's last hidden state, which mlx-lm's
-``Model.__call__`` does not return. Every supported family splits the same
-way, so we call the pieces ourselves instead of changing mlx-lm:
+A drafter such as an MTP head reads the target's last hidden state, which
+mlx-lm's ``Model.__call__`` does not return. Every supported family splits
+the same way, so we call the pieces ourselves instead of changing mlx-lm:
 ``model.model(inputs, cache)`` (after the final norm) is the hidden state and
 ``lm_head`` (or ``embed_tokens.as_linear`` when the embeddings are tied) turns
 it into logits. Qwen3.5 nests all of this under ``language_model``.

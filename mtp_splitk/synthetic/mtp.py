@@ -5,8 +5,9 @@
 :func:`mtp_weights` returns the tensors of one MTP layer for a target
 described by its mlx-lm ``config.json`` dict, in mlx-lm's converted form
 (stacked experts, ones for norms) and quantized like the target when the
-config says the target is. Pass them to the synthetic model writer as
-``extra_weights`` (or save them as ``mtp.safetensors`` next to the target);
+config says the target is. :func:`write_mtp_model` passes them to
+:func:`~mtp_splitk.synthetic.write_model` as ``extra_weights`` (they can also
+be saved as ``mtp.safetensors`` next to the target);
 :func:`mtp_splitk.mtp.load` then loads them like any converted checkpoint.
 
 Nothing is generated in floating point and then quantized: packed weights
@@ -20,10 +21,8 @@ from typing import Dict, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..compat import get_classes
-
-from .families import family_for, model_module, model_text_args
-from .loading import quantize_head, stored_tensors
+from .configs import DEFAULT_QUANTIZATION
+from .writer import write_model
 
 
 def mtp_weights(
@@ -48,6 +47,11 @@ def mtp_weights(
         stored key -> tensor, e.g. ``model.layers.2.eh_proj.weight`` for a
         two-layer DeepSeek-V3.
     """
+    # Lazy: the MTP runtime imports mlx-lm (a second), and the CLI imports this package.
+    from ..compat import get_classes
+    from ..mtp.families import family_for, model_module, model_text_args
+    from ..mtp.loading import quantize_head, stored_tensors
+
     model_class, args_class = get_classes(config)
     module = model_module(config)
     family = family_for(module)
@@ -60,16 +64,7 @@ def mtp_weights(
 
     head = family.build(module, args)
     quantization = config.get("quantization") if quantize else None
-    if quantization is not None:
-        quantize_head(
-            head,
-            family,
-            args,
-            target,
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-            mode=quantization.get("mode", "affine"),
-        )
+    quantize_head(head, family, args, target, quantization)
 
     modules = dict(head.named_modules())
     params = dict(tree_flatten(head.parameters()))
@@ -123,35 +118,26 @@ def _random_packed(base: str, layer, params, key) -> Dict[str, mx.array]:
     return out
 
 
-_WRITER_DEFAULT = object()
-
-
 def write_mtp_model(
     path,
     family: str,
     size: str = "tiny",
-    quantization: Optional[dict] = _WRITER_DEFAULT,
+    quantization: Optional[dict] = DEFAULT_QUANTIZATION,
     seed: int = 0,
     *,
     mtp_seed: Optional[int] = None,
     quantize_mtp: bool = True,
     **kwargs,
 ):
-    """A synthetic model directory (:func:`mtp_splitk.synthetic.write_model`,
+    """A synthetic model directory (:func:`~mtp_splitk.synthetic.write_model`,
     whose keyword arguments ``kwargs`` are) with random MTP weights stored in
     the target's shards, as in a Hugging Face checkpoint. ``quantization``
     defaults to the synthetic writer's (``None``: unquantized);
     ``quantize_mtp=False`` stores the head in floating point (it is then
     quantized like the target at load time). Returns the path."""
-    from .. import synthetic
-
-    if quantization is _WRITER_DEFAULT:
-        quantization = synthetic.DEFAULT_QUANTIZATION
     mtp_seed = seed if mtp_seed is None else mtp_seed
 
     def extra(config):  # the final config: dtype and quantization entries
         return mtp_weights(config, seed=mtp_seed, quantize=quantize_mtp)
 
-    return synthetic.write_model(
-        path, family, size, quantization, seed, extra_weights=extra, **kwargs
-    )
+    return write_model(path, family, size, quantization, seed, extra_weights=extra, **kwargs)

@@ -1,11 +1,15 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""The timing method shared by the benchmark scripts.
+"""The timers of the benchmarks, one per method.
 
-One op's time is the wall time of building and evaluating a batch of
-independent ops, divided by the batch, median over repeats after warm-up: it
-includes MLX's per-op cost the way a model's forward pays it. The copy
-bandwidth and the trivial-op floor are measured the same way, in the same run.
+:func:`median_time`, for independent ops: one op's time is the wall time of
+building and evaluating a batch of independent ops, divided by the batch,
+median over repeats after warm-up: it includes MLX's per-op cost the way a
+model's forward pays it. The copy bandwidth and the trivial-op floor are
+measured the same way, in the same run.
+
+:func:`median_call_us`, for dependent ops: the median time of one call, each
+call its own measurement (a chain of ops, a forward pass).
 """
 
 import statistics
@@ -44,7 +48,8 @@ def trivial_op_floor():
 def median_call_us(fn, reps=15, warmup=3, per=1):
     """Median µs of one ``fn()`` call (divided by ``per``, the ops it makes),
     after warm-up: for chains of dependent ops (scripts/bench_chain.py,
-    scripts/bench_launch.py), where each call is its own measurement."""
+    scripts/bench_launch.py) and forward passes (:mod:`.measure`), where each
+    call is its own measurement."""
     for _ in range(warmup):
         fn()
     times = []

@@ -1,0 +1,3 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Benchmark tooling: harnesses and the drafters they drive."""

@@ -1,0 +1,202 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Measurements of one loaded model: decoding runs, forward latency and its
+parts, where the quantized matmuls go, and greedy tokens and logits
+unpatched vs patched (:data:`STATES`)."""
+
+import time
+from typing import Callable, Dict, List, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from .. import ops, patch
+from ..speculative import Stats, speculative_generate_step
+from .timing import median_call_us
+
+STATES = (("mlx", False), ("patched", True))  # (label, patch enabled)
+PROMPT = "Speculative decoding drafts a few tokens with a cheap model and verifies them"
+
+
+def prompt_tokens(tokenizer) -> mx.array:
+    return mx.array(tokenizer.encode(PROMPT))
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def _tokens_per_second(times: List[float], first_burst: int) -> float:
+    """Tokens after the first step over the time they took."""
+    n = len(times) - first_burst
+    span = times[-1] - times[first_burst - 1]
+    return n / span if n > 0 and span > 0 else 0.0
+
+
+def plain_decode(model, prompt: mx.array, max_tokens: int) -> Dict:
+    """mlx-lm's own generate_step (asynchronously pipelined decode)."""
+    tic = time.perf_counter()
+    times, tokens = [], []
+    for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
+        times.append(time.perf_counter())
+        tokens.append(int(token))
+    return {
+        "tps": _tokens_per_second(times, 1),
+        "prompt_tps": prompt.size / (times[0] - tic),
+        "tokens": tokens,
+    }
+
+
+def speculative_decode(
+    model, prompt: mx.array, drafter, k: int, max_tokens: int, submit_every: int = 0
+) -> Dict:
+    """The speculative loop's tokens/s (after the first step) and statistics."""
+    stats = Stats()
+    times, tokens = [], []
+    steps = speculative_generate_step(
+        prompt,
+        model,
+        drafter,
+        num_draft_tokens=k,
+        max_tokens=max_tokens,
+        stats=stats,
+        submit_every=submit_every,
+    )
+    for token, _, _ in steps:
+        times.append(time.perf_counter())
+        tokens.append(int(token))
+    first_burst = stats.accepted_per_step[0] + 1 if stats.steps else 1
+    return {
+        "tps": _tokens_per_second(times, first_burst),
+        "prompt_tps": stats.prompt_tps,
+        "steps": stats.steps,
+        "drafted": stats.drafted,
+        "accepted": stats.accepted,
+        "acceptance_rate": stats.acceptance_rate,
+        "per_token_acceptance": stats.per_token_acceptance,
+        "tokens_per_step": stats.tokens_per_step,
+        "verify_ms": 1e3 * stats.mean_verify_time,
+        "tokens": tokens,
+    }
+
+
+# -- forward passes -------------------------------------------------------------------------
+
+
+def _ms(fn: Callable, reps: int) -> float:
+    """Median ms of ``fn()`` evaluated, after two warm-up calls."""
+    return 1e-3 * median_call_us(lambda: mx.eval(fn()), reps=reps, warmup=2)
+
+
+def _warm_cache(model, context: int):
+    """A prompt cache holding ``context`` tokens."""
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.arange(context)[None] % model.args.vocab_size, cache=cache))
+    return cache
+
+
+def _forward_trim(model, cache, M: int):
+    """One forward of M rows on ``cache``, evaluated, then trimmed back off it."""
+    out = model((mx.arange(M)[None] * 5 + 1) % model.args.vocab_size, cache=cache)
+    mx.eval(out)
+    trim_prompt_cache(cache, M)
+    return out
+
+
+def verify_latency(model, Ms, context: int, reps: int) -> Dict[int, float]:
+    """Median ms of one synchronous forward of M rows after ``context`` tokens,
+    the cache trimmed back after each call (the verify step's shape)."""
+    cache = _warm_cache(model, context)
+    return {M: _ms(lambda: _forward_trim(model, cache, M), reps) for M in Ms}
+
+
+def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
+    """ms per forward of M rows spent in each part, each timed alone
+    (synchronously, as many calls as the model makes) and scaled by the
+    number of layers: attention (projections, RoPE, SDPA, norms), MLP or
+    MoE block, the LM head, and the whole forward for comparison."""
+    layers = model.layers
+    layer = layers[len(layers) // 2]  # a MoE layer where a model mixes dense ones
+    dim = model.args.hidden_size
+    cache = _warm_cache(model, context)
+    x = (mx.random.normal((1, M, dim)) * 0.5).astype(mx.bfloat16)
+    mx.eval(x)
+    c = cache[len(layers) // 2]
+    mask = "causal" if M > 1 else None
+
+    def attention():
+        out = layer.self_attn(layer.input_layernorm(x), mask=mask, cache=c)
+        trim_prompt_cache([c], M)
+        return out
+
+    mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
+    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
+    norm = model.model.norm
+    whole = _ms(lambda: _forward_trim(model, cache, M), reps)
+    parts = {
+        "attention": len(layers) * _ms(attention, reps),
+        "mlp": len(layers) * _ms(lambda: mlp(layer.post_attention_layernorm(x)), reps),
+        "lm_head": _ms(lambda: head(norm(x)), reps),
+    }
+    parts["forward"] = whole
+    parts["rest"] = whole - sum(v for k, v in parts.items() if k != "forward")
+    return parts
+
+
+def matmul_census(model, M: int) -> Dict[str, int]:
+    """Where the quantized matmuls of one forward of M rows go: the split-K
+    kernels (a plan) or MLX's ops (none), from an untimed call."""
+    with ops.recording() as calls:
+        mx.eval(model(mx.arange(M)[None], cache=make_prompt_cache(model)))
+    splitk = sum(call.plan is not None for call in calls)
+    return {"splitk": splitk, "mlx": len(calls) - splitk}
+
+
+# -- unpatched vs patched -------------------------------------------------------------------
+
+# name -> a function of the target that makes a fresh drafter
+Drafters = Dict[str, Callable[[nn.Module], object]]
+
+
+def greedy_runs(
+    model: nn.Module,
+    prompt: mx.array,
+    max_tokens: int,
+    drafters: Drafters,
+    num_draft_tokens: int = 3,
+) -> Dict[str, Dict[str, List[int]]]:
+    """Greedy tokens of mlx-lm's plain loop and of the speculative loop with
+    each drafter, unpatched and patched: {"mlx" | "patched": {run: tokens}}."""
+    out = {}
+    for label, on in STATES:
+        with patch.enabled(on):
+            runs = {
+                "plain": [int(t) for t, _ in generate_step(prompt, model, max_tokens=max_tokens)]
+            }
+            for name, make in drafters.items():
+                steps = speculative_generate_step(
+                    prompt,
+                    model,
+                    make(model),
+                    num_draft_tokens=num_draft_tokens,
+                    max_tokens=max_tokens,
+                )
+                runs[name] = [int(t) for t, _, _ in steps]
+        out[label] = runs
+    return out
+
+
+def probe_logits(model: nn.Module, prompt: mx.array, rows: Sequence[int]) -> Dict[str, list]:
+    """float32 logits of the prompt's last position and of one verify-sized
+    call of ``rows`` after it, unpatched and patched: {"mlx" | "patched": rows x V}.
+    A check that does not depend on how varied a random model's tokens are."""
+    out = {}
+    for label, on in STATES:
+        with patch.enabled(on):
+            cache = make_prompt_cache(model)
+            last = model(prompt[None], cache=cache)[0, -1:]
+            verify = model(mx.array(rows)[None], cache=cache)[0]
+            logits = mx.concatenate([last, verify]).astype(mx.float32)
+            out[label] = logits.tolist()
+    return out

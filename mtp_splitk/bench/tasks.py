@@ -1,0 +1,225 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""The end-to-end benchmark's measurements as tasks (:mod:`.e2e` runs them):
+for one target model, plain decoding, the acceptance-controlled grid, the
+verify latency, the breakdown and the draft-model runs; for an MTP model,
+plain decoding and the MTP head's runs. Each task measures unpatched and
+patched (:data:`.measure.STATES`) and records both in the results."""
+
+from typing import Callable, Dict, List, Tuple
+
+from mlx_lm import load
+
+from .. import mtp, patch
+from ..mtp import MTPDrafter
+from ..speculative import DraftModelDrafter
+from .drafters import AcceptanceControlledDrafter
+from .harness import median_run
+from .measure import (
+    STATES,
+    breakdown,
+    matmul_census,
+    plain_decode,
+    prompt_tokens,
+    speculative_decode,
+    verify_latency,
+)
+
+
+def _strip(result: Dict) -> Dict:
+    return {k: v for k, v in result.items() if k != "tokens"}
+
+
+# A task is (message, fn): one measurement, both patch states inside it, so
+# that a run cut short by its deadline keeps complete comparisons. The
+# headline measurements of every model come first, the rest of the grid after.
+Task = Tuple[str, Callable[[], None]]
+KEY = (4, 0.8)  # the (k, p) the issue's targets are stated at
+
+
+def _run_key(label: str, run: str, every: int) -> str:
+    # Runs that submit the verify pass in pieces are told apart by a suffix.
+    return f"{label} {run}" + (f" every={every}" if every else "")
+
+
+def model_tasks(
+    name,
+    path,
+    results,
+    *,
+    max_tokens,
+    repeats,
+    acceptances,
+    draft_tokens,
+    draft_path,
+    verify_ms,
+    submit_every=(0,),
+) -> Tuple[List[Task], List[Task]]:
+    """(headline tasks, the rest) for one target model."""
+    loaded = {}
+    plain_tokens = {}
+
+    def target():
+        if "model" not in loaded:
+            loaded["model"], tokenizer = load(str(path))
+            loaded["prompt"] = prompt_tokens(tokenizer)
+            results.put(name, "info", "path", str(path))
+            results.put(name, "info", "prompt_tokens", loaded["prompt"].size)
+        return loaded["model"], loaded["prompt"]
+
+    def plain():
+        model, prompt = target()
+        plain_tokens.update(plain_both(name, model, prompt, results, max_tokens, repeats))
+
+    references = {}
+
+    def reference(label, k):
+        """The target's greedy continuation as the verify path computes it.
+
+        A verify row can round differently from a decode row (other kernels,
+        other M), and random weights have near-ties: where plain decoding and
+        the loop part, a reference taken from plain decoding goes stale and
+        the measured acceptance falls below p. So the reference is re-recorded
+        by the loop itself at p = 1 with the same k (which emits the target's
+        own verify-path tokens whatever it is proposed), until it reproduces
+        itself. These runs also warm the loop up (first use compiles).
+        """
+        model, prompt = target()
+        if (label, k) not in references:
+            tokens, passes = plain_tokens[label], 0
+            while passes < 3:
+                passes += 1
+                drafter = AcceptanceControlledDrafter(
+                    tokens + [0] * (k + 1), 1.0, model.args.vocab_size
+                )
+                emitted = speculative_decode(model, prompt, drafter, k, max_tokens)["tokens"]
+                if emitted == tokens:
+                    break
+                tokens = emitted
+            references[label, k] = (tokens, passes)
+        return references[label, k]
+
+    def acceptance(k, p):
+        model, prompt = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                tokens, passes = reference(label, k)
+                census = matmul_census(model, k + 1) if on else None
+                for every in submit_every:
+                    drafter = AcceptanceControlledDrafter(
+                        tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k
+                    )
+                    run = median_run(
+                        lambda: speculative_decode(model, prompt, drafter, k, max_tokens, every),
+                        repeats,
+                        warmup=False,
+                    )
+                    run["matmuls"] = census
+                    # The loop reproduced the reference, so p is the acceptance it ran at.
+                    run["matches_reference"] = run["tokens"] == tokens
+                    run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                    run["reference_passes"] = passes
+                    results.put(
+                        name, "acceptance", _run_key(label, f"p={p} k={k}", every), _strip(run)
+                    )
+
+    def verify():
+        model, _ = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                results.put(name, "verify_ms", label, verify_latency(model, verify_ms, 64, 5))
+
+    def parts(M):
+        model, _ = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                results.put(name, "breakdown", f"{label} M={M}", breakdown(model, M, 64, 5))
+
+    def draft(k, warmup):
+        model, prompt = target()
+        if "draft" not in loaded:
+            loaded["draft"], _ = load(str(draft_path))
+        for label, on in STATES:
+            with patch.enabled(on):
+                for every in submit_every:
+                    run = median_run(
+                        lambda: speculative_decode(
+                            model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens, every
+                        ),
+                        repeats,
+                        warmup=warmup,
+                    )
+                    results.put(name, "draft", _run_key(label, f"k={k}", every), _strip(run))
+
+    grid = [(k, p) for k in draft_tokens for p in acceptances]
+    key = KEY if KEY in grid else grid[0]
+    k_key = key[0]
+    head = [
+        (f"{name}: plain decode", plain),
+        (f"{name}: p={key[1]} k={key[0]}", lambda: acceptance(*key)),
+        (f"{name}: breakdown M={k_key + 1}", lambda: parts(k_key + 1)),
+    ]
+    rest = [
+        (f"{name}: p={p} k={k}", lambda k=k, p=p: acceptance(k, p))
+        for k, p in grid
+        if (k, p) != key
+    ]
+    rest += [
+        (f"{name}: verify latency M={verify_ms[0]}..{verify_ms[-1]}", verify),
+        (f"{name}: breakdown M=1", lambda: parts(1)),
+    ]
+    if draft_path is not None:
+        rest += [
+            (f"{name}: draft model k={k}", lambda k=k, i=i: draft(k, warmup=i == 0))
+            for i, k in enumerate(draft_tokens)
+        ]
+    return head, rest
+
+
+def mtp_tasks(
+    name, path, results, *, max_tokens, repeats, draft_tokens, submit_every=(0,)
+) -> List[Task]:
+    loaded = {}
+    plain_tokens = {}
+
+    def target():
+        if not loaded:
+            loaded["model"], loaded["head"], tokenizer = mtp.load(str(path))
+            loaded["prompt"] = prompt_tokens(tokenizer)
+            results.put(name, "info", "path", str(path))
+        return loaded["model"], loaded["head"], loaded["prompt"]
+
+    def plain():
+        model, _, prompt = target()
+        plain_tokens.update(plain_both(name, model, prompt, results, max_tokens, repeats))
+
+    def speculate(k, warmup):
+        model, head, prompt = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                for every in submit_every:
+                    run = median_run(
+                        lambda: speculative_decode(
+                            model, prompt, MTPDrafter(model, head), k, max_tokens, every
+                        ),
+                        repeats,
+                        warmup=warmup,
+                    )
+                    run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                    results.put(name, "mtp", _run_key(label, f"k={k}", every), _strip(run))
+
+    return [(f"{name}: plain decode", plain)] + [
+        (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0))
+        for i, k in enumerate(draft_tokens)
+    ]
+
+
+def plain_both(name, model, prompt, results, max_tokens, repeats) -> Dict[str, List[int]]:
+    """Plain decode unpatched and patched, recorded; each state's tokens."""
+    tokens = {}
+    for label, on in STATES:
+        with patch.enabled(on):
+            run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
+        tokens[label] = run["tokens"]
+        results.put(name, "plain", label, _strip(run))
+    return tokens

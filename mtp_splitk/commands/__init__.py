@@ -1,0 +1,50 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""The ``mtp-splitk`` subcommands, one module each (``generate``, ``convert``,
+``synthesize``, ``bench``), each with its ``setup_arg_parser()`` and
+``main(argv)``; ``mtp_splitk.cli`` dispatches to them.
+
+What they share: :class:`Parser` (argparse whose errors are one
+:class:`UsageError` line, reported with exit status 2 by ``cli.main``) and
+:func:`check_model_path`.
+"""
+
+import argparse
+import re
+from pathlib import Path
+
+PROG = "mtp-splitk"
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (argparse prints the usage too)."""
+
+    def error(self, message):
+        command = self.prog.split()[1:]  # "mtp-splitk generate" -> ["generate"]
+        raise UsageError(f"{' '.join(command)}: {message}" if command else message)
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            # Worded as the top-level parser worded it when it parsed every command.
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
+        return args
+
+
+_HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(value: str, flag: str) -> None:
+    """A local model must be a directory with config.json; anything that is
+    not a local path but looks like ``org/name`` is left to mlx-lm (a Hub
+    repository)."""
+    path = Path(value).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{flag} {value}: not a model directory (no config.json)")
+    elif not _HF_REPO.match(value):
+        raise UsageError(f"{flag} {value}: model directory not found")

@@ -1,0 +1,163 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""A KV cache whose write position lives on the device.
+
+mlx-lm's ``KVCache`` keeps its offset as a Python int, so a speculative loop
+must read each verdict on the host before it can build the next verify pass.
+:class:`DeviceKVCache` keeps the offset as a scalar ``mx.array``: the loop
+advances it by the accepted count while that count is still a lazy array, and
+builds step n+1 before step n has run. Every pass writes its rows at the
+offset with ``mx.slice_update``; rows of rejected drafts lie past the new
+offset and are overwritten by the next pass.
+
+The buffer has a fixed capacity, grown on the host in steps of
+:attr:`step` positions (:meth:`reserve`), so the graph's shapes change
+rarely; attention reads the whole buffer and the mask from
+:meth:`make_mask` hides every position past each row's own. MLX's dynamic
+slicing does not clamp, so the loop reserves ahead of the largest offset the
+device can have reached (:func:`reserve`).
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+from ..compat import BaseCache
+
+
+class DeviceKVCache(BaseCache):
+    """``KVCache``'s interface with ``offset`` a scalar int32 ``mx.array``.
+
+    :meth:`update_and_fetch` writes the new rows but does not move the
+    offset: the loop moves it by what was accepted (:meth:`advance`), which
+    only the verdict knows.
+    """
+
+    step = 256
+
+    def __init__(self, offset: int = 0):
+        self.keys: Optional[mx.array] = None
+        self.values: Optional[mx.array] = None
+        self.offset = mx.array(offset, mx.int32)
+        self._capacity = 0  # rows allocated, or to allocate at the first write
+
+    @classmethod
+    def from_cache(cls, cache: KVCache) -> "DeviceKVCache":
+        """The same contents as a filled (or empty) ``KVCache``."""
+        c = cls(cache.offset)
+        if cache.keys is not None:
+            c.keys = cache.keys[..., : cache.offset, :]
+            c.values = cache.values[..., : cache.offset, :]
+            c._capacity = cache.offset
+            c.reserve(cache.offset)
+        return c
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def reserve(self, positions: int):
+        """Make room for ``positions`` rows (host-side; rounds up to :attr:`step`)."""
+        size = -(-positions // self.step) * self.step
+        if size <= self._capacity:
+            return
+        if self.keys is None:
+            self._capacity = size
+            return
+        B, H, _, Dk = self.keys.shape
+        extra = size - self._capacity
+        self.keys = mx.concatenate([self.keys, mx.zeros((B, H, extra, Dk), self.keys.dtype)], axis=2)
+        Dv = self.values.shape[3]
+        self.values = mx.concatenate(
+            [self.values, mx.zeros((B, H, extra, Dv), self.values.dtype)], axis=2
+        )
+        self._capacity = size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.keys is None:
+            B, H, L, Dk = keys.shape
+            self.reserve(L)
+            self.keys = mx.zeros((B, H, self._capacity, Dk), keys.dtype)
+            self.values = mx.zeros((B, H, self._capacity, values.shape[3]), values.dtype)
+        start = self.offset[None]
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        return self.keys, self.values
+
+    def advance(self, n):
+        """Move the offset by ``n`` rows (an int or a lazy array)."""
+        self.offset = self.offset + n
+
+    def make_mask(self, N: int, return_array: bool = False, window_size=None):
+        """(N, capacity) bool: row i sees positions up to ``offset + i``."""
+        if window_size is not None:
+            raise ValueError("DeviceKVCache does not support sliding windows.")
+        positions = self.offset + mx.arange(N, dtype=mx.int32)
+        return mx.arange(self._capacity, dtype=mx.int32)[None] <= positions[:, None]
+
+    def to_kv_cache(self, length: int) -> KVCache:
+        """A plain ``KVCache`` holding the first ``length`` rows."""
+        c = KVCache()
+        if self.keys is not None and length > 0:
+            c.keys = self.keys[..., :length, :]
+            c.values = self.values[..., :length, :]
+            c.offset = length
+        return c
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset = v
+        self._capacity = 0 if self.keys is None else self.keys.shape[2]
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        self.offset = self.offset - n
+        return n
+
+    def size(self):
+        return self._capacity
+
+    def empty(self):
+        return self.keys is None
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
+    """Replace every ``KVCache`` of a model's cache list, in place, by a
+    :class:`DeviceKVCache` with the same contents and room for ``positions``
+    rows; returns the list."""
+    for i, c in enumerate(cache):
+        cache[i] = DeviceKVCache.from_cache(c)
+        cache[i].reserve(positions)
+    return cache
+
+
+def pipelinable(cache: List) -> bool:
+    """Whether every entry is a plain ``KVCache`` (what :func:`on_device` takes)."""
+    return all(type(c) is KVCache for c in cache)
+
+
+def reserve(cache: List[DeviceKVCache], positions: int):
+    for c in cache:
+        c.reserve(positions)
+
+
+def advance(cache: List[DeviceKVCache], n):
+    for c in cache:
+        c.advance(n)
+
+
+def rewind(cache: List[DeviceKVCache], offset):
+    """Set every entry's offset (an int or a lazy array)."""
+    for c in cache:
+        c.offset = mx.array(offset, mx.int32) if isinstance(offset, int) else offset

@@ -36,8 +36,8 @@ def build_parser() -> Parser:
     command (a command's own arguments are its module's to parse)."""
     parser = Parser(prog=PROG, description="Split-K quantized matmuls and MTP decoding for mlx-lm.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for name, help in COMMANDS.items():
-        subparsers.add_parser(name, help=help, add_help=False)
+    for name, line in COMMANDS.items():
+        subparsers.add_parser(name, help=line, add_help=False)
     return parser
 
 

@@ -61,7 +61,8 @@ def test_smoke_numbers_are_consistent(smoke_doc):
                 assert 0 <= r["accepted"] <= r["drafted"], key
                 assert 0 <= r["acceptance_rate"] <= r["per_token_acceptance"] <= 1, key
                 assert r["tokens_per_step"] >= 1, key
-                assert r["verify_ms"] > 0, key
+                # The overlapped loop waits for no verdict, so it times none.
+                assert (r["verify_ms"] == 0) if r["overlapped"] else (r["verify_ms"] > 0), key
         for times in model.get("verify_ms", {}).values():
             assert all(t > 0 for t in times.values())
 

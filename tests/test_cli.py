@@ -426,3 +426,50 @@ def test_synthesize(tmp_path, capsys):
         == 2
     )
     assert "qwen3 shape, not llama" in capsys.readouterr().err
+
+
+# -- the cache -----------------------------------------------------------------------------
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(model_cache.ENV, str(tmp_path / "mine"))
+    assert model_cache.root() == tmp_path / "mine"
+    monkeypatch.delenv(model_cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert model_cache.root() == tmp_path / "xdg" / "mtp_splitk"
+
+
+def test_cache_builds_once_and_never_leaves_half_a_directory(tmp_path):
+    writes = []
+
+    def write(path):
+        writes.append(path)
+        (path / "config.json").write_text("{}")
+
+    final = tmp_path / "a" / "model"
+    assert model_cache.build_once(final, write) == final
+    assert model_cache.build_once(final, write) == final
+    assert len(writes) == 1 and writes[0].parent == final.parent and writes[0] != final
+    assert [p.name for p in final.parent.iterdir()] == ["model"]  # renamed into place
+
+    def interrupted(path):
+        (path / "model.safetensors").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model_cache.build_once(tmp_path / "b" / "model", interrupted)
+    assert list((tmp_path / "b").iterdir()) == []
+
+    def overtaken(path):
+        (path / "config.json").write_text("ours")
+        other = tmp_path / "c" / "model"  # another process finishes first
+        other.mkdir()
+        (other / "config.json").write_text("theirs")
+
+    final = model_cache.build_once(tmp_path / "c" / "model", overtaken)
+    assert (final / "config.json").read_text() == "theirs"
+    assert [p.name for p in final.parent.iterdir()] == ["model"]
+
+    with pytest.raises(RuntimeError, match="made no config.json"):
+        model_cache.build_once(tmp_path / "d" / "model", lambda path: None)
+    assert list((tmp_path / "d").iterdir()) == []

@@ -22,7 +22,7 @@ import mlx_lm
 import pytest
 
 import mtp_splitk
-from mtp_splitk import ops, plan, synthetic, tp
+from mtp_splitk import cli, ops, plan, synthetic, tp
 from mtp_splitk.bench import measure, ring
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
 from mtp_splitk.speculative import DraftModelDrafter
@@ -295,3 +295,12 @@ def test_bench_tp_smoke(tmp_path):
     assert set(model["verify_ms"]) == {"one device", "sharded x2"}
     assert all(v["equal"] for v in model["agreement"]["sharded x2"].values())
     assert (tmp_path / "out" / "bench_tp.md").read_text().startswith("# Tensor parallelism")
+
+
+def test_cli_reaches_bench_tp_and_rejects_bad_input(capsys):
+    assert cli.main(["bench", "tp", "--models", "gpt-9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "mtp-splitk: error: unknown model 'gpt-9'; expected one of "
+        "['qwen3-30b-a3b', 'llama3-8b'] or FAMILY:SIZE"
+    ]

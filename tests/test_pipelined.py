@@ -178,11 +178,21 @@ def test_a_prompt_cache_is_reused_across_calls(models):
     assert first == expected[:12] and second == expected[12:30]
 
 
-def test_buckets_grow_in_the_middle_of_a_run(models, monkeypatch):
+@pytest.mark.parametrize("k", [2, 5])
+def test_buckets_grow_in_the_middle_of_a_run(k, models, monkeypatch, tmp_path):
+    """Small buckets, so that the target's and the draft model's caches grow
+    many times while steps are in flight (MLX's dynamic slicing does not
+    clamp: a write past the buffer would corrupt memory, not raise)."""
     monkeypatch.setattr(DeviceKVCache, "step", 8)
     model, _ = models("mixtral")
-    expected = plain(model, 50)
-    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 50, 3)
+    expected = plain(model, 80)
+    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 80, k)
+    assert out == expected and stats.steps > 10
+    target_path, draft_path = synthetic.write_pair(tmp_path / "pair")
+    target, _ = load(str(target_path))
+    draft, _ = load(str(draft_path))
+    expected = plain(target, 80)
+    out, stats = run(target, DraftModelDrafter(draft), 80, k)
     assert out == expected and stats.steps > 10
 
 

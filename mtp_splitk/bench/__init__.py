@@ -1,3 +1,11 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""Benchmark tooling: harnesses and the drafters they drive."""
+"""Benchmark tooling: harnesses and the drafters they drive.
+
+:mod:`.e2e` (``mtp-splitk bench e2e``; its measurements as tasks in
+:mod:`.tasks`) and :mod:`.tp` (``mtp-splitk bench tp``; ranks on one machine
+by :mod:`.ring`) run on :mod:`.harness` (deadline, progress, median runs,
+results), :mod:`.measure` (one model's measurements), :mod:`.models` (the
+synthetic models, cached), :mod:`.drafters` and :mod:`.timing` (the op
+timers of ``scripts/``); :mod:`.report` renders the markdown and the plots.
+"""

@@ -16,8 +16,8 @@ KINDS = {
 def setup_arg_parser() -> Parser:
     parser = Parser(prog=f"{PROG} bench")
     kinds = parser.add_subparsers(dest="kind", required=True, parser_class=Parser)
-    for name, (module, help) in KINDS.items():
-        sub = kinds.add_parser(name, help=help, description=module.__doc__.splitlines()[0])
+    for name, (module, line) in KINDS.items():
+        sub = kinds.add_parser(name, help=line, description=module.__doc__.splitlines()[0])
         module.add_arguments(sub)
     return parser
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     if args.kind == "tp":
         # The arguments after "tp": bench tp --smoke starts its ranks with them.
-        tp.run(args, argv[argv.index("tp") + 1 :])
+        tp.run(args, argv[argv.index(args.kind) + 1 :])
     else:
         e2e.run(args)
     return 0

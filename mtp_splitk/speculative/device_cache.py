@@ -135,10 +135,13 @@ class DeviceKVCache(BaseCache):
 def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
     """Replace every ``KVCache`` of a model's cache list, in place, by a
     :class:`DeviceKVCache` with the same contents and room for ``positions``
-    rows; returns the list."""
+    rows; returns the list. Entries at one offset share one offset array, so
+    moving them all costs one op (:func:`advance`)."""
+    shared = {}
     for i, c in enumerate(cache):
         cache[i] = DeviceKVCache.from_cache(c)
         cache[i].reserve(positions)
+        cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
     return cache
 
 
@@ -152,12 +155,23 @@ def reserve(cache: List[DeviceKVCache], positions: int):
         c.reserve(positions)
 
 
-def advance(cache: List[DeviceKVCache], n):
+def _moved(cache: List[DeviceKVCache], new):
+    # Entries that shared an offset array share the new one.
+    moved = {}
     for c in cache:
-        c.advance(n)
+        key = id(c.offset)
+        if key not in moved:
+            moved[key] = new(c.offset)
+        c.offset = moved[key]
+
+
+def advance(cache: List[DeviceKVCache], n):
+    """Move every entry's offset by ``n`` (an int or a lazy array)."""
+    _moved(cache, lambda offset: offset + n)
 
 
 def rewind(cache: List[DeviceKVCache], offset):
     """Set every entry's offset (an int or a lazy array)."""
+    value = mx.array(offset, mx.int32) if isinstance(offset, int) else offset
     for c in cache:
-        c.offset = mx.array(offset, mx.int32) if isinstance(offset, int) else offset
+        c.offset = value

@@ -17,7 +17,8 @@ discarded and the caches are cut back to what was handed out.
 The synchronous loop (:func:`~.loop.speculative_generate_step`) stays for what
 this one cannot take: caches other than mlx-lm's ``KVCache`` (recurrent
 Gated DeltaNet / Mamba states, rotating windows, quantized KV), logits
-processors, and drafters without :meth:`Drafter.propose`.
+processors, drafters without :meth:`Drafter.propose`, and models sharded over
+several ranks.
 """
 
 import time
@@ -46,8 +47,19 @@ class Verdict:
     token: mx.array  # (1,) uint32, the target's token after them
 
 
+def _sharded(model: nn.Module) -> bool:
+    return any(
+        getattr(m, "group", None) is not None and m.group.size() > 1
+        for _, m in model.named_modules()
+    )
+
+
 def unsupported(model: nn.Module, drafter, cache: List[Any], logits_processors) -> Optional[str]:
     """Why the overlapped loop cannot run this generation, or None."""
+    if _sharded(model):
+        # Seen on MLX's ring backend: after an overlapped run, later
+        # collectives of the ranks disagreed (tests/test_distributed.py).
+        return "a sharded model's collectives are not pipelined across ranks"
     if logits_processors:
         return "logits processors need the emitted tokens on the host"
     if not getattr(drafter, "pipelined", False):
@@ -160,19 +172,20 @@ def pipelined_generate_step(
 
         tic = time.perf_counter()
         known = prompt.size - 1  # the caches' offset before the step being read
-        device_cache.on_device(cache, known + 2 * (k + 1))
-        drafter.reserve(known + 2 * (k + 1))
+        device_cache.on_device(cache, known + 3 * (k + 1))
+        drafter.reserve(known + 3 * (k + 1))
         drafts, q = drafter.start(y, k, distribution)
         current = step(y, drafts, q)
         emitted, handed = 0, 0
         try:
             while True:
                 verdict, logprobs, drafts, q = current
-                # Step n+1 is built and queued before step n is read. Its
-                # rows end at most 2(k+1) past the offset known now.
+                # Step n+1 is built and queued before step n is read: its
+                # target rows end within 2(k+1) of the offset known now, and
+                # a drafter's rows for step n+2 within 3(k+1).
                 upcoming = None
                 if max_tokens < 0 or emitted + 1 < max_tokens:
-                    reserve(known + 2 * (k + 1))
+                    reserve(known + 3 * (k + 1))
                     upcoming = step(verdict.token, drafts, q)
                 accepted = verdict.accepted.item()
                 fed = verdict.inputs.tolist()

@@ -46,13 +46,14 @@ def test_smoke_run_is_complete_and_written(smoke_doc):
     models = doc["models"]
     assert set(models) == {"tiny-llama", "qwen3_next-tiny-mtp"}
     assert set(models["tiny-llama"]["plain"]) == {"mlx", "patched"}
-    assert len(models["tiny-llama"]["acceptance"]) == 2 * 3
+    # 3 acceptances x 2 patch states x 2 loops (overlapped, synchronous).
+    assert len(models["tiny-llama"]["acceptance"]) == 3 * 2 * 2
     assert set(models["tiny-llama"]["verify_ms"]["patched"]) == {"1", "3", "5"}
 
 
 def test_smoke_numbers_are_consistent(smoke_doc):
     doc, _ = smoke_doc
-    for model in doc["models"].values():
+    for name, model in doc["models"].items():
         for label, r in model["plain"].items():
             assert r["tps"] > 0 and r["prompt_tps"] > 0
         for section in ("acceptance", "draft", "mtp"):
@@ -63,6 +64,11 @@ def test_smoke_numbers_are_consistent(smoke_doc):
                 assert r["tokens_per_step"] >= 1, key
                 # The overlapped loop waits for no verdict, so it times none.
                 assert (r["verify_ms"] == 0) if r["overlapped"] else (r["verify_ms"] > 0), key
+                # The hybrid MTP model (Gated DeltaNet) keeps the synchronous loop.
+                assert r["overlapped"] == (key.endswith("overlap") and "qwen3_next" not in name)
+                assert r["step_ms"] > 0, key
+                if section == "acceptance" and r["overlapped"]:
+                    assert r["host_build_ms"] > 0 and r["device_ms"] > 0, key
         for times in model.get("verify_ms", {}).values():
             assert all(t > 0 for t in times.values())
 
@@ -72,14 +78,17 @@ def test_acceptance_controlled_drafter_hits_its_rate(smoke_doc):
     proposing the recorded continuation is accepted at p = 1 and never at p = 0."""
     runs = smoke_doc[0]["models"]["tiny-llama"]["acceptance"]
     for label in ("mlx", "patched"):
-        always, never = runs[f"{label} p=1.0 k=3"], runs[f"{label} p=0.0 k=3"]
-        assert always["matches_plain"] and never["matches_plain"]
-        assert always["matches_reference"] and never["matches_reference"]
-        assert always["reference_passes"] == 1  # the plain continuation already was the verify path's
-        assert always["accepted"] == always["drafted"] > 0
-        assert never["accepted"] == 0 and never["drafted"] > 0
-        assert never["tokens_per_step"] == 1
-    census = runs["patched p=0.8 k=3"]["matmuls"]
+        for loop in ("overlap", "sync"):
+            always = runs[f"{label} p=1.0 k=3 {loop}"]
+            never = runs[f"{label} p=0.0 k=3 {loop}"]
+            assert always["matches_plain"] and never["matches_plain"]
+            assert always["matches_reference"] and never["matches_reference"]
+            # the plain continuation already was the verify path's
+            assert always["reference_passes"] == 1
+            assert always["accepted"] == always["drafted"] > 0
+            assert never["accepted"] == 0 and never["drafted"] > 0
+            assert never["tokens_per_step"] == 1
+    census = runs["patched p=0.8 k=3 overlap"]["matmuls"]
     assert census["mlx"] > 0 and census["splitk"] == 0  # the CPU: every matmul on MLX's path
 
 

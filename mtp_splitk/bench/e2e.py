@@ -6,7 +6,8 @@ What is measured, per model (synthetic, real shapes, random 4-bit weights,
 loaded by ``mlx_lm.load``):
 
 - ``plain``: mlx-lm's own ``generate_step`` (pipelined), unpatched and patched;
-- ``acceptance``: the speculative loop with the acceptance-controlled
+- ``acceptance``: the speculative loops (``--loops``: the overlapped loop,
+  the synchronous one) with the acceptance-controlled
   drafter (the target's recorded greedy continuation, each token proposed
   with probability p, another token otherwise) for every (p, k), unpatched
   and patched: the system at a known acceptance rate, whatever the random
@@ -34,6 +35,7 @@ from typing import Dict
 
 from . import models, report
 from .harness import ByteProgress, Deadline, Progress, Results, device_meta
+from .measure import LOOPS, loop_options
 from .tasks import model_tasks, mtp_tasks
 
 ACCEPTANCES = (0.6, 0.8, 0.9)
@@ -60,10 +62,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--acceptance", default=",".join(map(str, ACCEPTANCES)))
     parser.add_argument("--num-draft-tokens", default=",".join(map(str, DRAFT_TOKENS)))
     parser.add_argument(
-        "--submit-every",
-        default="0",
-        help="comma-separated: run each speculative measurement submitting the verify pass "
-        "every N decoder layers (0: whole; see speculative.layers_started_early)",
+        "--loops",
+        default=",".join(LOOPS),
+        help="speculative loops to measure: overlap (no host sync per step), sync "
+        "(the synchronous loop), every=N (synchronous, submitted every N decoder layers)",
     )
     parser.add_argument(
         "--deadline",
@@ -82,9 +84,9 @@ def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
     acceptances = [float(v) for v in args.acceptance.split(",")]
     draft_tokens = [int(v) for v in args.num_draft_tokens.split(",")]
-    submit_every = tuple(int(v) for v in args.submit_every.split(","))
-    if any(v < 0 for v in submit_every):
-        raise ValueError("--submit-every values must be >= 0.")
+    loops = tuple(v for v in args.loops.split(",") if v)
+    for loop in loops:
+        loop_options(loop)  # one clear error for a bad value
     if not all(0.0 <= p <= 1.0 for p in acceptances) or not all(k >= 1 for k in draft_tokens):
         raise ValueError(
             "--acceptance values must be in [0, 1] and --num-draft-tokens values >= 1."
@@ -130,7 +132,7 @@ def run(args) -> Dict:
         max_tokens=args.max_tokens,
         repeats=args.repeats,
         draft_tokens=draft_tokens,
-        submit_every=submit_every,
+        loops=loops,
     )
     heads, rests = [], []
     for name, target, draft in jobs:

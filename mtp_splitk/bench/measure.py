@@ -14,6 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from .. import ops, patch
 from ..speculative import Stats, speculative_generate_step
+from ..speculative.pipelined import Pipeline
 from .timing import median_call_us
 
 STATES = (("mlx", False), ("patched", True))  # (label, patch enabled)
@@ -48,8 +49,22 @@ def plain_decode(model, prompt: mx.array, max_tokens: int) -> Dict:
     }
 
 
+LOOPS = ("overlap", "sync")  # and "every=N": synchronous, submitted every N layers
+
+
+def loop_options(loop: str) -> Dict:
+    """speculative_generate_step's options for a loop variant of :data:`LOOPS`."""
+    if loop == "overlap":
+        return {"overlap": True}
+    if loop == "sync":
+        return {"overlap": False}
+    if loop.startswith("every=") and loop[6:].isdigit() and int(loop[6:]) > 0:
+        return {"overlap": False, "submit_every": int(loop[6:])}
+    raise ValueError(f"a loop is 'overlap', 'sync' or 'every=N' (N > 0), not {loop!r}.")
+
+
 def speculative_decode(
-    model, prompt: mx.array, drafter, k: int, max_tokens: int, submit_every: int = 0
+    model, prompt: mx.array, drafter, k: int, max_tokens: int, loop: str = "overlap"
 ) -> Dict:
     """The speculative loop's tokens/s (after the first step) and statistics."""
     stats = Stats()
@@ -61,14 +76,15 @@ def speculative_decode(
         num_draft_tokens=k,
         max_tokens=max_tokens,
         stats=stats,
-        submit_every=submit_every,
+        **loop_options(loop),
     )
     for token, _, _ in steps:
         times.append(time.perf_counter())
         tokens.append(int(token))
     first_burst = stats.accepted_per_step[0] + 1 if stats.steps else 1
+    tps = _tokens_per_second(times, first_burst)
     return {
-        "tps": _tokens_per_second(times, first_burst),
+        "tps": tps,
         "prompt_tps": stats.prompt_tps,
         "steps": stats.steps,
         "drafted": stats.drafted,
@@ -76,10 +92,29 @@ def speculative_decode(
         "acceptance_rate": stats.acceptance_rate,
         "per_token_acceptance": stats.per_token_acceptance,
         "tokens_per_step": stats.tokens_per_step,
+        "step_ms": 1e3 * stats.tokens_per_step / tps if tps else 0.0,  # wall time a step
         "verify_ms": 1e3 * stats.mean_verify_time,
         "overlapped": stats.overlapped,  # then no verify time: nothing waits for a verdict
         "tokens": tokens,
     }
+
+
+def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32) -> Dict:
+    """Where an overlapped step's time goes: ``steps`` steps are built
+    lazily first (host build, ms per step), then evaluated at once (device
+    time with the host's dispatch of the ops, ms per step). The overlapped
+    loop's wall time per step is about the larger of the two."""
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
+    offset, current = pipeline.begin(prompt)
+    mx.eval(current[0].token, current[2])
+    pipeline.reserve(offset + steps * (k + 1))  # as if every step accepted all
+    tic = time.perf_counter()
+    for _ in range(steps):
+        current = pipeline.step(current)
+    built = time.perf_counter()
+    mx.eval(current[0].token, current[2])
+    done = time.perf_counter()
+    return {"host_build_ms": 1e3 * (built - tic) / steps, "device_ms": 1e3 * (done - built) / steps}
 
 
 # -- forward passes -------------------------------------------------------------------------

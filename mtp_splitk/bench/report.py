@@ -42,8 +42,9 @@ def e2e_markdown(doc: Dict) -> str:
                 f"**Speculative, {title}**",
                 "",
                 "| run | tok/s | × MLX plain | × same loop unpatched | acceptance (per token) "
-                "| tokens/step | verify ms | split-K matmuls of one forward | as recorded |",
-                "|---|---|---|---|---|---|---|---|---|",
+                "| tokens/step | ms/step | verify ms | host build / device ms a step "
+                "| split-K matmuls of one forward | as recorded |",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for key, r in rows.items():
                 twin = (
@@ -64,10 +65,14 @@ def e2e_markdown(doc: Dict) -> str:
                 recorded = {True: "yes", False: "no"}.get(r.get("matches_reference"), "")
                 # The overlapped loop never waits for a verdict, so it has no verify time.
                 verify_ms = "overlapped" if r.get("overlapped") else f"{r['verify_ms']:.2f}"
+                split = (
+                    f"{r['host_build_ms']:.2f} / {r['device_ms']:.2f}" if "device_ms" in r else ""
+                )
                 lines.append(
                     f"| {key} | {r['tps']:.1f} | {vs_plain} | {vs_loop} "
                     f"| {r['acceptance_rate']:.2f} ({r['per_token_acceptance']:.2f}) "
-                    f"| {r['tokens_per_step']:.2f} | {verify_ms} | {share} | {recorded} |"
+                    f"| {r['tokens_per_step']:.2f} | {r.get('step_ms', 0):.2f} | {verify_ms} "
+                    f"| {split} | {share} | {recorded} |"
                 )
         verify = m.get("verify_ms", {})
         if verify:
@@ -259,9 +264,9 @@ def _plot_e2e(plt, path, data) -> str:
         for label, style in (("mlx", "--"), ("patched", "-")):
             by_p = {}
             for key, r in runs.items():
-                state, p, k, *every = key.split()  # "patched p=0.8 k=4 [every=4]"
+                state, p, k, *loop = key.split()  # "patched p=0.8 k=4 overlap"
                 if state == label:
-                    by_p.setdefault((p, *every), []).append((int(k[2:]), r["tps"]))
+                    by_p.setdefault((p, *loop), []).append((int(k[2:]), r["tps"]))
             for i, (series, pts) in enumerate(sorted(by_p.items())):
                 pts.sort()
                 ax.plot(

@@ -16,12 +16,14 @@ from ..speculative import DraftModelDrafter
 from .drafters import AcceptanceControlledDrafter
 from .harness import median_run
 from .measure import (
+    LOOPS,
     STATES,
     breakdown,
     matmul_census,
     plain_decode,
     prompt_tokens,
     speculative_decode,
+    step_split_ms,
     verify_latency,
 )
 
@@ -37,9 +39,9 @@ Task = Tuple[str, Callable[[], None]]
 KEY = (4, 0.8)  # the (k, p) the issue's targets are stated at
 
 
-def _run_key(label: str, run: str, every: int) -> str:
-    # Runs that submit the verify pass in pieces are told apart by a suffix.
-    return f"{label} {run}" + (f" every={every}" if every else "")
+def _run_key(label: str, run: str, loop: str) -> str:
+    # "patched p=0.8 k=4 overlap": the loop variant last (measure.LOOPS).
+    return f"{label} {run} {loop}"
 
 
 def model_tasks(
@@ -53,7 +55,7 @@ def model_tasks(
     draft_tokens,
     draft_path,
     verify_ms,
-    submit_every=(0,),
+    loops=LOOPS,
 ) -> Tuple[List[Task], List[Task]]:
     """(headline tasks, the rest) for one target model."""
     loaded = {}
@@ -105,22 +107,24 @@ def model_tasks(
             with patch.enabled(on):
                 tokens, passes = reference(label, k)
                 census = matmul_census(model, k + 1) if on else None
-                for every in submit_every:
+                for loop in loops:
                     drafter = AcceptanceControlledDrafter(
                         tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k
                     )
                     run = median_run(
-                        lambda: speculative_decode(model, prompt, drafter, k, max_tokens, every),
+                        lambda: speculative_decode(model, prompt, drafter, k, max_tokens, loop),
                         repeats,
                         warmup=False,
                     )
+                    if loop == "overlap":
+                        run.update(step_split_ms(model, prompt, drafter, k))
                     run["matmuls"] = census
                     # The loop reproduced the reference, so p is the acceptance it ran at.
                     run["matches_reference"] = run["tokens"] == tokens
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     run["reference_passes"] = passes
                     results.put(
-                        name, "acceptance", _run_key(label, f"p={p} k={k}", every), _strip(run)
+                        name, "acceptance", _run_key(label, f"p={p} k={k}", loop), _strip(run)
                     )
 
     def verify():
@@ -141,15 +145,15 @@ def model_tasks(
             loaded["draft"], _ = load(str(draft_path))
         for label, on in STATES:
             with patch.enabled(on):
-                for every in submit_every:
+                for loop in loops:
                     run = median_run(
                         lambda: speculative_decode(
-                            model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens, every
+                            model, prompt, DraftModelDrafter(loaded["draft"]), k, max_tokens, loop
                         ),
                         repeats,
                         warmup=warmup,
                     )
-                    results.put(name, "draft", _run_key(label, f"k={k}", every), _strip(run))
+                    results.put(name, "draft", _run_key(label, f"k={k}", loop), _strip(run))
 
     grid = [(k, p) for k in draft_tokens for p in acceptances]
     key = KEY if KEY in grid else grid[0]
@@ -177,7 +181,7 @@ def model_tasks(
 
 
 def mtp_tasks(
-    name, path, results, *, max_tokens, repeats, draft_tokens, submit_every=(0,)
+    name, path, results, *, max_tokens, repeats, draft_tokens, loops=LOOPS
 ) -> List[Task]:
     loaded = {}
     plain_tokens = {}
@@ -197,16 +201,16 @@ def mtp_tasks(
         model, head, prompt = target()
         for label, on in STATES:
             with patch.enabled(on):
-                for every in submit_every:
+                for loop in loops:
                     run = median_run(
                         lambda: speculative_decode(
-                            model, prompt, MTPDrafter(model, head), k, max_tokens, every
+                            model, prompt, MTPDrafter(model, head), k, max_tokens, loop
                         ),
                         repeats,
                         warmup=warmup,
                     )
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
-                    results.put(name, "mtp", _run_key(label, f"k={k}", every), _strip(run))
+                    results.put(name, "mtp", _run_key(label, f"k={k}", loop), _strip(run))
 
     return [(f"{name}: plain decode", plain)] + [
         (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0))

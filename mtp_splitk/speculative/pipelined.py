@@ -95,6 +95,75 @@ def prefill(model, parts, cache, drafter, prompt: mx.array, step_size: int, prog
     return tokens
 
 
+class Pipeline:
+    """The overlapped loop's steps for one generation, as lazy arrays.
+
+    :meth:`begin` prefills (synchronously), moves the caches to the device
+    and returns step 0; :meth:`step` builds the step after a given one and
+    queues it with ``mx.async_eval``, reading nothing. The generator below
+    reads each step one step late; a benchmark can chain steps unread.
+    """
+
+    def __init__(self, model, drafter, cache, k, sampler=None, distribution=None, submit=True):
+        self.model, self.drafter, self.cache, self.k = model, drafter, cache, k
+        self.sampler = sampler or greedy_sampler
+        self.distribution = distribution
+        self.submit = submit  # False: steps stay unevaluated until asked for
+        self.parts = TargetParts(model) if drafter.needs_hidden else None
+
+    def _forward(self, inputs: mx.array):
+        if self.parts is None:
+            return self.model(inputs[None], cache=self.cache)[0], None
+        hidden = self.parts.hidden(inputs[None], self.cache)
+        return self.parts.logits(hidden)[0], hidden
+
+    def reserve(self, offset: int):
+        """Room for every row that steps up to two past ``offset`` write: a
+        step's target rows end within 2(k+1) of the offset before the step
+        before it, and a drafter's rows for the step after within 3(k+1)."""
+        positions = offset + 3 * (self.k + 1)
+        device_cache.reserve(self.cache, positions)
+        self.drafter.reserve(positions)
+
+    def begin(self, prompt: mx.array, prefill_step_size: int = 512, progress=None):
+        """Prefill all prompt tokens but the last; returns (the offset, step 0)."""
+        self.drafter.reset()
+        y = prefill(
+            self.model, self.parts, self.cache, self.drafter, prompt,
+            prefill_step_size, progress or (lambda *_: None),
+        )
+        offset = prompt.size - 1
+        device_cache.on_device(self.cache, offset + 3 * (self.k + 1))
+        self.drafter.reserve(offset + 3 * (self.k + 1))
+        drafts, q = self.drafter.start(y, self.k, self.distribution)
+        return offset, self._step(y, drafts, q)
+
+    def step(self, previous):
+        """The step after ``previous`` (a step's tuple), built and queued."""
+        verdict, _, drafts, q = previous
+        return self._step(verdict.token, drafts, q)
+
+    def _step(self, y, drafts, q):
+        k = self.k
+        inputs = mx.concatenate([y, drafts])
+        logits, hidden = self._forward(inputs)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if self.distribution is None:
+            targets = self.sampler(logprobs).astype(mx.uint32)
+            match = (drafts == targets[:k]).astype(mx.int32)
+            accepted = mx.cumprod(match).sum() if k else mx.array(0, mx.int32)
+            token = mx.take(targets, accepted)[None]
+        else:
+            accepted, token = speculative_accept(self.distribution(logprobs), q, drafts)
+            token = token.astype(mx.uint32)[None]
+        device_cache.advance(self.cache, accepted + 1)
+        verdict = Verdict(inputs, hidden, accepted.astype(mx.int32), token)
+        drafts, q = self.drafter.propose(verdict, k, self.distribution)
+        if self.submit:  # everything the host reads of this step is computed with it
+            mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
+        return verdict, logprobs, drafts, q
+
+
 def pipelined_generate_step(
     prompt: mx.array,
     model: nn.Module,
@@ -123,7 +192,6 @@ def pipelined_generate_step(
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}.")
     if prompt.size == 0:
         raise ValueError("The prompt must hold at least one token.")
-    sampler = sampler or greedy_sampler
     stats = stats if stats is not None else Stats()
     stats.overlapped = True
     k = num_draft_tokens
@@ -131,62 +199,24 @@ def pipelined_generate_step(
     reason = unsupported(model, drafter, cache, None)
     if reason is not None:
         raise ValueError(f"The overlapped loop cannot run: {reason}.")
-    parts = TargetParts(model) if drafter.needs_hidden else None
-
-    def forward(inputs: mx.array):
-        if parts is None:
-            return model(inputs[None], cache=cache)[0], None
-        hidden = parts.hidden(inputs[None], cache)
-        return parts.logits(hidden)[0], hidden
-
-    def step(y, drafts, q):
-        inputs = mx.concatenate([y, drafts])
-        logits, hidden = forward(inputs)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if distribution is None:
-            targets = sampler(logprobs).astype(mx.uint32)
-            match = (drafts == targets[:k]).astype(mx.int32)
-            accepted = mx.cumprod(match).sum() if k else mx.array(0, mx.int32)
-            token = mx.take(targets, accepted)[None]
-        else:
-            accepted, token = speculative_accept(distribution(logprobs), q, drafts)
-            token = token.astype(mx.uint32)[None]
-        device_cache.advance(cache, accepted + 1)
-        verdict = Verdict(inputs, hidden, accepted.astype(mx.int32), token)
-        drafts, q = drafter.propose(verdict, k, distribution)
-        # Everything the host reads of this step is computed with it.
-        mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
-        return verdict, logprobs, drafts, q
-
-    def reserve(positions: int):
-        device_cache.reserve(cache, positions)
-        drafter.reserve(positions)
+    pipeline = Pipeline(model, drafter, cache, k, sampler, distribution)
 
     with mx.stream(stream):
         tic = time.perf_counter()
-        drafter.reset()
-        progress = prompt_progress_callback or (lambda *_: None)
-        y = prefill(model, parts, cache, drafter, prompt, prefill_step_size, progress)
+        known, current = pipeline.begin(prompt, prefill_step_size, prompt_progress_callback)
         stats.prompt_tokens += prompt.size
         stats.prompt_time += time.perf_counter() - tic
 
         tic = time.perf_counter()
-        known = prompt.size - 1  # the caches' offset before the step being read
-        device_cache.on_device(cache, known + 3 * (k + 1))
-        drafter.reserve(known + 3 * (k + 1))
-        drafts, q = drafter.start(y, k, distribution)
-        current = step(y, drafts, q)
         emitted, handed = 0, 0
         try:
             while True:
-                verdict, logprobs, drafts, q = current
-                # Step n+1 is built and queued before step n is read: its
-                # target rows end within 2(k+1) of the offset known now, and
-                # a drafter's rows for step n+2 within 3(k+1).
+                verdict, logprobs, _, _ = current
+                # Step n+1 is built and queued before step n is read.
                 upcoming = None
                 if max_tokens < 0 or emitted + 1 < max_tokens:
-                    reserve(known + 3 * (k + 1))
-                    upcoming = step(verdict.token, drafts, q)
+                    pipeline.reserve(known)
+                    upcoming = pipeline.step(current)
                 accepted = verdict.accepted.item()
                 fed = verdict.inputs.tolist()
                 out = [(t, logprobs[j], True) for j, t in enumerate(fed[1 : accepted + 1])]

@@ -4,9 +4,9 @@
 
 Each op validates its inputs (a ValueError that names the problem, never a
 wrong number), asks the planner whether a split-K kernel is the right call,
-and otherwise hands the call to MLX unchanged. A call the kernel takes keeps
-MLX's derivatives: ``mx.grad`` / ``mx.vjp`` / ``mx.jvp`` use MLX's own op's
-(see :func:`_kernel_op`). :func:`recording` lists the calls and their plans.
+and otherwise hands the call to MLX unchanged (MLX's ops as bound at import,
+see ``kernel_op``). A call the kernel takes keeps MLX's derivatives
+(``kernel_op``). :func:`recording` lists the calls and their plans.
 """
 
 import contextlib
@@ -16,13 +16,10 @@ from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
-from . import launch, plan as planner
+from . import kernel_op, plan as planner
+from .kernel_op import mlx_gather_qmm as _mlx_gather_qmm
+from .kernel_op import mlx_quantized_matmul as _mlx_quantized_matmul
 from .plan import Plan
-
-# MLX's ops, bound once: after `mx.quantized_matmul = quantized_matmul` (a global
-# swap) the fallback must still reach MLX's op, not this one.
-_mlx_quantized_matmul = mx.quantized_matmul
-_mlx_gather_qmm = mx.gather_qmm
 
 # (group sizes, bits) MLX accepts per mode, and its defaults (first entries).
 MODES = {
@@ -168,49 +165,6 @@ def _cached(key, device, miss):
     return found
 
 
-def _replace(values, positions, chosen):
-    values = list(values)
-    for i, value in zip(positions, chosen):
-        values[i] = value
-    return values
-
-
-def _kernel_op(forward, reference, constant):
-    """``forward`` (a kernel launch) as an op whose derivatives are those of
-    ``reference`` (MLX's op on the same arguments): a custom kernel has none.
-
-    The arguments at the positions in ``constant`` (packed weights, indices,
-    the scales of the fp modes), which MLX's op does not differentiate, get
-    zero cotangents. ``forward`` must stop gradients at x, so that ``mx.jvp``
-    reaches the jvp here without differentiating the kernel. (MLX's op has no
-    vmap, so neither has this one.)
-    """
-    op = mx.custom_function(forward)
-
-    @op.vjp
-    def vjp(primals, cotangent, output):
-        free = [i for i in range(len(primals)) if i not in constant]
-        _, grads = mx.vjp(
-            lambda *args: reference(*_replace(primals, free, args)),
-            [primals[i] for i in free],
-            [cotangent],
-        )
-        cotangents = [mx.zeros_like(p) if i in constant else None for i, p in enumerate(primals)]
-        return tuple(_replace(cotangents, free, grads))
-
-    @op.jvp
-    def jvp(primals, tangents):
-        moving = [i for i, t in enumerate(tangents) if t is not None]
-        _, (tangent,) = mx.jvp(
-            lambda *args: reference(*_replace(primals, moving, args)),
-            [primals[i] for i in moving],
-            [tangents[i] for i in moving],
-        )
-        return tangent
-
-    return op
-
-
 def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
     """(N, K, M, plan or None, kernel op or None) for a quantized_matmul
     signature. ``split`` (plan.forced_split(), which plan_dense reads itself)
@@ -224,17 +178,7 @@ def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, 
         plan = planner.plan_dense(M, N, K, bits, group_size, mode, x[1], device)
     if plan is None:
         return N, K, M, None, None
-    out_shape = (*x[0][:-1], N)
-
-    def forward(x, w, scales, biases=None):
-        x = mx.stop_gradient(x).reshape(M, K)
-        return launch.dense(plan, x, w, scales, biases).reshape(out_shape)
-
-    def reference(x, w, scales, biases=None):
-        return _mlx_quantized_matmul(x, w, scales, biases, True, group_size, bits, mode)
-
-    constant = (1,) if mode == "affine" else (1, 2)
-    return N, K, M, plan, _kernel_op(forward, reference, constant)
+    return N, K, M, plan, kernel_op.dense(plan, M, K, (*x[0][:-1], N), group_size, bits, mode)
 
 
 def quantized_matmul(
@@ -296,7 +240,8 @@ def gather_qmm(
         global_scale is not None, sorted_indices, split, device,
     ))
     if kernel is not None and stream is None:
-        y = kernel(x, w, scales, rhs_indices) if biases is None else kernel(x, w, scales, biases, rhs_indices)
+        arrays = (x, w, scales, rhs_indices) if biases is None else (x, w, scales, biases, rhs_indices)
+        y = kernel(*arrays)
     else:
         kwargs = {} if global_scale is None else {"global_scale": global_scale}
         y = _mlx_gather_qmm(
@@ -337,24 +282,10 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
     if grouped is None:
         return N, K, group_size, bits, None, None
     plan, x_div, out_shape = grouped
-
-    def forward(x, w, scales, *rest):  # rest: [biases,] rhs_indices
-        *biases, idx = rest
-        idx = idx.flatten()
-        if idx.dtype != mx.uint32:
-            idx = idx.astype(mx.uint32)
-        x = mx.stop_gradient(x).reshape(-1, K)
-        y = launch.gather(plan, x, w, scales, biases[0] if biases else None, idx, x_div)
-        return y.reshape(out_shape)
-
-    def reference(x, w, scales, *rest):
-        *biases, idx = rest
-        return _mlx_gather_qmm(x, w, scales, biases[0] if biases else None, None, idx, True,
-                               group_size, bits, mode, sorted_indices=sorted_indices)
-
-    last = 3 if biases is None else 4  # the indices
-    constant = (1, last) if mode == "affine" else (1, 2, last)
-    return N, K, group_size, bits, plan, _kernel_op(forward, reference, constant)
+    op = kernel_op.gather(
+        plan, x_div, out_shape, K, group_size, bits, mode, sorted_indices, biases is not None
+    )
+    return N, K, group_size, bits, plan, op
 
 
 def _grouped(x, w, ishape, transpose, group_size, bits, mode, device):

@@ -15,7 +15,7 @@ Each replacement is a copy of the original method's body with only
 mlx or mlx-lm release that changes one of these methods fails the tests
 instead of being silently overridden with stale logic.
 
-What is installed is a router around the copy (:func:`_router`): the first
+What is installed is a router around the copy (``routing``): the first
 call of a layer with a given input shape runs the copy and remembers whether
 MLX's op took it; later calls MLX takes go straight to the original method,
 so a patched call costs the host almost nothing over MLX's own. Calls inside
@@ -25,7 +25,7 @@ call time (a spy or a newer op is picked up without re-patching).
 """
 
 import contextlib
-import functools
+import sys
 import threading
 
 import mlx.core as mx
@@ -33,8 +33,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import sum_gradients
 from mlx_lm.models import mla, switch_layers
 
-from . import ops
-from . import plan as planner
+from . import ops, routing
 
 # -- copies of the originals, matmul swapped ------------------------------------------------
 
@@ -146,121 +145,6 @@ def _quantized_sharded_to_all_call(self, x: mx.array) -> mx.array:
     return x
 
 
-# -- routing: MLX's calls straight to the original method -----------------------------------
-
-_ROUTES = "_mtp_splitk_routes"  # on a layer: (device, split, ops.generation, {input: MLX took it})
-# An input is its shapes and x's item size, not its dtype (hashing and comparing
-# mx.Dtype objects costs more than the rest of a route): the planner treats
-# bfloat16 and float16 alike, and no other valid dtype shares their sizes.
-_MAX_ROUTES = 64  # inputs remembered per layer (prefill lengths vary)
-
-
-def _first_call(layer, key, copy, *args):
-    """Run the copy through the ops and remember whether MLX's op took the call."""
-    if ops._recording is not None:  # a recorded call goes through the ops, every time
-        return copy(layer, *args)
-    device, split, generation = planner.current_device(), planner.forced_split(), ops.generation
-    state = layer.__dict__.get(_ROUTES)
-    if (
-        state is None
-        or state[0] is not device
-        or state[1] != split
-        or state[2] != generation
-        or len(state[3]) >= _MAX_ROUTES
-    ):
-        state = (device, split, generation, {})
-        # Not Module.__setattr__, which would file a tuple among the parameters.
-        object.__setattr__(layer, _ROUTES, state)
-    with ops.recording() as calls:
-        out = copy(layer, *args)
-    if len(calls) == 1:  # another thread's calls in the block leave it unknown
-        state[3][key] = calls[0].plan is None
-    return out
-
-
-def _router(original, copy):
-    """The installed method for ``copy(self, x)``: the original method for the
-    inputs MLX's op took before (the same computation, minus the ops' host
-    cost), else the copy. Only the planner's inputs are checked: a stale route
-    costs speed, never a result, since the original is MLX's own code."""
-
-    @functools.wraps(copy)
-    def routed(self, x):
-        try:
-            device, split, generation, routes = self._mtp_splitk_routes
-        except AttributeError:
-            return _first_call(self, (x.shape, x.itemsize), copy, x)
-        if (
-            ops._recording is None
-            and device is planner.current_device()
-            and split == planner.forced_split()
-            and generation == ops.generation
-        ):
-            mlx = routes.get((x.shape, x.itemsize))
-            if mlx:
-                return original(self, x)
-            if mlx is not None:
-                return copy(self, x)
-        return _first_call(self, (x.shape, x.itemsize), copy, x)
-
-    routed.original = original
-    return routed
-
-
-def _switch_router(original, copy):
-    """:func:`_router` for QuantizedSwitchLinear's ``(self, x, indices, sorted_indices)``."""
-
-    @functools.wraps(copy)
-    def routed(self, x, indices, sorted_indices=False):
-        key = (x.shape, x.itemsize, indices.shape)
-        try:
-            device, split, generation, routes = self._mtp_splitk_routes
-        except AttributeError:
-            return _first_call(self, key, copy, x, indices, sorted_indices)
-        if (
-            ops._recording is None
-            and device is planner.current_device()
-            and split == planner.forced_split()
-            and generation == ops.generation
-        ):
-            mlx = routes.get(key)
-            if mlx:
-                return original(self, x, indices, sorted_indices)
-            if mlx is not None:
-                return copy(self, x, indices, sorted_indices)
-        return _first_call(self, key, copy, x, indices, sorted_indices)
-
-    routed.original = original
-    return routed
-
-
-def _multi_router(original, copy):
-    """:func:`_router` for QuantizedMultiLinear's ``(self, x, transpose)``."""
-
-    @functools.wraps(copy)
-    def routed(self, x, transpose=True):
-        key = (x.shape, x.itemsize, transpose)
-        try:
-            device, split, generation, routes = self._mtp_splitk_routes
-        except AttributeError:
-            return _first_call(self, key, copy, x, transpose)
-        if (
-            ops._recording is None
-            and device is planner.current_device()
-            and split == planner.forced_split()
-            and generation == ops.generation
-        ):
-            mlx = routes.get(key)
-            if mlx:
-                return original(self, x, transpose)
-            if mlx is not None:
-                return copy(self, x, transpose)
-        return _first_call(self, key, copy, x, transpose)
-
-    routed.original = original
-    return routed
-
-
 # (class, attribute, replacement): the copy, which enable() installs inside its router
 PATCHES = (
     (nn.QuantizedLinear, "__call__", _quantized_linear_call),
@@ -271,8 +155,8 @@ PATCHES = (
     (nn.QuantizedShardedToAllLinear, "__call__", _quantized_sharded_to_all_call),
 )
 _ROUTERS = {
-    _quantized_switch_linear_call: _switch_router,
-    _quantized_multi_linear_call: _multi_router,
+    _quantized_switch_linear_call: routing.switch_router,
+    _quantized_multi_linear_call: routing.multi_router,
 }
 
 # Call sites of mx.quantized_matmul / mx.gather_qmm in the installed mlx and
@@ -315,7 +199,7 @@ def enable() -> None:
                 )
         for cls, name, replacement in PATCHES:
             original = _originals[(cls, name)] = vars(cls)[name]
-            setattr(cls, name, _ROUTERS.get(replacement, _router)(original, replacement))
+            setattr(cls, name, _ROUTERS.get(replacement, routing.router)(original, replacement))
 
 
 def disable() -> None:
@@ -336,3 +220,11 @@ def enabled(on: bool = True):
         yield
     finally:
         (enable if was_enabled else disable)()
+
+
+# Set by the MTP_SPLITK=1 import hook when this module's own import of mlx_lm
+# triggered it (mtp_splitk.enable() before any mlx_lm import): enable now.
+_announce = globals().pop("_ENABLE_WHEN_LOADED", None)
+if _announce is not None:
+    enable()
+    print(_announce(), file=sys.stderr)

@@ -12,7 +12,7 @@ more). Nothing is evaluated. Unpatched and patched blocks alternate, so that
 load from other processes falls on both alike; the difference is the median
 of the paired blocks.
 
-Usage: python scripts/bench_host.py [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
+Usage: python -m scripts.bench_host [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
 """
 import argparse
 import statistics
@@ -37,14 +37,17 @@ def block_us(fn, calls):
 
 def layer(N, K):
     q = nn.QuantizedLinear(K, N, bias=False)
-    q.update({k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in q.parameters().items()})
+    half = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in q.parameters().items()}
+    q.update(half)
     mx.eval(q.parameters())
     return q
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device-name", default="NVIDIA H200", help="whose tuning table the planner reads")
+    ap.add_argument(
+        "--device-name", default="NVIDIA H200", help="whose tuning table the planner reads"
+    )
     ap.add_argument("--calls", type=int, default=2000, help="calls per timed block")
     ap.add_argument("--blocks", type=int, default=41, help="timed blocks per variant")
     args = ap.parse_args()

@@ -1,9 +1,16 @@
 """The op on the CPU: MLX's result bit for bit, and a clear error for bad input."""
 
+import subprocess
+import sys
+import tempfile
+import textwrap
+
 import mlx.core as mx
 import pytest
 
 from mtp_splitk import gather_qmm, quantized_matmul
+
+from _stand_ins import pretend_gpu, stand_in_kernels
 
 CASES = [("affine", 4, 64), ("affine", 3, 32), ("affine", 8, 128), ("mxfp4", 4, 32), ("mxfp8", 8, 32), ("nvfp4", 4, 16)]
 
@@ -121,3 +128,172 @@ def test_cached_decisions_follow_every_part_of_the_call(monkeypatch):
         assert len(launched) == 2
     finally:
         ops.clear_cache()
+
+
+# -- ops.recording -------------------------------------------------------------------------
+
+
+def test_recording_lists_every_call_with_its_plan():
+    from mtp_splitk import ops
+
+    wq, s, b = weights(96, 256, "affine", 4, 64)
+    x = mx.random.normal((2, 3, 256))
+    E, N, K = 4, 64, 128
+    gq, gs, gb = weights(N, K, "affine", 4, 64, E=E)
+    idx = mx.array([[0, 3], [1, 1], [2, 0]], dtype=mx.uint32)
+    quantized_matmul(x, wq, s, b)  # outside a block: not recorded
+    with ops.recording() as calls:
+        quantized_matmul(x, wq, s, b)
+        with ops.recording() as inner:
+            quantized_matmul(x[0], wq, s, b)  # nested blocks each see the call
+        gather_qmm(mx.random.normal((3, 1, 1, K)), gq, gs, gb, rhs_indices=idx)
+        with pytest.raises(ValueError):
+            quantized_matmul(mx.random.normal((2, 100)), wq, s, b)  # failed calls are not listed
+    quantized_matmul(x, wq, s, b)
+    # On the CPU the planner plans nothing: MLX's op took every call (plan None).
+    assert calls == [
+        ops.Call("quantized_matmul", 6, 96, 256, None),
+        ops.Call("quantized_matmul", 3, 96, 256, None),
+        ops.Call("gather_qmm", 6, N, K, None),  # 3 tokens x 2 experts
+    ]
+    assert inner == [ops.Call("quantized_matmul", 3, 96, 256, None)]
+    assert ops._recording is None  # the hot path's one check is back to None
+
+
+def test_recording_shows_the_planned_kernel(monkeypatch):
+    """A pretend GPU with a forced split: the kernel's plan is what is listed."""
+    from mtp_splitk import ops, plan as planner
+
+    pretend_gpu(monkeypatch)
+    stand_in_kernels(monkeypatch, [])
+    wq, s, b = weights(256, 512, "affine", 4, 64, dtype=mx.bfloat16)
+    x = mx.random.normal((5, 512)).astype(mx.bfloat16)
+    with planner.split(4), ops.recording() as calls:
+        quantized_matmul(x, wq, s, b)
+        quantized_matmul(x.astype(mx.float32), wq, s, b)  # float32 stays on MLX's path
+    (kernel, fallback) = calls
+    assert kernel.plan is not None
+    assert (kernel.plan.warps_k, kernel.plan.N, kernel.plan.K) == (4, 256, 512)
+    assert (kernel.M, kernel.N, kernel.K) == (5, 256, 512)
+    assert fallback.plan is None
+
+
+# -- a global swap: mx.quantized_matmul = mtp_splitk.quantized_matmul --------------------
+
+
+def test_global_swap_of_mlx_ops_does_not_recurse():
+    """The fallback calls the MLX ops bound at import, not whatever
+    ``mx.quantized_matmul`` names now. In a subprocess: the swap is global."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mtp_splitk
+        from mtp_splitk import ops, synthetic
+
+        mlx_qmm, mlx_gather = mx.quantized_matmul, mx.gather_qmm
+        mx.quantized_matmul, mx.gather_qmm = mtp_splitk.quantized_matmul, mtp_splitk.gather_qmm
+        sys.setrecursionlimit(200)  # a recursing fallback fails fast
+        wq, s, b = mx.quantize(mx.random.normal((64, 128)), 64, 4)
+        x = mx.random.normal((3, 128))
+        assert mx.array_equal(mx.quantized_matmul(x, wq, s, b), mlx_qmm(x, wq, s, b)).item()
+        gq, gs, gb = mx.quantize(mx.random.normal((4, 64, 128)), 64, 4)
+        idx = mx.array([[0, 3], [1, 1], [2, 0]], dtype=mx.uint32)
+        gx = mx.random.normal((3, 1, 1, 128))
+        ours = mx.gather_qmm(gx, gq, gs, gb, rhs_indices=idx)
+        assert mx.array_equal(ours, mlx_gather(gx, gq, gs, gb, rhs_indices=idx)).item()
+
+        import mlx_lm
+        model, _ = mlx_lm.load(str(synthetic.write_model(sys.argv[1], "qwen3_moe", "tiny")))
+        tokens = mx.array([[1, 2, 3, 4]])
+        with ops.recording() as swapped:
+            expected = model(tokens)  # unpatched: MLX's layers call the swapped names
+        with mtp_splitk.enabled(), ops.recording() as patched:
+            got = model(tokens)
+        assert swapped and len(patched) == len(swapped)
+        assert mx.array_equal(expected, got).item()
+        print("ok", len(swapped))
+        """
+    )
+    with tempfile.TemporaryDirectory() as d:
+        result = subprocess.run(
+            [sys.executable, "-c", script, d], capture_output=True, text=True, timeout=300
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok")
+
+
+# -- transforms through the kernel path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("mxfp4", 4, 32)])
+def test_kernel_path_has_mlx_derivatives(monkeypatch, mode, bits, group_size):
+    """With the kernel planned (pretend GPU, forced split) mx.grad and mx.jvp
+    give MLX's op's derivatives bit for bit, and mx.vmap fails as MLX's does."""
+    from mtp_splitk import plan as planner
+
+    pretend_gpu(monkeypatch)
+    launched = []
+    stand_in_kernels(monkeypatch, launched)
+    wq, s, b = weights(256, 512, mode, bits, group_size, dtype=mx.bfloat16)
+    x = mx.random.normal((2, 3, 512)).astype(mx.bfloat16)
+    r = mx.random.normal((2, 3, 256)).astype(mx.bfloat16)
+    affine = mode == "affine"
+    tangent = r[..., :1] * x
+
+    def op(qmm, x):
+        return qmm(x, wq, s, b, True, group_size, bits, mode)
+
+    def loss(op):
+        if affine:
+            return lambda x, s, b: (op(x, wq, s, b, True, group_size, bits, mode) * r).sum()
+        return lambda x: (op(x, wq, s, None, True, group_size, bits, mode) * r).sum()
+
+    args, argnums = ((x, s, b), (0, 1, 2)) if affine else ((x,), 0)
+    with planner.split(4):
+        ours = mx.grad(loss(quantized_matmul), argnums=argnums)(*args)
+        assert launched == ["dense"]
+        ours_jvp = mx.jvp(lambda x: op(quantized_matmul, x), [x], [tangent])
+        with pytest.raises(Exception) as ours_vmap:
+            mx.vmap(lambda x: op(quantized_matmul, x))(x)
+    theirs = mx.grad(loss(mx.quantized_matmul), argnums=argnums)(*args)
+    for a, t in zip(ours if affine else [ours], theirs if affine else [theirs]):
+        assert a.dtype == t.dtype and mx.array_equal(a, t).item()
+    theirs_jvp = mx.jvp(lambda x: op(mx.quantized_matmul, x), [x], [tangent])
+    assert mx.array_equal(ours_jvp[0][0], theirs_jvp[0][0]).item()
+    assert mx.array_equal(ours_jvp[1][0], theirs_jvp[1][0]).item()
+    assert mx.abs(theirs_jvp[1][0]).sum().item() > 0  # a real tangent, not zeros
+    with pytest.raises(Exception) as theirs_vmap:
+        mx.vmap(lambda x: op(mx.quantized_matmul, x))(x)
+    assert str(ours_vmap.value) == str(theirs_vmap.value)
+
+
+@pytest.mark.parametrize("sorted_indices", [False, True])
+def test_grouped_kernel_path_has_mlx_derivatives(monkeypatch, sorted_indices):
+    from mtp_splitk import plan as planner
+
+    pretend_gpu(monkeypatch)
+    launched = []
+    stand_in_kernels(monkeypatch, launched)
+    E, N, K = 4, 256, 512
+    wq, s, b = weights(N, K, "affine", 4, 64, dtype=mx.bfloat16, E=E)
+    idx = mx.array([[0, 3], [1, 1], [2, 0]], dtype=mx.uint32)
+    x = mx.random.normal((3, 1, 1, K)).astype(mx.bfloat16)
+    if sorted_indices:
+        order = mx.argsort(idx.flatten())
+        x, idx = x.reshape(3, 1, K)[order // 2], idx.flatten()[order]
+    r = mx.random.normal((*idx.shape, 1, N)).astype(mx.bfloat16)
+    kw = dict(rhs_indices=idx, transpose=True, group_size=64, bits=4, sorted_indices=sorted_indices)
+
+    def loss(op):
+        return lambda x: (op(x, wq, s, b, **kw) * r).sum()
+
+    # With respect to x only: MLX's CPU gradient of the scales of a gather
+    # needs float32 (GatherMM), and the planner plans half precision only.
+    with planner.split(4):
+        ours = mx.grad(loss(gather_qmm))(x)
+    assert launched == ["gather"]
+    theirs = mx.grad(loss(mx.gather_qmm))(x)
+    assert ours.dtype == theirs.dtype and mx.array_equal(ours, theirs).item()
+    assert mx.abs(theirs).sum().item() > 0

@@ -1,0 +1,128 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""The methods ``patch.enable()`` installs: a router around each copy.
+
+A layer's first call with a given input runs the copy (through
+``mtp_splitk.ops``) and remembers on the layer whether MLX's op took it.
+Later calls of that input that MLX takes go straight to the original method
+(MLX's own code: the same computation, without the ops' host cost); the
+others run the copy. The routes are forgotten when the planner's inputs
+change (its device, the split policy, ``ops.clear_cache()``), and inside
+``ops.recording()`` every call runs the copy.
+"""
+
+import functools
+
+from . import ops, plan as planner
+
+_ROUTES = "_mtp_splitk_routes"  # on a layer: (device, split, ops.generation, {input: MLX took it})
+# An input is its shapes and x's item size, not its dtype (hashing and comparing
+# mx.Dtype objects costs more than the rest of a route): the planner treats
+# bfloat16 and float16 alike, and no other valid dtype shares their sizes.
+_MAX_ROUTES = 64  # inputs remembered per layer (prefill lengths vary)
+
+
+def _first_call(layer, key, copy, *args):
+    """Run the copy through the ops and remember whether MLX's op took the call."""
+    if ops._recording is not None:  # a recorded call goes through the ops, every time
+        return copy(layer, *args)
+    device, split, generation = planner.current_device(), planner.forced_split(), ops.generation
+    state = layer.__dict__.get(_ROUTES)
+    if (
+        state is None
+        or state[0] is not device
+        or state[1] != split
+        or state[2] != generation
+        or len(state[3]) >= _MAX_ROUTES
+    ):
+        state = (device, split, generation, {})
+        # Not Module.__setattr__, which would file a tuple among the parameters.
+        object.__setattr__(layer, _ROUTES, state)
+    with ops.recording() as calls:
+        out = copy(layer, *args)
+    if len(calls) == 1:  # another thread's calls in the block leave it unknown
+        state[3][key] = calls[0].plan is None
+    return out
+
+
+def router(original, copy):
+    """The installed method for ``copy(self, x)``: the original method for the
+    inputs MLX's op took before (the same computation, minus the ops' host
+    cost), else the copy. Only the planner's inputs are checked: a stale route
+    costs speed, never a result, since the original is MLX's own code."""
+
+    @functools.wraps(copy)
+    def routed(self, x):
+        try:
+            device, split, generation, routes = self._mtp_splitk_routes
+        except AttributeError:
+            return _first_call(self, (x.shape, x.itemsize), copy, x)
+        if (
+            ops._recording is None
+            and device is planner.current_device()
+            and split == planner.forced_split()
+            and generation == ops.generation
+        ):
+            mlx = routes.get((x.shape, x.itemsize))
+            if mlx:
+                return original(self, x)
+            if mlx is not None:
+                return copy(self, x)
+        return _first_call(self, (x.shape, x.itemsize), copy, x)
+
+    routed.original = original
+    return routed
+
+
+def switch_router(original, copy):
+    """:func:`router` for QuantizedSwitchLinear's ``(self, x, indices, sorted_indices)``."""
+
+    @functools.wraps(copy)
+    def routed(self, x, indices, sorted_indices=False):
+        key = (x.shape, x.itemsize, indices.shape)
+        try:
+            device, split, generation, routes = self._mtp_splitk_routes
+        except AttributeError:
+            return _first_call(self, key, copy, x, indices, sorted_indices)
+        if (
+            ops._recording is None
+            and device is planner.current_device()
+            and split == planner.forced_split()
+            and generation == ops.generation
+        ):
+            mlx = routes.get(key)
+            if mlx:
+                return original(self, x, indices, sorted_indices)
+            if mlx is not None:
+                return copy(self, x, indices, sorted_indices)
+        return _first_call(self, key, copy, x, indices, sorted_indices)
+
+    routed.original = original
+    return routed
+
+
+def multi_router(original, copy):
+    """:func:`router` for QuantizedMultiLinear's ``(self, x, transpose)``."""
+
+    @functools.wraps(copy)
+    def routed(self, x, transpose=True):
+        key = (x.shape, x.itemsize, transpose)
+        try:
+            device, split, generation, routes = self._mtp_splitk_routes
+        except AttributeError:
+            return _first_call(self, key, copy, x, transpose)
+        if (
+            ops._recording is None
+            and device is planner.current_device()
+            and split == planner.forced_split()
+            and generation == ops.generation
+        ):
+            mlx = routes.get(key)
+            if mlx:
+                return original(self, x, transpose)
+            if mlx is not None:
+                return copy(self, x, transpose)
+        return _first_call(self, key, copy, x, transpose)
+
+    routed.original = original
+    return routed

@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mlx
 import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm

@@ -18,6 +18,11 @@
 // an MMA depends only on its own token, so a row's result is bit-identical
 // whatever the other rows of the call are.
 //
+// Entries: splitk_qmm (dense), splitk_gather_qmm (MoE), and the fused
+// projections splitk_qmm_multi (q/k/v: 2 or 3 weights of one x in one launch)
+// and splitk_qmm_glu (gate/up with the activation), which run the dense
+// kernel's code per row tile, so their outputs are the dense kernel's bits.
+//
 // The K labels inside an MMA are free as long as A and B agree: lane c's four
 // K slots of each k16 step are filled with its own codes, paired as
 // (8v + j, 8v + j + 4) (the order in which 4-bit codes come out of a word two
@@ -206,15 +211,15 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 
 // The K loop of one block: accumulates x rows (xrow(t) gives the x row of
 // token tile t for this lane's g) times the block's weight rows into acc.
-// RT row tiles of 16 per warp share each x fragment.
+// RT row tiles of 16 per warp share each x fragment. warp (0..WK-1) is the
+// warp's K slice: chunks warp, warp + WK, ...
 template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
           typename XRow>
 __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* x, const uint32_t* w,
                                            const TS* scales, const TS* biases, const int (&rows)[RT][2], int K,
-                                           XRow xrow) {
+                                           XRow xrow, int warp) {
   const int CHUNKS = (K + 127) / 128;
   const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
   const int c = lane & 3;
   // Two accumulators per (token tile, row tile), for even and odd k16 steps,
   // halve each chain of dependent MMAs; they are added in a fixed order.
@@ -283,6 +288,46 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
   }
 }
 
+// Each warp's partial tiles (its even and odd k16 sums added) into shared
+// memory at [warp][NT][RT][32 lanes], warp counting every warp of the block.
+template <int NT, int RT>
+__device__ __forceinline__ void write_partials(float4* partial, const float (&acc)[NT][RT][2][4]) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      const float(&e)[2][4] = acc[t][r];
+      partial[((warp * NT + t) * RT + r) * 32 + lane] =
+          make_float4(e[0][0] + e[1][0], e[0][1] + e[1][1], e[0][2] + e[1][2], e[0][3] + e[1][3]);
+    }
+}
+
+// Output element i (0 .. NT * RT * 128 - 1) of a block's tile: the partials of
+// warps first .. first + WK - 1 added in that order.
+template <int WK, int NT, int RT>
+__device__ __forceinline__ float warp_sum(const float* flat, int first, int i) {
+  const int tr = i >> 7, l = (i >> 2) & 31, e = i & 3;  // tr = t * RT + r
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < WK; ++j) sum += flat[(((first + j) * NT * RT + tr) * 32 + l) * 4 + e];
+  return sum;
+}
+
+// Where element i of a tile goes: token slot (0 .. 8 * NT - 1) and row in the block.
+template <int RT>
+__device__ __forceinline__ int tile_slot(int i) {
+  const int tr = i >> 7, l = (i >> 2) & 31, e = i & 3;
+  return (tr / RT) * 8 + 2 * (l & 3) + (e & 1);
+}
+
+template <int RT>
+__device__ __forceinline__ int tile_row(int i) {
+  const int tr = i >> 7, l = (i >> 2) & 31, e = i & 3;
+  return 16 * (tr % RT) + (l >> 2) + 8 * (e >> 1);
+}
+
 // Fixed-order reduction of the WK warps' partial tiles through shared
 // memory; store(slot, row_in_block, value) writes one output (slot = token
 // slot 0..8*NT-1). Ends with a barrier so the caller may reuse the memory.
@@ -324,24 +369,91 @@ __device__ __forceinline__ void lane_rows(int (&rows)[RT][2], int row0, int N) {
   }
 }
 
+// Row tile `tile` (16 * RT rows) of y[M, N] = x[M, K] @ dequant(w[N, K]).T.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+__device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
+                                           T* y, int M, int N, int K, int tile) {
+  const int g = (threadIdx.x & 31) >> 2;
+  const int row0 = tile * 16 * RT;
+  int rows[RT][2];
+  lane_rows<RT>(rows, row0, N);
+  float acc[NT][RT][2][4];
+  // Padding tokens repeat the last real one; they are never stored.
+  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+      acc, x, w, scales, biases, rows, K, [&](int t) { return min(t * 8 + g, M - 1); }, threadIdx.x >> 5);
+  reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
+    const int row = row0 + roff;
+    if (slot < M && row < N) y[(size_t)slot * N + row] = static_cast<T>(v);
+  });
+}
+
 // Dense: y[M, N] = x[M, K] @ dequant(w[N, K]).T. N and K are run-time
 // values (one compiled variant serves every layer of a model). FAST4: 4-bit
 // affine with scales of the activation type (the launcher checks).
 template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
 __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
                            int M, int N, int K) {
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w, scales, biases, y, M, N, K, blockIdx.x);
+}
+
+// Fused projections: y_i[M, N_i] = x[M, K] @ dequant(w_i[N_i, K]).T for two or
+// three weights of one K and quantization (q/k/v, or gate/up), in one launch,
+// from the weight arrays as they are. The grid is the dense kernel's blocks
+// for w_0, then w_1's, then w_2's (N_2 = 0: none); a block takes its weight by
+// its index and runs the dense kernel's code with the same constants, so each
+// output is bit for bit the dense kernel's for that weight. The weight is
+// chosen before the one inlined K loop (block-uniform selects, no branches
+// around three copies of it).
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+__device__ void splitk_qmm_multi(const T* x, int M, int K,
+                                 const uint32_t* w0, const TS* s0, const TS* b0, T* y0, int N0,
+                                 const uint32_t* w1, const TS* s1, const TS* b1, T* y1, int N1,
+                                 const uint32_t* w2, const TS* s2, const TS* b2, T* y2, int N2) {
+  const int tiles0 = (N0 + 16 * RT - 1) / (16 * RT);
+  const int tiles1 = (N1 + 16 * RT - 1) / (16 * RT);
+  const int tile = blockIdx.x;
+  const bool first = tile < tiles0, second = !first && tile < tiles0 + tiles1;
+  const uint32_t* w = first ? w0 : second ? w1 : w2;
+  const TS* s = first ? s0 : second ? s1 : s2;
+  const TS* b = first ? b0 : second ? b1 : b2;
+  T* y = first ? y0 : second ? y1 : y2;
+  const int N = first ? N0 : second ? N1 : N2;
+  const int local = first ? tile : second ? tile - tiles0 : tile - tiles0 - tiles1;
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w, s, b, y, M, N, K, local);
+}
+
+// Gate/up with the activation fused: y[M, N] = act(g, u), g = x @ dequant(wg).T
+// and u = x @ dequant(wu).T, each rounded to T first. A block of 2 * WK warps
+// owns one row tile of both: warps 0..WK-1 stream the gate rows, WK..2WK-1 the
+// up rows, each set with the dense kernel's K split and reduction order, so g
+// and u are bit for bit the dense kernel's outputs. act is the launcher's
+// (MLX's own elementwise functors, so that the product rounds as mlx-lm's
+// compiled swiglu does).
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename Act>
+__device__ void splitk_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, const TS* bg, const uint32_t* wu,
+                               const TS* su, const TS* bu, T* y, int M, int N, int K, Act act) {
   const int g = (threadIdx.x & 31) >> 2;
+  const bool up = (threadIdx.x >> 5) >= WK;  // warp-uniform
   const int row0 = blockIdx.x * 16 * RT;
   int rows[RT][2];
   lane_rows<RT>(rows, row0, N);
   float acc[NT][RT][2][4];
-  // Padding tokens repeat the last real one; they are never stored.
-  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(acc, x, w, scales, biases, rows, K,
-                                                             [&](int t) { return min(t * 8 + g, M - 1); });
-  reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
-    const int row = row0 + roff;
-    if (slot < M && row < N) y[(size_t)slot * N + row] = static_cast<T>(v);
-  });
+  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+      acc, x, up ? wu : wg, up ? su : sg, up ? bu : bg, rows, K, [&](int t) { return min(t * 8 + g, M - 1); },
+      (threadIdx.x >> 5) - (up ? WK : 0));
+  extern __shared__ float4 partial[];  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
+  write_partials<NT, RT>(partial, acc);
+  __syncthreads();
+  const float* flat = reinterpret_cast<const float*>(partial);
+  for (int i = threadIdx.x; i < NT * RT * 128; i += 2 * WK * 32) {
+    const int slot = tile_slot<RT>(i), row = row0 + tile_row<RT>(i);
+    if (slot < M && row < N) {
+      const T gv = static_cast<T>(warp_sum<WK, NT, RT>(flat, 0, i));
+      const T uv = static_cast<T>(warp_sum<WK, NT, RT>(flat, WK, i));
+      y[(size_t)slot * N + row] = act(gv, uv);
+    }
+  }
 }
 
 // MoE: P (token, expert) pairs; pair p multiplies x row p / X_DIV by expert
@@ -426,7 +538,7 @@ __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scale
     const int n = min(8 * NT, count - b0);
     float acc[NT][RT][2][4];
     accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
-        acc, x, we, se, be, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; });
+        acc, x, we, se, be, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; }, warp);
     reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
       const int row = row0 + roff;
       if (slot < n && row < N) y[(size_t)pairs[b0 + slot] * N + row] = static_cast<T>(v);

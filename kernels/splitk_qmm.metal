@@ -263,6 +263,35 @@ inline void splitk_qmm(const device T* x, const device uint* w, SP scales, BP bi
   reduce_store<WK, NT, RT>(acc, partial, tokens, store, sg, lane);
 }
 
+// Fused projections: y_i[M, N_i] = x[M, K] @ dequant(w_i[N_i, K]).T for two or
+// three weights of one K and quantization (q/k/v, or gate/up), in one launch,
+// from the weight arrays as they are. The grid is the dense kernel's
+// threadgroups for w_0, then w_1's, then w_2's (N_2 = 0: none); a threadgroup
+// takes its weight by its index and runs the dense kernel with the same
+// constants, so each output is bit for bit the dense kernel's for that weight.
+// (The CUDA kernel selects pointers before one call; here each weight's scales
+// may sit in another address space, so each has its own call.)
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename SP0, typename BP0, typename SP1, typename BP1, typename SP2, typename BP2>
+inline void splitk_qmm_multi(const device T* x, int M, int K, const device uint* w0, SP0 s0, BP0 b0,
+                             device T* y0, int N0, const device uint* w1, SP1 s1, BP1 b1, device T* y1, int N1,
+                             const device uint* w2, SP2 s2, BP2 b2, device T* y2, int N2,
+                             threadgroup float* partial, uint block, uint sg, uint lane) {
+  const int tiles0 = (N0 + 16 * RT - 1) / (16 * RT);
+  const int tiles1 = (N1 + 16 * RT - 1) / (16 * RT);
+  const int tile = int(block);
+  if (tile < tiles0) {
+    splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w0, s0, b0, y0, M, N0, K, partial, uint(tile),
+                                                               sg, lane);
+  } else if (tile < tiles0 + tiles1) {
+    splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w1, s1, b1, y1, M, N1, K, partial,
+                                                               uint(tile - tiles0), sg, lane);
+  } else {
+    splitk_qmm<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w2, s2, b2, y2, M, N2, K, partial,
+                                                               uint(tile - tiles0 - tiles1), sg, lane);
+  }
+}
+
 // MoE: P (token, expert) pairs; pair p multiplies x row p / XDIV by expert
 // idx[p]: y[p, N] = x[p / XDIV, K] @ dequant(w[idx[p], N, K]).T.
 // Threadgroup (u, tile) finds the u-th active expert (ascending id, from a

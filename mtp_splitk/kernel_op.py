@@ -26,9 +26,9 @@ def _replace(values, positions, chosen):
     return values
 
 
-def _with_derivatives_of(forward, reference, constant):
+def with_derivatives_of(forward, reference, constant):
     """``forward`` (a kernel launch) as an op whose vjp and jvp are those of
-    ``reference`` (MLX's op on the same arguments).
+    ``reference`` (MLX's ops on the same arguments; one output or a list).
 
     The arguments at the positions in ``constant`` (packed weights, indices,
     the scales of the fp modes), which MLX's op does not differentiate, get
@@ -40,12 +40,12 @@ def _with_derivatives_of(forward, reference, constant):
     op = mx.custom_function(forward)
 
     @op.vjp
-    def vjp(primals, cotangent, output):
+    def vjp(primals, cotangents, outputs):
         free = [i for i in range(len(primals)) if i not in constant]
         _, grads = mx.vjp(
             lambda *args: reference(*_replace(primals, free, args)),
             [primals[i] for i in free],
-            [cotangent],
+            cotangents if isinstance(cotangents, (list, tuple)) else [cotangents],
         )
         zeros = [mx.zeros_like(p) if i in constant else None for i, p in enumerate(primals)]
         return tuple(_replace(zeros, free, grads))
@@ -53,12 +53,12 @@ def _with_derivatives_of(forward, reference, constant):
     @op.jvp
     def jvp(primals, tangents):
         moving = [i for i, t in enumerate(tangents) if t is not None]
-        _, (tangent,) = mx.jvp(
+        _, out = mx.jvp(
             lambda *args: reference(*_replace(primals, moving, args)),
             [primals[i] for i in moving],
             [tangents[i] for i in moving],
         )
-        return tangent
+        return out[0] if len(out) == 1 else out
 
     return op
 
@@ -74,7 +74,7 @@ def dense(plan, M: int, K: int, out_shape: tuple, group_size: int, bits: int, mo
     def reference(x, w, scales, biases=None):
         return mlx_quantized_matmul(x, w, scales, biases, True, group_size, bits, mode)
 
-    return _with_derivatives_of(forward, reference, (1,) if mode == "affine" else (1, 2))
+    return with_derivatives_of(forward, reference, (1,) if mode == "affine" else (1, 2))
 
 
 def gather(plan, x_div: int, out_shape: tuple, K: int, group_size: int, bits: int, mode: str,
@@ -98,4 +98,4 @@ def gather(plan, x_div: int, out_shape: tuple, K: int, group_size: int, bits: in
 
     indices = 4 if has_biases else 3
     constant = (1, indices) if mode == "affine" else (1, 2, indices)
-    return _with_derivatives_of(forward, reference, constant)
+    return with_derivatives_of(forward, reference, constant)

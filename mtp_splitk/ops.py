@@ -61,7 +61,9 @@ def recording():
             _recording = tuple(c for c in _recording if c is not calls) or None
 
 
-def _record(call: Call) -> None:
+def record(call: Call) -> None:
+    """Report a call made outside these ops (the fused projections) to the
+    open :func:`recording` blocks."""
     for calls in _recording or ():
         calls.append(call)
 
@@ -209,7 +211,7 @@ def quantized_matmul(
     else:
         y = kernel(x, w, scales) if biases is None else kernel(x, w, scales, biases)
     if _recording is not None:
-        _record(Call("quantized_matmul", M, N, K, plan))
+        record(Call("quantized_matmul", M, N, K, plan))
     return y
 
 
@@ -261,7 +263,7 @@ def gather_qmm(
         )
         plan = None
     if _recording is not None:
-        _record(Call("gather_qmm", y.size // N if N else 0, N, K, plan))
+        record(Call("gather_qmm", y.size // N if N else 0, N, K, plan))
     return y
 
 

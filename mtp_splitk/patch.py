@@ -33,7 +33,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import sum_gradients
 from mlx_lm.models import mla, switch_layers
 
-from . import ops, routing
+from . import fused, ops, routing
 
 # -- copies of the originals, matmul swapped ------------------------------------------------
 
@@ -200,6 +200,7 @@ def enable() -> None:
         for cls, name, replacement in PATCHES:
             original = _originals[(cls, name)] = vars(cls)[name]
             setattr(cls, name, _ROUTERS.get(replacement, routing.router)(original, replacement))
+        fused.enable()  # attention and MLP blocks: q/k/v and gate/up in one launch each
 
 
 def disable() -> None:
@@ -208,6 +209,7 @@ def disable() -> None:
         for (cls, name), original in _originals.items():
             setattr(cls, name, original)
         _originals.clear()
+        fused.disable()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Optional
 
@@ -223,6 +223,73 @@ def plan_dense(
         depth=int(depth),
         row_tiles=int(row_tiles),
     )
+
+
+@dataclass(frozen=True)
+class FusedPlan:
+    """One launch for several weights that share x, K and quantization (q/k/v,
+    gate/up): ``members`` holds, in the weights' order, the Plan each weight's
+    own call takes, all with the same constants (split, token tiles, depth, row
+    tiles), so a weight's rows compute in the fused launch what they compute alone."""
+
+    members: tuple  # of Plan
+
+    @property
+    def blocks(self) -> int:
+        return sum(p.blocks for p in self.members)
+
+
+MAX_FUSED = 3  # weights one fused launch takes (q, k and v)
+
+
+def plan_multi(
+    M: int,
+    Ns,
+    K: int,
+    bits: int,
+    group_size: int,
+    mode: str,
+    dtype,
+    device: Optional[Device] = None,
+) -> Optional[FusedPlan]:
+    """A FusedPlan for ``x (M, K) @ dequant(w_i (N_i, K)).T``, one weight per N_i
+    in ``Ns``, or None for one call per weight.
+
+    Only where :func:`plan_dense` plans the kernel for every weight at this M (so
+    the fused and the unfused path agree on which path each weight takes) and
+    gives all of them the same split, the one field that fixes a row's
+    arithmetic: then each fused output is bit-identical to the unfused one.
+    Depth and row tiles, which never change the arithmetic, are those of the
+    weight with the most rows.
+    """
+    if not 2 <= len(Ns) <= MAX_FUSED:
+        return None
+    device = device or current_device()
+    plans = [plan_dense(M, N, K, bits, group_size, mode, dtype, device) for N in Ns]
+    if any(p is None for p in plans) or len({p.warps_k for p in plans}) != 1:
+        return None
+    lead = max(plans, key=lambda p: p.N)
+    return FusedPlan(tuple(replace(p, depth=lead.depth, row_tiles=lead.row_tiles) for p in plans))
+
+
+def plan_glu(
+    M: int,
+    N: int,
+    K: int,
+    bits: int,
+    group_size: int,
+    mode: str,
+    dtype,
+    device: Optional[Device] = None,
+) -> Optional[FusedPlan]:
+    """A FusedPlan for gate and up (both (N, K)) with ``silu(gate) * up`` in the
+    same launch, or None. A block holds the warps of both weights (twice the
+    split), so splits above half of ``max(WARP_CHOICES)`` are declined; CUDA
+    only (the Metal kernel has no fused activation)."""
+    plan = plan_multi(M, (N, N), K, bits, group_size, mode, dtype, device)
+    if plan is None or plan.members[0].backend != "cuda":
+        return None
+    return plan if 2 * plan.members[0].warps_k <= max(WARP_CHOICES) else None
 
 
 MAX_PAIRS = 1024  # (token, expert) pairs a grouped MoE call can hold (kernel's shared list)

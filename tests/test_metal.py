@@ -192,7 +192,8 @@ def test_gather_call_through_the_op(recorder, monkeypatch):
     (call,) = recorder.calls
     xin, win, sin, bin_, iin = call["inputs"]
     assert xin.shape == (3, 256) and iin.dtype == mx.uint32 and iin.shape == (6,)
-    assert win is wq and sin is s and bin_ is b
+    # custom_function (MLX's derivatives, kernel_op.py) hands the kernel its own handles.
+    assert all(mx.array_equal(a, e).item() for a, e in ((win, wq), (sin, s), (bin_, b)))
     assert call["template"][-1] == ("XDIV", 2)
     assert dict(call["template"])["NT"] == 1
     # min(E, P) = 6 experts that may be active, times 3 row tiles, 64 threads each.

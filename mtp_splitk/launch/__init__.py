@@ -4,12 +4,13 @@
 
 The sources are read once; MLX compiles one variant per plan (mode, split,
 token tiles, dtypes) on first use and caches it. ``cuda`` and ``metal`` build
-the kernel objects; :func:`dense` and :func:`gather` make the calls for both.
+the kernel objects; :func:`dense`, :func:`gather` and the fused
+:func:`dense_multi` / :func:`dense_glu` make the calls.
 """
 
 import mlx.core as mx
 
-from ..plan import Plan
+from ..plan import FusedPlan, Plan
 from . import cuda, metal
 from .common import input_names, kernel_name, read_source
 
@@ -53,6 +54,49 @@ def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx
         grid=(blocks * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(P, plan.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]
+
+
+def _weight_inputs(weights):
+    inputs = []
+    for w, scales, biases in weights:
+        inputs += [w, scales] if biases is None else [w, scales, biases]
+    return inputs
+
+
+def dense_multi(plan: FusedPlan, x: mx.array, weights, poison=None) -> list:
+    """[y_i (M, N_i) = x (M, K) @ dequant(w_i).T for each ``(w, scales, biases)``
+    in ``weights``] in one launch (CUDA or Metal, by the plan's backend); each
+    y_i is bit for bit ``dense(plan.members[i], x, *weights[i])``."""
+    lead = plan.members[0]
+    kernel, template, grid, threadgroup = _backend(lead).multi_launch(plan, x.dtype, weights[0][1].dtype)
+    return kernel(
+        inputs=[x] + _weight_inputs(weights),
+        template=template,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[(x.shape[0], p.N) for p in plan.members],
+        output_dtypes=[x.dtype] * len(plan.members),
+        init_value=poison,
+    )
+
+
+def dense_glu(plan: FusedPlan, x: mx.array, gate, up, poison=None) -> mx.array:
+    """``silu(g) * u`` (M, N) for g, u = x @ dequant(w).T of the ``(w, scales,
+    biases)`` triples ``gate`` and ``up``, in one launch (CUDA only), rounded as
+    mlx-lm's swiglu rounds g and u from :func:`dense`."""
+    lead = plan.members[0]
+    if lead.backend != "cuda":
+        raise ValueError(f"the fused activation has no {lead.backend} kernel")
+    kernel, grid, threadgroup = cuda.glu_launch(plan, x.dtype, gate[1].dtype)
+    return kernel(
+        inputs=[x] + _weight_inputs([gate, up]),
+        template=None,
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[(x.shape[0], lead.N)],
         output_dtypes=[x.dtype],
         init_value=poison,
     )[0]

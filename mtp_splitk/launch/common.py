@@ -66,6 +66,15 @@ def input_names(affine: bool, gather: bool):
     return names + ["idx"] if gather else names
 
 
+def multi_input_names(affine: bool, count: int):
+    """A fused launch's inputs: x, then each weight's w, scales (and biases)
+    suffixed with its index."""
+    names = ["x"]
+    for i in range(count):
+        names += [f"w{i}", f"scales{i}"] + ([f"biases{i}"] if affine else [])
+    return names
+
+
 def template(plan: Plan, dtype, scales_dtype):
     affine = plan.mode == "affine"
     return [

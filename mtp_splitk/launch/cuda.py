@@ -12,8 +12,16 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from ..plan import Plan
-from .common import input_names, kernel_dir, kernel_name, read_source, shared_memory, template
+from ..plan import FusedPlan, Plan
+from .common import (
+    input_names,
+    kernel_dir,
+    kernel_name,
+    multi_input_names,
+    read_source,
+    shared_memory,
+    template,
+)
 
 # What mx.fast.cuda_kernel declares each dtype as in the kernel it generates.
 _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.uint8: "uint8_t"}
@@ -80,3 +88,60 @@ def gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     body = (_cuda_call("splitk_gather_qmm", plan, dtype, scales_dtype)
             + f"(x, w, scales, {biases}, idx, y, idx_shape[0], w_shape[0], w_shape[1], x_shape[1], {x_div});")
     return _cuda_kernel("gather", plan, body), None
+
+
+def _fused_kernel(kind: str, plan: Plan, body: str, inputs, outputs, header: str, shared: int):
+    return mx.fast.cuda_kernel(
+        name=kernel_name(kind, plan.mode == "affine", read_source("splitk_qmm.cu"), header + body),
+        input_names=inputs,
+        output_names=outputs,
+        source=body,
+        header=header,
+        shared_memory=shared,
+    )
+
+
+@lru_cache(maxsize=1024)
+def multi_launch(plan: FusedPlan, dtype, scales_dtype):
+    """The fused launch of 2 or 3 weights: (kernel, None, grid, threadgroup).
+    Each weight's N is written into the body (a model has one q/k/v and one
+    gate/up shape); a missing third weight repeats the second with N = 0."""
+    lead, count = plan.members[0], len(plan.members)
+    affine = lead.mode == "affine"
+    slots = []
+    for i in range(3):
+        j = min(i, count - 1)
+        biases = f"biases{j}" if affine else "(const uint8_t*)nullptr"
+        slots.append(f"w{j}, scales{j}, {biases}, y{j}, {plan.members[i].N if i < count else 0}")
+    body = (_cuda_call("splitk_qmm_multi", lead, dtype, scales_dtype)
+            + f"(x, x_shape[0], x_shape[1], {', '.join(slots)});")
+    kernel = _fused_kernel("multi", lead, body, multi_input_names(affine, count),
+                           [f"y{i}" for i in range(count)], _cuda_header(), shared_memory(lead))
+    threads = lead.warps_k * 32
+    return kernel, None, (plan.blocks * threads, 1, 1), (threads, 1, 1)
+
+
+# MLX's elementwise functors, as its compiled kernels use them (NVRTC resolves
+# these names to MLX's own headers).
+_MLX_OPS = ('#include "mlx/backend/cuda/device/unary_ops.cuh"\n'
+            '#include "mlx/backend/cuda/device/binary_ops.cuh"\n')
+
+
+@lru_cache(maxsize=1024)
+def glu_launch(plan: FusedPlan, dtype, scales_dtype):
+    """The gate/up launch with ``silu(gate) * up`` fused: (kernel, grid,
+    threadgroup). The activation is mlx-lm's swiglu written with MLX's
+    functors in the order of its graph: Multiply(Multiply(g, Sigmoid(g)), u),
+    each step in the activation type, as MLX's compiled kernel computes it."""
+    gate, up = plan.members
+    affine = gate.mode == "affine"
+    t = _CUDA_TYPES[dtype]
+    biases = ("biases0", "biases1") if affine else ("(const uint8_t*)nullptr",) * 2
+    act = f"[]({t} g, {t} u) {{ return Multiply{{}}(Multiply{{}}(g, Sigmoid{{}}(g)), u); }}"
+    body = (_cuda_call("splitk_qmm_glu", gate, dtype, scales_dtype)
+            + f"(x, w0, scales0, {biases[0]}, w1, scales1, {biases[1]}, y, x_shape[0], {gate.N}, x_shape[1], "
+            + f"{act});")
+    kernel = _fused_kernel("glu", gate, body, multi_input_names(affine, 2), ["y"], _MLX_OPS + _cuda_header(),
+                           2 * shared_memory(gate))
+    threads = 2 * gate.warps_k * 32
+    return kernel, (gate.blocks * threads, 1, 1), (threads, 1, 1)

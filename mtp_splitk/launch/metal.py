@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from ..plan import Plan
-from .common import input_names, kernel_name, read_source, template
+from ..plan import FusedPlan, Plan
+from .common import input_names, kernel_name, multi_input_names, read_source, template
 
 # Metal declares threadgroup memory in the kernel function itself (MLX's
 # metal_kernel has no dynamic size), so the bodies declare it, sized from
@@ -72,3 +72,45 @@ def gather_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     """The grouped kernel and its template for a plan (launch.gather makes
     the call; the grid depends on the call)."""
     return _metal_kernel(plan.mode == "affine", True), template(plan, dtype, scales_dtype) + [("XDIV", x_div)]
+
+
+_MULTI_BODY = """
+threadgroup float partial[WK * RT * 128];
+splitk_qmm_multi<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+    x, x_shape[0], x_shape[1], {slots}, partial,
+    threadgroup_position_in_grid.x, simdgroup_index_in_threadgroup, thread_index_in_simdgroup);
+"""
+
+
+@lru_cache(maxsize=None)
+def _multi_kernel(affine: bool, count: int):
+    # A missing third weight repeats the second with N2 = 0 (never selected).
+    slots = []
+    for i in range(3):
+        j = min(i, count - 1)
+        slots.append(f"w{j}, scales{j}, {f'biases{j}' if affine else f'scales{j}'}, y{j}, N{i}")
+    body = _MULTI_BODY.format(slots=", ".join(slots))
+    header = read_source("splitk_qmm.metal")
+    return mx.fast.metal_kernel(
+        name=kernel_name(f"multi{count}", affine, header, body),
+        input_names=multi_input_names(affine, count),
+        output_names=[f"y{i}" for i in range(count)],
+        source=body,
+        header=header,
+        ensure_row_contiguous=True,
+    )
+
+
+@lru_cache(maxsize=1024)
+def multi_launch(plan: FusedPlan, dtype, scales_dtype):
+    """The fused launch of 2 or 3 weights: (kernel, template, grid,
+    threadgroup); each weight's N is a template constant (N2 = 0 for two)."""
+    lead, count = plan.members[0], len(plan.members)
+    sizes = [("N0", lead.N), ("N1", plan.members[1].N), ("N2", plan.members[2].N if count == 3 else 0)]
+    threads = lead.warps_k * 32
+    return (
+        _multi_kernel(lead.mode == "affine", count),
+        template(lead, dtype, scales_dtype) + sizes,
+        (plan.blocks * threads, 1, 1),
+        (threads, 1, 1),
+    )

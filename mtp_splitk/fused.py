@@ -1,0 +1,362 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""Fused projections: fewer ops per layer.
+
+Every MLX op costs the GPU a fixed few microseconds, and a decode step of a
+7-8B model is hundreds of them, so :func:`linears` runs q, k and v (any 2 or 3
+quantized linears of one input) as one launch, and :func:`swiglu_mlp` runs
+gate and up with ``silu(gate) * up`` as one launch, from the layers' weight
+arrays as they are. Each weight's rows compute exactly what the unfused
+split-K kernel computes for them (``plan.plan_multi``); where the planner
+declines (the CPU, large M, shapes it does not plan, splits that disagree)
+each layer is called as before, so the result is the unfused patched model's,
+bit for bit.
+
+:func:`enable` installs, on mlx-lm's attention and MLP classes, copies of their
+``__call__`` with only the projection calls swapped for these two functions
+(tests/test_fused.py compares the syntax trees with the originals');
+:func:`disable` puts the original function objects back.
+"""
+
+import math
+import threading
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import deepseek_v3, llama, mixtral, qwen3, qwen3_moe
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from . import launch, ops
+from . import plan as planner
+from .kernel_op import mlx_quantized_matmul as _mlx_quantized_matmul
+from .kernel_op import with_derivatives_of
+
+# -- the fused calls ------------------------------------------------------------------------
+
+
+def linears(x: mx.array, layers) -> list:
+    """``[layer(x) for layer in layers]`` for 2 or 3 layers, in one launch where
+    the planner takes them all (``nn.QuantizedLinear`` of one K and quantization)."""
+    run = _route(x, layers, _plan_linears)
+    return [layer(x) for layer in layers] if run is None else run(x)
+
+
+def swiglu_mlp(x: mx.array, gate, up) -> mx.array:
+    """mlx-lm's ``swiglu(gate(x), up(x))``: on CUDA one launch with the
+    activation fused, elsewhere the two projections in one launch, or the
+    unfused calls where the planner declines."""
+    run = _route(x, (gate, up), _plan_swiglu)
+    return swiglu(gate(x), up(x)) if run is None else run(x)
+
+
+_ROUTES = "_mtp_splitk_fused"  # on a call's first layer: (device, split, ops.generation, {input: run})
+_MAX_ROUTES = 64  # inputs remembered per layer (prefill lengths vary)
+_UNFUSED = object()
+
+
+def _route(x, layers, plan):
+    """The fused call for this input and these layers, or None (each layer's
+    own call), decided once per input and cached on the first layer like
+    patch.py's routes: an input is its shape and x's item size (the planner
+    treats bfloat16 and float16 alike), plus the layers' identities. (A bias
+    is looked up at each call; a layer's weights are assumed to keep their
+    shapes and quantization, as mlx-lm's loading does.)"""
+    device, split, generation = planner.current_device(), planner.forced_split(), ops.generation
+    state = layers[0].__dict__.get(_ROUTES)
+    if state is None or state[0] is not device or state[1] != split or state[2] != generation:
+        state = (device, split, generation, {})
+        # Not Module.__setattr__, which would file a tuple among the parameters.
+        object.__setattr__(layers[0], _ROUTES, state)
+    key = (plan, x.shape, x.itemsize, *map(id, layers))
+    run = state[3].get(key)
+    if run is None:
+        if len(state[3]) >= _MAX_ROUTES:
+            state[3].clear()
+        run = state[3][key] = plan(x, layers, device) or _UNFUSED
+    return None if run is _UNFUSED else run
+
+
+def _quantization(x, layers):
+    """(M, K, group_size, bits, mode) when the kernels can take all the layers
+    together (nn.QuantizedLinear, 2-D weights, one K, quantization and scales
+    type, biases in the scales' type), else None."""
+    if not 2 <= len(layers) <= planner.MAX_FUSED or any(type(l) is not nn.QuantizedLinear for l in layers):
+        return None
+    first = layers[0]
+    mode = first.mode
+    group_size, bits = ops.resolve_mode(mode, first.group_size, first.bits)
+    words, scales_type, affine = first["weight"].shape[-1], first["scales"].dtype, "biases" in first
+    for layer in layers:
+        w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+        if (
+            (layer.mode, layer.group_size, layer.bits) != (mode, first.group_size, first.bits)
+            or w.ndim != 2
+            or w.shape[1] != words
+            or scales.dtype != scales_type
+            or (biases is not None) != affine
+            or (biases is not None and biases.dtype != scales_type)
+        ):
+            return None
+    K = words * 32 // bits
+    if x.shape[-1] != K:
+        return None  # the layers' own calls raise MLX's error
+    return math.prod(x.shape[:-1]), K, group_size, bits, mode
+
+
+def _plan_linears(x, layers, device):
+    found = _quantization(x, layers)
+    if found is None:
+        return None
+    M, K, group_size, bits, mode = found
+    Ns = tuple(l["weight"].shape[0] for l in layers)
+    plan = planner.plan_multi(M, Ns, K, bits, group_size, mode, x.dtype, device)
+    if plan is None:
+        return None
+    op = _multi_op(plan, M, K, x.shape[:-1], group_size, bits, mode, "biases" in layers[0])
+    calls = [ops.Call("quantized_matmul", M, p.N, p.K, p) for p in plan.members]
+
+    def run(x):
+        for call in calls:  # to ops.recording() blocks: one call per weight
+            ops.record(call)
+        ys = op(x, *_parameters(layers))
+        return [y + l["bias"] if "bias" in l else y for y, l in zip(ys, layers)]
+
+    return run
+
+
+def _plan_swiglu(x, layers, device):
+    found = _quantization(x, layers)
+    if found is None:
+        return None
+    M, K, group_size, bits, mode = found
+    gate, up = layers
+    N = gate["weight"].shape[0]
+    affine = "biases" in gate
+    # A bias is added before the activation: the activation cannot be fused then.
+    plain = "bias" not in gate and "bias" not in up and up["weight"].shape[0] == N
+    plan = planner.plan_glu(M, N, K, bits, group_size, mode, x.dtype, device) if plain else None
+    fused = _plan_linears(x, layers, device)
+    if plan is None:
+        return None if fused is None else lambda x: swiglu(*fused(x))
+    op = _glu_op(plan, M, K, x.shape[:-1], group_size, bits, mode, affine)
+    calls = [ops.Call("quantized_matmul", M, p.N, p.K, p) for p in plan.members]
+
+    def run(x):
+        if "bias" in gate or "bias" in up:  # added since: the activation cannot be fused
+            return swiglu(*fused(x))
+        for call in calls:
+            ops.record(call)
+        return op(x, *_parameters(layers))
+
+    return run
+
+
+def _parameters(layers):
+    params = []
+    for layer in layers:
+        params += [layer["weight"], layer["scales"]]
+        if "biases" in layer:
+            params.append(layer["biases"])
+    return params
+
+
+# -- the kernels as ops with MLX's derivatives ----------------------------------------------
+
+
+def _split(params, affine):
+    step = 3 if affine else 2
+    return [tuple(params[i : i + step]) + ((None,) if not affine else ()) for i in range(0, len(params), step)]
+
+
+def _constant(count, affine):
+    step = 3 if affine else 2
+    return tuple(1 + step * i + j for i in range(count) for j in ((0,) if affine else (0, 1)))
+
+
+def _multi_op(plan, M, K, lead, group_size, bits, mode, affine):
+    """``op(x, w0, scales0[, biases0], w1, ...)`` -> [y_i (*lead, N_i)]."""
+
+    def forward(x, *params):
+        x = mx.stop_gradient(x).reshape(M, K)
+        ys = launch.dense_multi(plan, x, _split(params, affine))
+        return [y.reshape(*lead, p.N) for y, p in zip(ys, plan.members)]
+
+    def reference(x, *params):
+        return [_mlx_quantized_matmul(x, *w, True, group_size, bits, mode) for w in _split(params, affine)]
+
+    return with_derivatives_of(forward, reference, _constant(len(plan.members), affine))
+
+
+def _glu_op(plan, M, K, lead, group_size, bits, mode, affine):
+    """``op(x, gate's w, scales[, biases], up's ...)`` -> swiglu(g, u) (*lead, N)."""
+
+    def forward(x, *params):
+        x = mx.stop_gradient(x).reshape(M, K)
+        gate, up = _split(params, affine)
+        return launch.dense_glu(plan, x, gate, up).reshape(*lead, plan.members[0].N)
+
+    def reference(x, *params):
+        gate, up = (_mlx_quantized_matmul(x, *w, True, group_size, bits, mode) for w in _split(params, affine))
+        return swiglu(gate, up)
+
+    return with_derivatives_of(forward, reference, _constant(2, affine))
+
+
+# -- copies of mlx-lm's methods, projections swapped -----------------------------------------
+
+
+def _llama_attention_call(
+    self,
+    x: mx.array,
+    mask: Optional[mx.array] = None,
+    cache: Optional[Any] = None,
+) -> mx.array:
+    # mlx_lm.models.llama.Attention.__call__
+    B, L, D = x.shape
+
+    queries, keys, values = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+
+    # Prepare the queries, keys and values for the attention computation
+    queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+    keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+    if cache is not None:
+        queries = self.rope(queries, offset=cache.offset)
+        keys = self.rope(keys, offset=cache.offset)
+        keys, values = cache.update_and_fetch(keys, values)
+    else:
+        queries = self.rope(queries)
+        keys = self.rope(keys)
+
+    output = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=self.scale, mask=mask
+    )
+
+    output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return self.o_proj(output)
+
+
+def _qwen3_attention_call(
+    self,
+    x: mx.array,
+    mask: Optional[mx.array] = None,
+    cache: Optional[Any] = None,
+) -> mx.array:
+    # mlx_lm.models.qwen3.Attention.__call__ (qwen3_moe's is the same)
+    B, L, D = x.shape
+
+    queries, keys, values = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+
+    queries = self.q_norm(queries.reshape(B, L, self.n_heads, -1)).transpose(
+        0, 2, 1, 3
+    )
+    keys = self.k_norm(keys.reshape(B, L, self.n_kv_heads, -1)).transpose(
+        0, 2, 1, 3
+    )
+    values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+
+    if cache is not None:
+        queries = self.rope(queries, offset=cache.offset)
+        keys = self.rope(keys, offset=cache.offset)
+        keys, values = cache.update_and_fetch(keys, values)
+    else:
+        queries = self.rope(queries)
+        keys = self.rope(keys)
+
+    output = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=self.scale, mask=mask
+    )
+    output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return self.o_proj(output)
+
+
+def _mixtral_attention_call(
+    self,
+    x: mx.array,
+    mask: Optional[mx.array] = None,
+    cache: Optional[Any] = None,
+) -> mx.array:
+    # mlx_lm.models.mixtral.MixtralAttention.__call__
+    B, L, D = x.shape
+
+    queries, keys, values = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+
+    # Prepare the queries, keys and values for the attention computation
+    queries = queries.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+    keys = keys.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3)
+    values = values.reshape(B, L, self.num_key_value_heads, -1).transpose(
+        0, 2, 1, 3
+    )
+
+    if cache is not None:
+        queries = self.rope(queries, offset=cache.offset)
+        keys = self.rope(keys, offset=cache.offset)
+        keys, values = cache.update_and_fetch(keys, values)
+    else:
+        queries = self.rope(queries)
+        keys = self.rope(keys)
+
+    output = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=self.scale, mask=mask
+    )
+    output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+    return self.o_proj(output)
+
+
+def _mlp_call(self, x) -> mx.array:
+    # mlx_lm.models.llama.MLP.__call__ (qwen3's and qwen3_moe's are the same)
+    return self.down_proj(swiglu_mlp(x, self.gate_proj, self.up_proj))
+
+
+def _deepseek_v3_mlp_call(self, x):
+    # mlx_lm.models.deepseek_v3.DeepseekV3MLP.__call__ (dense layers and shared experts)
+    down_proj = self.down_proj(swiglu_mlp(x, self.gate_proj, self.up_proj))
+    return down_proj
+
+
+# (class, attribute, replacement). DeepSeek-V3's MLA attention projects
+# through low-rank q_a/q_b and kv_a/kv_b, not q/k/v of one input: not fused.
+PATCHES = (
+    (llama.Attention, "__call__", _llama_attention_call),
+    (llama.MLP, "__call__", _mlp_call),
+    (qwen3.Attention, "__call__", _qwen3_attention_call),
+    (qwen3.MLP, "__call__", _mlp_call),
+    (qwen3_moe.Attention, "__call__", _qwen3_attention_call),
+    (qwen3_moe.MLP, "__call__", _mlp_call),
+    (mixtral.MixtralAttention, "__call__", _mixtral_attention_call),
+    (deepseek_v3.DeepseekV3MLP, "__call__", _deepseek_v3_mlp_call),
+)
+
+_lock = threading.Lock()
+_originals = {}  # (class, attribute) -> the function enable() replaced
+
+
+def is_enabled() -> bool:
+    return bool(_originals)
+
+
+def enable() -> None:
+    """Install the copies in PATCHES. Calling it again changes nothing."""
+    with _lock:
+        if _originals:
+            return
+        for cls, name, _ in PATCHES:
+            if name not in vars(cls):
+                raise RuntimeError(
+                    f"{cls.__module__}.{cls.__qualname__} no longer defines {name}; "
+                    "this mtp_splitk does not know this mlx-lm version."
+                )
+        for cls, name, replacement in PATCHES:
+            _originals[(cls, name)] = vars(cls)[name]
+            setattr(cls, name, replacement)
+
+
+def disable() -> None:
+    """Put back the original methods (the same objects). Safe to call when disabled."""
+    with _lock:
+        for (cls, name), original in _originals.items():
+            setattr(cls, name, original)
+        _originals.clear()

@@ -264,21 +264,25 @@ def convert(gguf_path, out_dir, variant: str = "q4", dtype=mx.float16) -> Path:
             heads = "num_attention_heads" if stem.endswith("q") else "num_key_value_heads"
             parts = {s: unpermute_rows(a, config[heads]) for s, a in parts.items()}
         if bits is not None and variant == "float":
-            w, scales, biases = parts["weight"], parts["scales"], parts["biases"]
-            w = mx.dequantize(w, scales, biases, GROUP_SIZE, bits, dtype=mx.float32)
-            parts = {"weight": w}  # float32 first, so the cast below rounds once
+            # In float32 (mx.dequantize computes in the scales' dtype), so that the cast
+            # below rounds once.
+            scales, biases = (parts[s].astype(mx.float32) for s in ("scales", "biases"))
+            parts = {"weight": mx.dequantize(parts["weight"], scales, biases, GROUP_SIZE, bits)}
             bits = None
         module = hf_name(info.name).rpartition(".")[0]
         for s, a in parts.items():
             weights[f"{module}.{s}"] = a if s == "weight" and bits else a.astype(dtype)
-        if bits is not None:
-            bits_of[module] = bits
+        if bits is not None or len(info.shape) == 2:
+            bits_of[module] = bits  # None: a float matrix, kept out of nn.quantize
 
-    if bits_of:
-        common = max(set(bits_of.values()), key=list(bits_of.values()).count)
+    quantized = [b for b in bits_of.values() if b is not None]
+    if quantized:
+        common = max(set(quantized), key=quantized.count)
         quant = {"group_size": GROUP_SIZE, "bits": common, "mode": "affine"}
         for module, bits in sorted(bits_of.items()):
-            if bits != common:
+            if bits is None:
+                quant[module] = False
+            elif bits != common:
                 quant[module] = {"group_size": GROUP_SIZE, "bits": bits, "mode": "affine"}
         config["quantization"] = config["quantization_config"] = quant
     config["torch_dtype"] = str(dtype).split(".")[-1]

@@ -34,6 +34,8 @@ LICENCE = "Apache-2.0"
 DEFAULT_INDEX = "https://pypi.org/simple"
 VARIANTS = ("q4", "float")
 MARKER = ".complete"
+# Part of the cache directory's name: a change to the converter's output bumps it.
+FORMAT = "v1"
 TIMEOUT_S = 30
 
 
@@ -167,7 +169,7 @@ def demo_model(variant: str = "q4", dtype=None) -> Path:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
     dtype = dtype or default_dtype()
-    target = cache_root() / f"{NAME}-{variant}-{str(dtype).split('.')[-1]}"
+    target = cache_root() / f"{NAME}-{variant}-{str(dtype).split('.')[-1]}-{FORMAT}"
     if (target / MARKER).exists():
         return target
     source = gguf_path()

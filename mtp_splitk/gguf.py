@@ -39,9 +39,12 @@ SUPPORTED_TYPES = {
 }
 GROUP_SIZE = 32
 
-# GGUF metadata value types: id -> struct format (8 string, 9 array are read apart).
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}  # fmt: skip
+# GGUF metadata value types (8 string and 9 array are read apart): struct format, numpy dtype.
+_VALUE_TYPES = {
+    0: ("B", "u1"), 1: ("b", "i1"), 2: ("H", "<u2"), 3: ("h", "<i2"), 4: ("I", "<u4"),
+    5: ("i", "<i4"), 6: ("f", "<f4"), 7: ("?", "?"), 10: ("Q", "<u8"), 11: ("q", "<i8"),
+    12: ("d", "<f8"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,11 @@ class _Cursor:
                 return [self.string() for _ in range(count)]
             if etype == 9:
                 raise ValueError("GGUF: nested arrays are not supported")
-            dt = np.dtype(_NUMPY[etype])
+            dt = np.dtype(_VALUE_TYPES[etype][1])
             arr = np.frombuffer(self.buf, dt, count, self.pos).copy()
             self.pos += count * dt.itemsize
             return arr
-        return self.unpack(_SCALAR[vtype])
+        return self.unpack(_VALUE_TYPES[vtype][0])
 
 
 def read_gguf(path) -> tuple[dict, dict[str, TensorInfo]]:
@@ -208,6 +211,8 @@ def llama_config(metadata: dict, tensors: dict) -> dict:
         "max_position_embeddings": int(_meta(metadata, "llama.context_length")),
         "rope_theta": float(metadata.get("llama.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "bos_token_id": int(_meta(metadata, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(_meta(metadata, "tokenizer.ggml.eos_token_id")),
     }
@@ -254,10 +259,10 @@ def convert(gguf_path, out_dir, variant: str = "q4", dtype=mx.float16) -> Path:
 
     weights, bits_of = {}, {}
     for info in tensors.values():
-        stem = info.name[: -len(".weight")] if info.name.endswith(".weight") else info.name
+        stem, _, suffix = info.name.rpartition(".")  # suffix: weight or bias
         bits = SUPPORTED_TYPES[info.type_name][2]
         if bits is None:
-            parts = {"weight": arrays[info.name]}
+            parts = {suffix: arrays[info.name]}
         else:
             parts = {s: arrays[f"{stem}.{s}"] for s in ("weight", "scales", "biases")}
         if stem.endswith((".attn_q", ".attn_k")):
@@ -272,7 +277,7 @@ def convert(gguf_path, out_dir, variant: str = "q4", dtype=mx.float16) -> Path:
         module = hf_name(info.name).rpartition(".")[0]
         for s, a in parts.items():
             weights[f"{module}.{s}"] = a if s == "weight" and bits else a.astype(dtype)
-        if bits is not None or len(info.shape) == 2:
+        if bits is not None or (suffix == "weight" and len(info.shape) == 2):
             bits_of[module] = bits  # None: a float matrix, kept out of nn.quantize
 
     quantized = [b for b in bits_of.values() if b is not None]

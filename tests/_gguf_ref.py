@@ -109,7 +109,11 @@ def dequantize(raw: np.ndarray, type_name: str, shape) -> np.ndarray:
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's ``permute``: Hugging Face rows -> GGUF rows."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def hf_rows_from_gguf(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -129,34 +133,44 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_llama_gguf(path, types: dict, tied: bool = True, seed: int = 0):
+def tiny_llama_gguf(path, types: dict, tied: bool = True, bias: bool = False, seed: int = 0):
     """Write a 2-layer llama GGUF with a byte-level vocabulary (3 special tokens, the 256
     byte symbols, and "Ġt" from one merge). ``types`` maps a GGUF tensor name to its type
-    (default Q4_1 for matrices, F32 for norms). Returns the Hugging Face weights the file
-    stands for: what the quantized numbers decode to, q/k rows back in HF order."""
+    (default Q4_1 for matrices, F32 for vectors); ``bias`` adds attention biases. Returns
+    the Hugging Face weights the file stands for: what the quantized numbers decode to,
+    q/k rows back in HF order."""
     from tokenizers import pre_tokenizers
 
     hidden, ffn, heads, kv_heads, layers = 64, 96, 4, 2, 2
     head_dim = hidden // heads
+    kv = kv_heads * head_dim
     tokens = SPECIALS + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"]
     rng = np.random.default_rng(seed)
-    shapes = {"token_embd": (len(tokens), hidden), "output_norm": (hidden,)}
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
     if not tied:
-        shapes["output"] = (len(tokens), hidden)
+        shapes["output.weight"] = (len(tokens), hidden)
     for i in range(layers):
         shapes.update({
-            f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,),
-            f"blk.{i}.attn_q": (hidden, hidden), f"blk.{i}.attn_k": (kv_heads * head_dim, hidden),
-            f"blk.{i}.attn_v": (kv_heads * head_dim, hidden), f"blk.{i}.attn_output": (hidden, hidden),
-            f"blk.{i}.ffn_gate": (ffn, hidden), f"blk.{i}.ffn_up": (ffn, hidden),
-            f"blk.{i}.ffn_down": (hidden, ffn),
+            f"blk.{i}.attn_norm.weight": (hidden,), f"blk.{i}.ffn_norm.weight": (hidden,),
+            f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_k.weight": (kv, hidden),
+            f"blk.{i}.attn_v.weight": (kv, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+            f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
+            f"blk.{i}.ffn_down.weight": (hidden, ffn),
         })  # fmt: skip
+        if bias:
+            for proj, n in (
+                ("attn_q", hidden),
+                ("attn_k", kv),
+                ("attn_v", kv),
+                ("attn_output", hidden),
+            ):
+                shapes[f"blk.{i}.{proj}.bias"] = (n,)
     tensors, hf = [], {}
-    for stem, shape in shapes.items():
-        name = f"{stem}.weight"
-        is_norm = len(shape) == 1
+    for name, shape in shapes.items():
+        stem, _, suffix = name.rpartition(".")
+        is_norm = len(shape) == 1 and suffix == "weight"
         w = (1 + 0.1 * rng.standard_normal(shape)) if is_norm else 0.2 * rng.standard_normal(shape)
-        type_name = types.get(name, "F32" if is_norm else "Q4_1")
+        type_name = types.get(name, "F32" if len(shape) == 1 else "Q4_1")
         n_head = {"attn_q": heads, "attn_k": kv_heads}.get(stem.split(".")[-1])
         if n_head:
             w = llama_cpp_permute(w, n_head)

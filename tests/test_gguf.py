@@ -60,6 +60,17 @@ def test_converted_model_matches_hf_weights(tmp_path, variant, tied):
         assert layer.self_attn.q_proj.weight.dtype == mx.float32
 
 
+def test_attention_biases(tmp_path):
+    hf = ref.tiny_llama_gguf(tmp_path / "m.gguf", MIXED, bias=True)
+    out = gguf.convert(tmp_path / "m.gguf", tmp_path / "out", "q4", dtype=mx.float32)
+    model, _ = load(str(out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] and not config["mlp_bias"]
+    np.testing.assert_allclose(
+        np.array(model(mx.array(PROMPT))), reference_logits(config, hf), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_unpermute_is_llama_cpp_inverse_on_packed_rows():
     rows = mx.arange(48 * 5).reshape(48, 5).astype(mx.uint32)  # 3 heads of 16 rows
     permuted = ref.llama_cpp_permute(np.array(rows), 3)
@@ -92,7 +103,9 @@ def test_bf16_read_exactly(tmp_path):
 def test_unsupported_type_names_tensor_and_type(tmp_path):
     path = tmp_path / "m.gguf"
     garbage = bytes(22 * 2 * 64 // 32)  # Q5_0: 22 bytes a block of 32; never decoded
-    ref.write_gguf(path, {"general.architecture": "llama"}, [("blk.0.attn_q.weight", (2, 64), "Q5_0", garbage)])
+    ref.write_gguf(
+        path, {"general.architecture": "llama"}, [("blk.0.attn_q.weight", (2, 64), "Q5_0", garbage)]
+    )
     with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' has type Q5_0"):
         gguf.convert(path, tmp_path / "out")
 

@@ -140,7 +140,9 @@ def test_llama_cpp_row_order_loses_paris(q4_dir):
     for layer in model.model.layers:
         for proj, n_head in ((layer.self_attn.q_proj, HEADS), (layer.self_attn.k_proj, KV_HEADS)):
             for k in ("weight", "scales", "biases"):
-                setattr(proj, k, mx.array(ref.llama_cpp_permute(np.array(getattr(proj, k)), n_head)))
+                setattr(
+                    proj, k, mx.array(ref.llama_cpp_permute(np.array(getattr(proj, k)), n_head))
+                )
     assert "Paris" not in _greedy(model, tok, QUESTION, max_tokens=8)
 
 
@@ -148,7 +150,8 @@ def test_tokenizer_round_trip_and_specials(gguf_file, q4_model):
     metadata, _ = gguf.read_gguf(gguf_file)
     _, tok = q4_model
     assert tok.decode(tok.encode("  leading spaces")) == "  leading spaces"
-    for text in ["Hello, world!", "naïve café — 東京 🚀 ünïcödé", "two  spaces\n\ttab 12345 "]:
+    texts = ["Hello, world!", "naïve café — 東京 🚀 ünïcödé", "two  spaces\n\ttab 12345 "]
+    for text in texts:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         # mlx-lm's streaming detokenizer (it drops a leading space, so none above)
@@ -190,7 +193,9 @@ def test_stock_load_both_variants(q4_model, float_dir):
     assert type(flt.model.layers[3].self_attn.q_proj) is nn.Linear
     assert flt.model.layers[3].self_attn.q_proj.weight.dtype == dm.default_dtype()
     prompt = mx.array(tok.apply_chat_template(QUESTION, add_generation_prompt=True))[None]
-    a, b = np.array(q4(prompt)[0, -1].astype(mx.float32)), np.array(flt(prompt)[0, -1].astype(mx.float32))
+    a, b = np.array(q4(prompt)[0, -1].astype(mx.float32)), np.array(
+        flt(prompt)[0, -1].astype(mx.float32)
+    )
     assert a.argmax() == b.argmax()
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()  # the same numbers, two layouts
 

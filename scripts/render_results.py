@@ -42,7 +42,10 @@ def render(summary: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for key, entry in summary["figures"].items():
-        label = entry.get("label", key).replace("|", "\\|")
+        label = entry.get("label", key)
+        if entry.get("note"):  # what the figure does not show on its own
+            label += f" ({entry['note']})"
+        label = label.replace("|", "\\|")
         source = entry["source"]
         short = source.removeprefix("benchmarks/")
         lines.append(

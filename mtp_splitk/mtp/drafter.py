@@ -46,7 +46,6 @@ class MTPDrafter(Drafter):
         self._tokens: List[mx.array] = []
         self._self_fed = 0
         self._position = None  # on device: the position of the next y
-        self._room = 0  # rows the loop asked the device caches to hold
 
     def _observe(self, tokens: mx.array, hidden: mx.array):
         """Pair each token with the hidden state of the position before it."""
@@ -90,14 +89,6 @@ class MTPDrafter(Drafter):
         self._self_fed = 0
         self._observe(tokens, hidden)
 
-    def state(self):
-        return [c.state for c in self.cache]
-
-    def reserve(self, positions):
-        self._room = positions
-        if self._position is not None:
-            device_cache.reserve(self.cache, positions)
-
     def _step(self, hidden: mx.array, tokens: mx.array) -> mx.array:
         """Feed (1, L, D) hidden states and the (L,) tokens after them."""
         out = self.head(hidden, self.parts.embed(tokens[None]), self.cache)
@@ -116,7 +107,7 @@ class MTPDrafter(Drafter):
         return stack_drafts(tokens, qs)
 
     def start(self, y, k, distribution):
-        device_cache.on_device(self.cache, self._room)
+        device_cache.on_device(self.cache, getattr(self, "_room", 0))
         self._position = self.cache[0].offset + (self._last is not None)
         if self._last is None:  # a one-token prompt: no hidden state to draft from
             return mx.zeros((k,), mx.uint32), None

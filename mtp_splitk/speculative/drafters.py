@@ -50,7 +50,12 @@ class Drafter:
         raise NotImplementedError
 
     def reserve(self, positions: int) -> None:
-        """Room in the drafter's device caches for ``positions`` rows."""
+        """Room for ``positions`` rows in the drafter's caches (``self.cache``,
+        if it has one) once :meth:`start` has moved them to the device; the
+        number is kept for :meth:`start`."""
+        self._room = positions
+        cache = getattr(self, "cache", ())
+        device_cache.reserve([c for c in cache if isinstance(c, device_cache.DeviceKVCache)], positions)
 
     def reset(self) -> None:
         pass
@@ -73,8 +78,9 @@ class Drafter:
         ``hidden`` (1, len(tokens), D). The next ``y`` is the target's token."""
 
     def state(self) -> List[Any]:
-        """Arrays to evaluate with the target's cache during prefill."""
-        return []
+        """Arrays to evaluate with the target's cache during prefill: the
+        drafter's own cache (``self.cache``), if it has one."""
+        return [c.state for c in getattr(self, "cache", ())]
 
     def choose(
         self, logits: mx.array, distribution: Optional[Distribution]
@@ -130,7 +136,6 @@ class DraftModelDrafter(Drafter):
         self._fed: List[mx.array] = []
         self._base = None  # on device: the cache row of the next y
         self._seq = None  # on device: [y, drafts] of the step in flight
-        self._room = 0  # rows the loop asked the device caches to hold
 
     def _forward(self, tokens: mx.array) -> mx.array:
         return self.model(tokens[None], cache=self.cache)[:, -1, :]
@@ -168,14 +173,6 @@ class DraftModelDrafter(Drafter):
             self.rollback.owe(tokens[-1:].tolist())
         self._fed = []
 
-    def state(self):
-        return [c.state for c in self.cache]
-
-    def reserve(self, positions):
-        self._room = positions
-        if self._base is not None:
-            device_cache.reserve(self.cache, positions)
-
     def _logits(self, tokens: mx.array) -> mx.array:
         logits = self.model(tokens[None], cache=self.cache)[:, -1, :]
         device_cache.advance(self.cache, tokens.size)
@@ -197,7 +194,7 @@ class DraftModelDrafter(Drafter):
         return drafts, q
 
     def start(self, y, k, distribution):
-        device_cache.on_device(self.cache, self._room)
+        device_cache.on_device(self.cache, getattr(self, "_room", 0))
         self._base = self.cache[0].offset  # where y goes
         return self._run(y, y, k, distribution)
 

@@ -8,7 +8,7 @@
     python examples/mtp_generate.py --acceptance 0.7      # a known acceptance rate
 
 Without ``--model`` a tiny synthetic model with random MTP weights is written
-to a temporary directory. Its MTP head is random, so nearly every draft is
+to a temporary directory, removed at exit. Its MTP head is random, so nearly every draft is
 rejected; ``--acceptance`` swaps in the acceptance-controlled drafter (the
 target's recorded greedy continuation, each token kept with that
 probability) to show the loop at a given acceptance rate. At temperature 0
@@ -18,9 +18,12 @@ and explains a difference (a near-tie rounded differently, see --float32).
 The same decoding with every ``mlx_lm.generate`` flag (chat template,
 sampling, prompt cache files) is ``mtp-splitk generate --mtp [--model PATH]``;
 ``mtp-splitk convert`` makes such a PATH from a Hugging Face checkpoint.
+
+Bad input ends with one ``mtp_generate.py: error: ...`` line and exit status 2.
 """
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +34,21 @@ from mlx_lm.sample_utils import make_sampler
 
 from mtp_splitk import mtp
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.commands import UsageError, check_model_path
 from mtp_splitk.mtp import MTPDrafter
 from mtp_splitk.speculative import Stats, make_distribution, stream_generate
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+PROG = "mtp_generate.py"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UsageError(message)
+
+
+def parse_args(argv=None):
+    parser = Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="A model directory with MTP weights.")
     parser.add_argument(
         "--family",
@@ -56,7 +68,20 @@ def parse_args():
         default=None,
         help="Draft with the acceptance-controlled drafter at this rate.",
     )
-    return parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.max_tokens < 1:
+        raise UsageError(f"argument --max-tokens: expected 1 or more; got {args.max_tokens}")
+    if args.num_draft_tokens < 0:
+        raise UsageError(
+            f"argument --num-draft-tokens: expected 0 or more; got {args.num_draft_tokens}"
+        )
+    if args.temp < 0:
+        raise UsageError(f"argument --temp: expected 0 or more; got {args.temp}")
+    if args.acceptance is not None and not 0 <= args.acceptance <= 1:
+        raise UsageError(f"argument --acceptance: expected a rate in [0, 1]; got {args.acceptance}")
+    if args.model is not None:
+        check_model_path(args.model, "--model")
+    return args
 
 
 def run(responses):
@@ -83,19 +108,29 @@ def compare(plain, spec):
     return True
 
 
-def main():
-    args = parse_args()
-    if args.model is None:
-        from mtp_splitk.synthetic import write_mtp_model
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        with tempfile.TemporaryDirectory(prefix="mtp_generate-") as tmp:
+            if args.model is None:
+                from mtp_splitk.synthetic import write_mtp_model
 
-        path = Path(tempfile.mkdtemp()) / args.family
-        print(
-            f"[INFO] Writing a tiny synthetic {args.family} with MTP weights to {path}"
-        )
-        write_mtp_model(path, args.family, seed=args.seed)
-    else:
-        path = args.model
-    model, head, tokenizer = mtp.load(path)
+                path = Path(tmp) / args.family
+                print(f"[INFO] Writing a tiny synthetic {args.family} with MTP weights to {path}")
+                write_mtp_model(path, args.family, seed=args.seed)
+            else:
+                path = args.model
+            generate(args, *mtp.load(path))
+    except (UsageError, ValueError, OSError) as e:
+        # A path, a model without MTP weights, an unsupported family: one line.
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def generate(args, model, head, tokenizer):
+    """Plain decoding, then speculative decoding with the MTP head (or the
+    acceptance-controlled drafter), and the comparison."""
     if args.float32:
         model.set_dtype(mx.float32)
         head.set_dtype(mx.float32)
@@ -117,9 +152,7 @@ def main():
     if args.acceptance is None:
         drafter = MTPDrafter(model, head)
     else:
-        reference = AcceptanceControlledDrafter.record(
-            model, mx.array(prompt), args.max_tokens
-        )
+        reference = AcceptanceControlledDrafter.record(model, mx.array(prompt), args.max_tokens)
         drafter = AcceptanceControlledDrafter(
             reference, args.acceptance, len(tokenizer.vocab), seed=args.seed
         )
@@ -160,4 +193,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

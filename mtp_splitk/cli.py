@@ -10,15 +10,21 @@ and ``main(argv)``, imported only when it runs:
   synthetic demo built once into the cache;
 - ``convert``: ``mlx_lm.convert`` keeping (and quantizing) the MTP head;
 - ``synthesize``: a synthetic model directory of any family and size;
+- ``tune``: check and time the kernels on this GPU, and write the tuning
+  table the planner reads first;
 - ``bench e2e|tp``: the benchmarks.
+
+``mtp-splitk --version`` prints the versions of mtp_splitk, mlx and mlx-lm.
 
 Bad input ends with one ``mtp-splitk: error: ...`` line on stderr and exit
 status 2.
 """
 
 import importlib
+import importlib.metadata
 import sys
 
+from . import __version__
 from .commands import PROG, Parser, UsageError
 
 # name: the line the top-level help gives it
@@ -27,14 +33,22 @@ COMMANDS = {
     "convert": "mlx_lm.convert keeping the checkpoint's MTP head (all of its flags but "
     "--dequantize)",
     "synthesize": "write a synthetic mlx-lm model directory (random weights, real layout)",
+    "tune": "check and time the split-K kernels on this GPU; write its tuning table",
     "bench": "benchmarks",
 }
+
+
+def version() -> str:
+    # From the installed metadata: importing mlx-lm to ask it takes a second.
+    versions = {name: importlib.metadata.version(name) for name in ("mlx", "mlx-lm")}
+    return f"mtp_splitk {__version__} (mlx {versions['mlx']}, mlx-lm {versions['mlx-lm']})"
 
 
 def build_parser() -> Parser:
     """The top level alone: its help, and its errors for a missing or unknown
     command (a command's own arguments are its module's to parse)."""
     parser = Parser(prog=PROG, description="Split-K quantized matmuls and MTP decoding for mlx-lm.")
+    parser.add_argument("--version", action="version", version=version())
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name, line in COMMANDS.items():
         subparsers.add_parser(name, help=line, add_help=False)

@@ -1,16 +1,24 @@
+# Copyright © 2026 mtp_splitk contributors
+
 """`mtp-splitk generate` / `convert` / `synthesize`: end to end in subprocesses, seams in
 process."""
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import mlx_lm
 import pytest
+from _cli import (  # noqa: F401 (cache and in_cache are fixtures)
+    RECORD_TOKENS,
+    cache,
+    error_lines,
+    histogram,
+    in_cache,
+    run,
+    stats_lines,
+    tokens,
+)
 from mlx_lm.generate import GenerationResponse, setup_arg_parser
 
 from mtp_splitk import cache as model_cache
@@ -19,85 +27,8 @@ from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
 from mtp_splitk.commands import generate
 from mtp_splitk.commands.stats import Recorder
 from mtp_splitk.mtp import MTPHead
-from mtp_splitk.speculative import speculative_generate_step
+from mtp_splitk.speculative import Stats, speculative_generate_step
 from mtp_splitk.synthetic import write_mtp_model
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-# The CLI with mlx-lm's stream_generate wrapped to print each token id on
-# stderr, so a test compares tokens, not only the text they decode to.
-RECORD_TOKENS = """
-import importlib, sys
-from mtp_splitk import cli
-generate = importlib.import_module("mlx_lm.generate")
-inner = generate.stream_generate
-def stream_generate(*args, **kwargs):
-    for response in inner(*args, **kwargs):
-        print("[token]", response.token, file=sys.stderr)
-        yield response
-generate.stream_generate = stream_generate
-sys.exit(cli.main(sys.argv[1:]))
-"""
-
-
-def run(*args, cache, code=None):
-    """``mtp-splitk ARGS`` in a subprocess (``code``: a script run with ARGS instead)."""
-    env = dict(os.environ, MTP_SPLITK_CACHE=str(cache))
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.pop("MTP_SPLITK", None)
-    program = ["-m", "mtp_splitk.cli"] if code is None else ["-c", code]
-    return subprocess.run(
-        [sys.executable, *program, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def error_lines(stderr):
-    # transformers may warn about unknown model types on stderr; ours is the last line
-    return [l for l in stderr.splitlines() if l.startswith("mtp-splitk: error:")]
-
-
-def tokens(result):
-    """The token ids a RECORD_TOKENS run generated."""
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
-    return [int(l.split()[1]) for l in lines if l.startswith("[token] ")]
-
-
-def stats_lines(stdout):
-    """--stats' lines as {"Speculation": "...", ...}."""
-    return dict(
-        line[len("[stats] ") :].split(": ", 1)
-        for line in stdout.splitlines()
-        if line.startswith("[stats] ")
-    )
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A cache with the default pair already built (the first-run test builds its own)."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get(model_cache.ENV)
-    os.environ[model_cache.ENV] = str(path)
-    try:
-        generate.default_models()
-    finally:
-        if old is None:
-            del os.environ[model_cache.ENV]
-        else:
-            os.environ[model_cache.ENV] = old
-    return path
-
-
-@pytest.fixture
-def in_cache(cache, monkeypatch):
-    monkeypatch.setenv(model_cache.ENV, str(cache))
-    return cache
-
 
 # -- end to end ----------------------------------------------------------------------------
 
@@ -107,23 +38,73 @@ def test_default_generate_with_stats_on_a_fresh_machine(tmp_path):
     first = run("generate", "--stats", "--max-tokens", "40", cache=cache)
     assert first.returncode == 0, first.stderr
     assert "building the synthetic demo models" in first.stderr
-    stats = stats_lines(first.stdout)
+    stats = stats_lines(first.stderr)
+    pair = next(cache.glob("tiny-pair-llama-*"))
+    assert stats["Target"] == str(pair / "target")
+    assert stats["Drafter"] == f"draft model {pair / 'draft'}, k=3"
+    assert stats["Loop"].startswith("overlapped")  # mtp_splitk's loop, not mlx-lm's
     assert stats["Prompt"].endswith("tokens-per-sec")
     assert stats["Generation"].startswith("40 tokens,")
     rate = float(re.search(r"acceptance rate ([\d.]+)%", stats["Speculation"]).group(1))
     assert 20 < rate < 100  # the layer-skip draft agrees often, not always
     steps = int(re.match(r"(\d+) steps", stats["Speculation"]).group(1))
     assert 10 <= steps < 40  # fewer target passes than tokens
-    assert re.match(r"[\d.]+ ms mean, [\d.]+ ms median \(4 rows\)", stats["Verify step"])
-    histogram = stats["Accepted drafts per step (drafts:steps)"]
-    assert sum(int(n) for n in re.findall(r"\d+:(\d+)", histogram)) == steps
+    assert stats["Verify step"] == "not timed (the overlapped loop never waits for one)"
+    counts = histogram(stats)
+    assert sorted(counts) == [0, 1, 2, 3] and sum(counts.values()) == steps  # every bucket 0..k
     assert "==========" in first.stdout  # mlx-lm's own verbose output
 
-    again = run("generate", "--max-tokens", "5", "--verbose", "False", cache=cache)
+    again = run("generate", "--max-tokens", "5", "--verbose", "False", "--stats", cache=cache)
     assert again.returncode == 0, again.stderr
     assert "building" not in again.stderr  # built once
-    assert "[stats]" not in again.stdout
+    assert "[stats]" not in again.stdout and "[stats] Loop: overlapped" in again.stderr
     assert again.stdout.strip()
+
+
+def test_no_overlap_keeps_the_synchronous_loop_with_the_same_tokens(cache):
+    """Both loops of mtp_splitk (and plain greedy decoding) emit the same tokens;
+    --stats says which loop ran and times the synchronous one's verify passes."""
+    args = ["generate", "--max-tokens", "24", "--stats", "--verbose", "False"]
+    overlapped = run(*args, cache=cache, code=RECORD_TOKENS)
+    synchronous = run(*args, "--no-overlap", cache=cache, code=RECORD_TOKENS)
+    target = next(cache.glob("tiny-pair-llama-*")) / "target"
+    plain = run(*args, "--model", str(target), cache=cache, code=RECORD_TOKENS)
+    assert len(tokens(plain)) == 24
+    assert tokens(overlapped) == tokens(synchronous) == tokens(plain)
+    assert stats_lines(overlapped.stderr)["Loop"].startswith("overlapped")
+    stats = stats_lines(synchronous.stderr)
+    assert stats["Loop"] == "synchronous (--no-overlap)"
+    steps, drafted, accepted = speculation(stats)
+    assert steps + accepted == 24 and drafted <= 3 * steps
+    match = re.fullmatch(r"([\d.]+) ms mean over (\d+) target passes of ([\d.]+) rows mean .*",
+                         stats["Verify step"])
+    assert match and float(match[1]) > 0 and int(match[2]) == steps
+    assert 1 <= float(match[3]) <= 4  # the last token and up to k = 3 drafts
+    assert stats_lines(plain.stderr)["Drafter"] == "none (plain decoding)"
+
+
+def test_help_and_version():
+    help_text = cli_output("generate", "--help")
+    assert "--no-overlap" in help_text and "--split-k" in help_text
+    assert "Llama-3.2-3B-Instruct" not in help_text  # mlx-lm's default is not ours
+    assert "Default: the embedded demo" in " ".join(help_text.split())
+    import mlx.core as mx
+    from mtp_splitk import __version__
+
+    version = cli_output("--version").strip()
+    assert version == f"mtp_splitk {__version__} (mlx {mx.__version__}, mlx-lm {mlx_lm.__version__})"
+
+
+def cli_output(*args) -> str:
+    """stdout of ``mtp-splitk ARGS`` run in process, which exits 0 (help, version)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
+        cli.main(list(args))
+    assert exit_.value.code in (0, None)
+    return out.getvalue()
 
 
 @pytest.mark.parametrize(
@@ -178,7 +159,7 @@ def assert_same_tokens_with_mtp(model, cache, max_tokens):
     assert tokens(mtp) == tokens(plain)
     text = lambda result: result.stdout.split("==========")[1]  # noqa: E731
     assert text(mtp) == text(plain)
-    steps, drafted, accepted = speculation(stats_lines(mtp.stdout))
+    steps, drafted, accepted = speculation(stats_lines(mtp.stderr))
     assert drafted > 0 and steps + accepted == max_tokens  # each step: accepted + 1
 
 
@@ -194,15 +175,19 @@ def test_mtp_without_model_on_a_fresh_machine(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "building the synthetic demo models" in result.stderr
     assert f"tiny-mtp-{generate.MTP_FAMILY}-" in result.stderr
-    stats = stats_lines(result.stdout)
+    stats = stats_lines(result.stderr)
     assert stats["Generation"].startswith("16 tokens,")
+    assert stats["Drafter"] == "the target's MTP head, k=3"
+    # A hybrid (Gated DeltaNet) target: its caches keep the synchronous loop.
+    assert stats["Loop"] == (
+        "synchronous (the overlapped loop cannot run: the model's caches "
+        "(ArraysCache) keep host-side offsets)"
+    )
     steps, drafted, accepted = speculation(stats)
     assert drafted > 0 and steps + accepted == 16
-    histogram = stats["Accepted drafts per step (drafts:steps)"]
-    assert sum(int(n) for n in re.findall(r"\d+:(\d+)", histogram)) == steps
+    assert sum(histogram(stats).values()) == steps
     assert re.fullmatch(
-        r"[\d.]+ ms mean \([\d.]+ rows mean; timed by the MTP loop, which keeps no median\)",
-        stats["Verify step"],
+        r"[\d.]+ ms mean over \d+ target passes of [\d.]+ rows mean \(.*\)", stats["Verify step"]
     )
 
 
@@ -352,49 +337,67 @@ def test_mtp_flag_routes_mlx_lm_speculative_branch(in_cache, monkeypatch, capsys
             "False",
         ]
     )
-    out = capsys.readouterr().out
+    err = capsys.readouterr().err
     assert code == 0
     reference = seen.pop("reference")
     assert seen == {"patched": True, "split": 4, "k": 2, "head": True}
     assert not patch.is_enabled() and plan.forced_split() is None  # restored
     assert len(reference) == 12  # no eos: every step is 2 drafts + 1 token
-    stats = stats_lines(out)
+    assert "mtp-splitk: warning: --split-k 4: no split-K kernel runs on the CPU" in err
+    stats = stats_lines(err)
     assert stats["Speculation"] == (
         "4 steps, 8 drafted, 8 accepted (acceptance rate 100.0%), 3.00 tokens/step"
     )
-    assert stats["Accepted drafts per step (drafts:steps)"] == "0:0 1:0 2:4"
+    assert histogram(stats) == {0: 0, 1: 0, 2: 4}
     assert re.fullmatch(
-        r"[\d.]+ ms mean \(3\.00 rows mean; timed by the MTP loop, which keeps no median\)",
-        stats["Verify step"],
+        r"[\d.]+ ms mean over 4 target passes of 3\.00 rows mean \(.*\)", stats["Verify step"]
     )
+
+
+@pytest.mark.parametrize("flags,overlap", [([], True), (["--no-overlap"], False)])
+def test_draft_model_runs_mtp_splitks_loop(in_cache, monkeypatch, capsys, flags, overlap):
+    """With a draft model the token loop is mtp_splitk's (not mlx-lm's), with
+    the loop --no-overlap asks for, the draft model as drafter, and mlx-lm's
+    options (k, max tokens, sampler) passed through."""
+    seen = []
+
+    def loop(prompt, model, drafter, stream, **kwargs):
+        seen.append((type(drafter).__name__, kwargs["overlap"], kwargs["num_draft_tokens"]))
+        return speculative_generate_step(prompt, model, drafter, stream, **kwargs)
+
+    monkeypatch.setattr(generate, "speculative_generate_step", loop)
+    args = ["generate", "-m", "6", "--num-draft-tokens", "2", "--verbose", "False", *flags]
+    assert cli.main(args) == 0
+    assert seen == [("DraftModelDrafter", overlap, 2)]
+    assert len(capsys.readouterr().out.strip()) > 0
 
 
 def test_recorder_statistics():
-    rec = Recorder()
-    flags = [
-        True,
-        True,
-        False,
-        False,
-        True,
-        False,
-        True,
-    ]  # steps: 2, 0, 1, then 1 at the end
-    for i, f in enumerate(flags):
+    loop = Stats()
+    for accepted, rows in [(2, 3), (0, 3), (1, 3), (1, 2)]:
+        loop.record_step(min(2, rows - 1), accepted, rows)
+    loop.verify_time = 0.010
+    rec = Recorder(loop=loop)
+    for i, f in enumerate([True, True, False, False, True, False, True, False]):
         rec.add(GenerationResponse("", 0, None, f, 5, 100.0, i + 1, 50.0, 0.0))
-    # 4 prompt tokens prefilled in two calls, then one verify call per step
-    rec.calls = [(3, 0.5), (1, 0.5), (3, 0.002), (3, 0.004), (3, 0.003), (2, 0.001)]
-    assert rec.accepted_per_step() == [2, 0, 1, 1]
-    assert rec.verify_calls() == rec.calls[2:]
-    text = rec.summary(speculative=True)
+    text = rec.summary(["Target: t", "Drafter: d"], num_draft_tokens=3)
+    lines = text.splitlines()
+    assert lines[:3] == ["[stats] Target: t", "[stats] Drafter: d", "[stats] Loop: synchronous (--no-overlap)"]
     assert (
-        "Speculation: 4 steps, 7 drafted, 4 accepted (acceptance rate 57.1%), 1.75 tokens/step"
+        "Speculation: 4 steps, 7 drafted, 4 accepted (acceptance rate 57.1%), 2.00 tokens/step"
         in text
     )
-    assert "Accepted drafts per step (drafts:steps): 0:1 1:2 2:1" in text
-    assert "Verify step: 2.50 ms mean, 2.50 ms median (3 rows)" in text
-    assert "Generation: 7 tokens, 50.000 tokens-per-sec" in text
-    assert "Speculation: none" in Recorder().summary(speculative=False)
+    # k = 3: the bucket of 3 is there, empty.
+    assert "Steps by drafts accepted (accepted:steps, every count 0..k=3): 0:1 1:2 2:1 3:0" in text
+    assert "Verify step: 2.50 ms mean over 4 target passes of 2.75 rows mean" in text
+    assert "Generation: 8 tokens, 50.000 tokens-per-sec" in text
+    loop.overlapped = True
+    assert "Verify step: not timed" in rec.summary([], 3)
+    assert "Loop: overlapped" in rec.summary([], 3)
+    loop.overlapped, loop.overlap_off = False, "no reason"
+    assert "Loop: synchronous (the overlapped loop cannot run: no reason)" in rec.summary([], 3)
+    plain = Recorder().summary(["Drafter: none (plain decoding)"])
+    assert "Speculation: none" in plain and "Loop" not in plain
 
 
 def test_synthesize(tmp_path, capsys):

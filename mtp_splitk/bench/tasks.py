@@ -75,8 +75,8 @@ def model_tasks(
 
     references = {}
 
-    def reference(label, k):
-        """The target's greedy continuation as the verify path computes it.
+    def reference(label, k, loop):
+        """The target's greedy continuation as this loop's verify path computes it.
 
         A verify row can round differently from a decode row (other kernels,
         other M), and random weights have near-ties: where plain decoding and
@@ -84,30 +84,32 @@ def model_tasks(
         the measured acceptance falls below p. So the reference is re-recorded
         by the loop itself at p = 1 with the same k (which emits the target's
         own verify-path tokens whatever it is proposed), until it reproduces
-        itself. These runs also warm the loop up (first use compiles).
+        itself; per loop, since their verify paths differ (the synchronous one
+        drafts fewer near ``max_tokens``: other M, other kernels). These runs
+        also warm the loop up (first use compiles).
         """
         model, prompt = target()
-        if (label, k) not in references:
+        if (label, k, loop) not in references:
             tokens, passes = plain_tokens[label], 0
             while passes < 3:
                 passes += 1
                 drafter = AcceptanceControlledDrafter(
                     tokens + [0] * (k + 1), 1.0, model.args.vocab_size
                 )
-                emitted = speculative_decode(model, prompt, drafter, k, max_tokens)["tokens"]
+                emitted = speculative_decode(model, prompt, drafter, k, max_tokens, loop)["tokens"]
                 if emitted == tokens:
                     break
                 tokens = emitted
-            references[label, k] = (tokens, passes)
-        return references[label, k]
+            references[label, k, loop] = (tokens, passes)
+        return references[label, k, loop]
 
     def acceptance(k, p):
         model, prompt = target()
         for label, on in STATES:
             with patch.enabled(on):
-                tokens, passes = reference(label, k)
                 census = matmul_census(model, k + 1) if on else None
                 for loop in loops:
+                    tokens, passes = reference(label, k, loop)
                     drafter = AcceptanceControlledDrafter(
                         tokens + [0] * (k + 1), p, model.args.vocab_size, seed=k
                     )

@@ -6,10 +6,11 @@
 
 What they share: :class:`Parser` (argparse whose errors are one
 :class:`UsageError` line, reported with exit status 2 by ``cli.main``) and
-:func:`check_model_path`.
+:func:`check_model_path` (with :func:`check_config`).
 """
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -39,12 +40,31 @@ _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def check_model_path(value: str, flag: str) -> None:
-    """A local model must be a directory with config.json; anything that is
-    not a local path but looks like ``org/name`` is left to mlx-lm (a Hub
-    repository)."""
+    """A local model must be a directory with a readable config.json; anything
+    that is not a local path but looks like ``org/name`` is left to mlx-lm (a
+    Hub repository)."""
     path = Path(value).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
             raise UsageError(f"{flag} {value}: not a model directory (no config.json)")
+        check_config(path / "config.json", f"{flag} {value}")
     elif not _HF_REPO.match(value):
         raise UsageError(f"{flag} {value}: model directory not found")
+
+
+def check_config(config: Path, where: str) -> None:
+    """config.json must be a JSON object naming its ``model_type`` (mlx-lm's
+    own messages name neither the file nor the problem's place)."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UsageError(
+            f"{where}: {config} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: {config} is not UTF-8 text (byte {e.start})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: {config} holds a JSON {type(data).__name__}, not an object")
+    if not isinstance(data.get("model_type"), str):
+        raise UsageError(f'{where}: {config} has no "model_type" (the architecture mlx-lm loads)')

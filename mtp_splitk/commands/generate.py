@@ -9,7 +9,13 @@ It takes every flag of mlx-lm's own parser (built by mlx-lm's
 - ``--split-k auto|off|N``: the planner's split policy (``plan.set_split``);
 - ``--stats``: speculation statistics after the text (:mod:`.stats`);
 - ``--mtp``: draft with the model's own MTP head (``mtp_splitk.mtp.generate_step``)
-  instead of a draft model.
+  instead of a draft model;
+- ``--no-overlap``: the synchronous speculative loop instead of the overlapped one.
+
+Speculative decoding (a draft model or ``--mtp``) runs mtp_splitk's loop
+(:func:`mtp_splitk.speculative.speculative_generate_step`, overlapped where
+it can be) in place of mlx-lm's; MTP tensors in a checkpoint's shards are
+dropped when loading unless ``--mtp`` drafts with them.
 
 Without ``--model`` it builds (once, into the cache, :mod:`mtp_splitk.cache`)
 a tiny synthetic target and a draft for it and decodes speculatively, so it
@@ -19,8 +25,8 @@ target with an MTP head instead.
 
 import argparse
 import contextlib
-import functools
 import importlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,10 +37,10 @@ import transformers
 from mlx_lm.generate import setup_arg_parser as mlx_lm_arg_parser
 
 from .. import cache, mtp, patch, plan, synthetic
-from ..mtp.loading import _without_mtp
-from ..speculative import Stats
+from ..mtp.loading import dropping_mtp_keys
+from ..speculative import DraftModelDrafter, Stats, speculative_generate_step
 from . import PROG, Parser, UsageError, check_model_path
-from .stats import Recorder, timed_calls
+from .stats import Recorder
 
 # The family of the --mtp demo target: a hybrid (Gated DeltaNet) model, which
 # mlx-lm's own speculative loop refuses, and whose tiny MTP model loads in
@@ -126,34 +132,100 @@ def _replaced(module, **attributes):
             setattr(module, name, value)
 
 
-def _mtp_hooks(mlx_generate, stats) -> dict:
-    """With --mtp: mlx-lm's ``load`` and speculative step function, swapped.
+def _prompt_cache_loader(load_prompt_cache):
+    """mlx-lm's ``load_prompt_cache``, its errors naming the flag: a file that
+    is not one ``mlx_lm.cache_prompt`` wrote is one line, not a traceback."""
 
-    ``main`` loads the model it settled on (``--model`` or the one a prompt
-    cache file names); the MTP head is read from the same checkpoint right
-    after, so a model without MTP weights fails before any prompt is
-    processed. The target loads with the MTP loader's class lookup, whose
-    sanitize drops every MTP key: mlx-lm's keeps them in some checkpoints
-    (Qwen3-Next's converted ones, DeepSeek-V3-shaped ones not 61 layers
-    deep) and its strict load would refuse them.
+    def load(file_name, return_metadata=False):
+        where = f"--prompt-cache-file {file_name}"
+        try:
+            loaded = load_prompt_cache(file_name, return_metadata=return_metadata)
+        except (ValueError, RuntimeError, OSError, KeyError, TypeError) as e:
+            raise UsageError(f"{where}: not a prompt cache file ({e})") from e
+        if return_metadata:
+            missing = [k for k in ("model", "tokenizer_config") if k not in loaded[1]]
+            if missing:
+                raise UsageError(f"{where}: no {' or '.join(missing)} in its metadata")
+        return loaded
+
+    return load
+
+
+def _speculative_hooks(args, mlx_generate, stats: Stats) -> dict:
+    """mlx-lm's speculative step function, replaced by mtp_splitk's loop
+    (overlapped unless --no-overlap; ``stats`` filled in), drafting with the
+    draft model or, with --mtp, the MTP head.
+
+    With --mtp, ``load`` is swapped too: ``main`` loads the model it settled
+    on (``--model`` or the one a prompt cache file names) and the MTP head is
+    read from the same checkpoint right after, so a model without MTP
+    weights fails before any prompt is processed.
     """
-    mlx_utils = importlib.import_module("mlx_lm.utils")
+    options = {"stats": stats, "overlap": not args.no_overlap}
+    if not args.mtp:
+
+        def step(prompt, model, draft_model, stream, prompt_cache=None, **kwargs):
+            if prompt_cache is not None:  # mlx-lm's layout: the target's layers first
+                prompt_cache = prompt_cache[: len(model.layers)]
+            drafter = DraftModelDrafter(draft_model)
+            return speculative_generate_step(
+                prompt, model, drafter, stream, prompt_cache=prompt_cache, **kwargs, **options
+            )
+
+        return {"speculative_generate_step": step}
+
     load, heads = mlx_generate.load, []
 
-    def load_with_head(path_or_hf_repo, *args, **kwargs):
-        load_model = functools.partial(mlx_utils.load_model, get_model_classes=_without_mtp())
-        with _replaced(mlx_utils, load_model=load_model):
-            loaded = load(path_or_hf_repo, *args, **kwargs)
+    def load_with_head(path_or_hf_repo, *rest, **kwargs):
+        loaded = load(path_or_hf_repo, *rest, **kwargs)
         heads.append(mtp.head_for(loaded[0], path_or_hf_repo))
         return loaded
 
-    def step(prompt, model, _draft_model, stream, **kwargs):
+    def mtp_step(prompt, model, _draft_model, stream, **kwargs):
         # Looked up now, not bound at import: tests swap it.
-        return mtp.generate_step(
-            prompt, model, stream=stream, head=heads[-1], stats=stats, **kwargs
-        )
+        return mtp.generate_step(prompt, model, stream=stream, head=heads[-1], **kwargs, **options)
 
-    return {"load": load_with_head, "speculative_generate_step": step}
+    return {"load": load_with_head, "speculative_generate_step": mtp_step}
+
+
+def check_arguments(args) -> None:
+    """What mlx-lm would report late, cryptically or with a traceback, as one line."""
+    if args.mtp and args.draft_model is not None:
+        raise UsageError("--mtp and --draft-model are alternatives; give one")
+    if args.max_tokens == 0 or args.max_tokens < -1:
+        raise UsageError(
+            "argument --max-tokens/-m: expected a positive number of tokens, or -1 for "
+            f"no limit; got {args.max_tokens}"
+        )
+    if args.num_draft_tokens < 0:
+        raise UsageError(
+            f"argument --num-draft-tokens: expected 0 or more; got {args.num_draft_tokens}"
+        )
+    if args.chat_template_config is not None:
+        try:
+            config = json.loads(args.chat_template_config)
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"argument --chat-template-config: not valid JSON ({e.msg} at column "
+                f"{e.colno}): {args.chat_template_config!r}"
+            ) from e
+        if not isinstance(config, dict):
+            raise UsageError(
+                "argument --chat-template-config: expected a JSON object of "
+                f"apply_chat_template keyword arguments; got {args.chat_template_config!r}"
+            )
+    if args.prompt_cache_file is not None and not Path(args.prompt_cache_file).is_file():
+        raise UsageError(f"--prompt-cache-file {args.prompt_cache_file}: file not found")
+
+
+def _warn_split_k(split_k: Optional[int]) -> None:
+    if split_k and plan.current_device().backend == "cpu":
+        print(
+            f"{PROG}: warning: --split-k {split_k}: no split-K kernel runs on the CPU "
+            "(MLX's default device); generating with MLX's ops",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def run(args) -> int:
@@ -161,13 +233,14 @@ def run(args) -> int:
     meaning (chat templates, prompt cache files, images, KV quantization, the
     draft-model check). Module attributes are swapped while it runs: its
     parser (the arguments come parsed, with the defaults filled in), its
-    ``stream_generate`` (recorded for --stats) and, with --mtp, its ``load``
-    and the step function of its speculative branch (:func:`_mtp_hooks`)."""
+    ``stream_generate`` (recorded for --stats), its ``load_prompt_cache``
+    (errors naming the flag), the speculative step function
+    (:func:`_speculative_hooks`) and mlx-lm's ``load_model``, which drops
+    the MTP tensors of a checkpoint (:func:`~mtp_splitk.mtp.loading.dropping_mtp_keys`)."""
     # The module, not the function of the same name that mlx_lm exports.
     mlx_generate = importlib.import_module("mlx_lm.generate")
 
-    if args.mtp and args.draft_model is not None:
-        raise UsageError("--mtp and --draft-model are alternatives; give one")
+    check_arguments(args)
     # A prompt cache file names its model; mlx-lm takes that one.
     if args.model is None and args.prompt_cache_file is None:
         if args.mtp:
@@ -180,43 +253,59 @@ def run(args) -> int:
         check_model_path(args.model, "--model")
     if args.draft_model is not None:
         check_model_path(args.draft_model, "--draft-model")
+    _warn_split_k(args.split_k)
 
-    recorder = Recorder(loop=Stats()) if args.mtp else Recorder()
+    speculative = args.draft_model is not None or args.mtp
+    recorder = Recorder(loop=Stats() if speculative else None)
     stream_generate = mlx_generate.stream_generate
 
     def recording_stream_generate(model, tokenizer, prompt, *rest, draft_model=None, **kwargs):
         if args.mtp:
             # mlx-lm's stream_generate takes its speculative branch only for
             # a draft model; the target stands in for one and the branch's
-            # step function is swapped for the MTP one below.
+            # step function is swapped for the MTP one.
             draft_model = model
-        timing = draft_model is not None and not args.mtp and args.stats
-        with timed_calls(model, recorder.calls) if timing else contextlib.nullcontext():
-            for response in stream_generate(
-                model, tokenizer, prompt, *rest, draft_model=draft_model, **kwargs
-            ):
-                recorder.add(response)
-                yield response
+        for response in stream_generate(
+            model, tokenizer, prompt, *rest, draft_model=draft_model, **kwargs
+        ):
+            recorder.add(response)
+            yield response
 
     hooks = {
         # mlx-lm's main() builds its parser and parses sys.argv; it gets the
         # arguments already parsed (and completed) here instead.
         "setup_arg_parser": lambda: argparse.Namespace(parse_args=lambda: args),
         "stream_generate": recording_stream_generate,
+        "load_prompt_cache": _prompt_cache_loader(mlx_generate.load_prompt_cache),
     }
-    if args.mtp:
-        hooks.update(_mtp_hooks(mlx_generate, recorder.loop))
+    if speculative:
+        hooks.update(_speculative_hooks(args, mlx_generate, recorder.loop))
 
     previous_split = plan.forced_split()
     plan.set_split(args.split_k)
     try:
-        with patch.enabled(), _replaced(mlx_generate, **hooks):
+        with patch.enabled(), dropping_mtp_keys(), _replaced(mlx_generate, **hooks):
             mlx_generate.main()
     finally:
         plan.set_split(previous_split)
     if args.stats:
-        print(recorder.summary(speculative=args.draft_model is not None or args.mtp))
+        # stderr: the generated text alone is stdout's (--verbose False).
+        print(
+            recorder.summary(describe(args), args.num_draft_tokens), file=sys.stderr, flush=True
+        )
     return 0
+
+
+def describe(args) -> list:
+    """--stats' header: target, drafter and k."""
+    target = args.model or f"the model of {args.prompt_cache_file}"
+    if args.mtp:
+        drafter = f"the target's MTP head, k={args.num_draft_tokens}"
+    elif args.draft_model is not None:
+        drafter = f"draft model {args.draft_model}, k={args.num_draft_tokens}"
+    else:
+        drafter = "none (plain decoding)"
+    return [f"Target: {target}", f"Drafter: {drafter}"]
 
 
 def setup_arg_parser() -> Parser:
@@ -250,6 +339,23 @@ def setup_arg_parser() -> Parser:
         help="draft with the model's multi-token-prediction head instead of a draft "
         "model (without --model: a tiny synthetic target with one)",
     )
+    group.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="speculate with the synchronous loop (one host sync per step, each verify "
+        "pass timed) instead of the overlapped one, which submits step n+1 before step "
+        "n's verdict is read and is the default where the caches allow it",
+    )
+    for action in parser._actions:
+        if "--model" in action.option_strings:
+            # mlx-lm's help names its own default; ours is the embedded demo.
+            action.help = (
+                "the path to the local model directory or Hugging Face repo. Default: "
+                "the embedded demo, a tiny synthetic Llama target with a one-layer draft "
+                "(with --mtp: a tiny synthetic Qwen3-Next with an MTP head), random "
+                f"weights, built once into the cache (${cache.ENV}, default "
+                "~/.cache/mtp_splitk)"
+            )
     return parser
 
 

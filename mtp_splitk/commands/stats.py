@@ -1,35 +1,25 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""What ``mtp-splitk generate --stats`` observes and prints."""
+"""What ``mtp-splitk generate --stats`` observes and prints (on stderr)."""
 
-import contextlib
-import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
-
-import mlx.core as mx
+from typing import Any, List, Optional
 
 
 @dataclass
 class Recorder:
     """What ``--stats`` observes of one mlx-lm generation.
 
-    ``from_draft`` comes from mlx-lm's responses. ``calls`` are the target's
-    forward passes as (rows, seconds): with a draft model each is timed
-    synchronously (the drafts are evaluated first, the logits after), so a
-    verify time is the target's M = k+1 forward alone.
-
-    With ``--mtp`` the loop runs the target as backbone + LM head (the head
-    needs its hidden states), never through ``model.__call__``, so there are
-    no calls to time; ``loop`` (the loop's own ``speculative.Stats``) gives
-    the steps, the drafts and the verify time instead. Its verify time is
-    synchronised the same way, but it is a total: a mean, no median.
+    ``from_draft`` and the token counts come from mlx-lm's responses (what
+    was handed out). With speculation, ``loop`` is the loop's own
+    ``speculative.Stats``: the steps, the drafts the target judged, the
+    accepted drafts per step, which loop ran, and (synchronous loop) the
+    verify time, each verify pass waited for, so it times the target's
+    forward alone.
     """
 
     from_draft: List[bool] = field(default_factory=list)
-    calls: List[Tuple[int, float]] = field(default_factory=list)
-    loop: Optional[Any] = None  # mtp_splitk.speculative.Stats, with --mtp
+    loop: Optional[Any] = None  # mtp_splitk.speculative.Stats, when speculating
     prompt_tokens: int = 0
     prompt_tps: float = 0.0
     generation_tokens: int = 0
@@ -42,93 +32,46 @@ class Recorder:
         self.generation_tokens = response.generation_tokens
         self.generation_tps = response.generation_tps
 
-    def verify_calls(self) -> List[Tuple[int, float]]:
-        """The target calls after the prompt: mlx-lm's speculative loop first
-        prefills all prompt tokens but the last, then verifies once per step."""
-        prefill = max(self.prompt_tokens - 1, 0)
-        done = 0
-        for i, (rows, _) in enumerate(self.calls):
-            if done >= prefill:
-                return self.calls[i:]
-            done += rows
-        return []
-
-    def accepted_per_step(self) -> List[int]:
-        """Each step yields its accepted drafts, then one token of the target's."""
-        steps, run = [], 0
-        for from_draft in self.from_draft:
-            if from_draft:
-                run += 1
+    def summary(self, header: List[str], num_draft_tokens: int = 0) -> str:
+        """The lines, each ``[stats] ``-prefixed: ``header`` (target, drafter),
+        then the loop, tokens/s, speculation, the histogram of accepted drafts
+        per step over 0..k and the verify step."""
+        lines = list(header)
+        loop = self.loop
+        if loop is not None:
+            if loop.overlapped:
+                lines.append("Loop: overlapped (step n+1 is queued before step n's verdict is read)")
+            elif loop.overlap_off:
+                lines.append(f"Loop: synchronous (the overlapped loop cannot run: {loop.overlap_off})")
             else:
-                steps.append(run)
-                run = 0
-        if run:
-            steps.append(run)  # stopped (eos or max tokens) inside a step
-        return steps
-
-    def summary(self, speculative: bool) -> str:
-        lines = [
+                lines.append("Loop: synchronous (--no-overlap)")
+        lines += [
             f"Prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.3f} tokens-per-sec",
             f"Generation: {self.generation_tokens} tokens, "
             f"{self.generation_tps:.3f} tokens-per-sec",
         ]
-        if not speculative:
+        if loop is None:
             lines.append("Speculation: none (no draft model): 1 token per target step")
             return "\n".join(f"[stats] {line}" for line in lines)
-        accepted = self.accepted_per_step()
-        n_accepted = sum(self.from_draft)
-        if self.loop is not None:
-            verify = []
-            steps, drafted = self.loop.steps, self.loop.drafted
-        else:
-            verify = self.verify_calls()
-            steps = len(verify) or len(accepted)
-            drafted = sum(rows - 1 for rows, _ in verify)
-        rate = n_accepted / drafted if drafted else 0.0
+        steps = loop.steps
         lines.append(
-            f"Speculation: {steps} steps, {drafted} drafted, {n_accepted} accepted "
-            f"(acceptance rate {rate:.1%}), "
+            f"Speculation: {steps} steps, {loop.drafted} drafted, {loop.accepted} accepted "
+            f"(acceptance rate {loop.acceptance_rate:.1%}), "
             f"{len(self.from_draft) / steps if steps else 0:.2f} tokens/step"
         )
-        histogram = " ".join(
-            f"{n}:{accepted.count(n)}" for n in range(max(accepted, default=0) + 1)
+        # Every bucket from 0 to k, so a 0 says no step accepted that many.
+        k = max([num_draft_tokens, *loop.accepted_per_step])
+        counts = loop.accepted_histogram()
+        histogram = " ".join(f"{n}:{counts.get(n, 0)}" for n in range(k + 1))
+        lines.append(
+            f"Steps by drafts accepted (accepted:steps, every count 0..k={k}): {histogram}"
         )
-        lines.append(f"Accepted drafts per step (drafts:steps): {histogram}")
-        if verify:
-            times = [1e3 * seconds for _, seconds in verify]
-            rows = statistics.median(r for r, _ in verify)
+        if loop.overlapped:
+            lines.append("Verify step: not timed (the overlapped loop never waits for one)")
+        elif steps:
             lines.append(
-                f"Verify step: {statistics.mean(times):.2f} ms mean, "
-                f"{statistics.median(times):.2f} ms median ({rows:g} rows)"
-            )
-        elif self.loop is not None and self.loop.steps:
-            lines.append(
-                f"Verify step: {1e3 * self.loop.mean_verify_time:.2f} ms mean "
-                f"({self.loop.verify_rows / self.loop.steps:.2f} rows mean; "
-                "timed by the MTP loop, which keeps no median)"
+                f"Verify step: {1e3 * loop.mean_verify_time:.2f} ms mean over {steps} target "
+                f"passes of {loop.verify_rows / steps:.2f} rows mean (a pass verifies the last "
+                "token and its drafts; hybrid models replay accepted rows too)"
             )
         return "\n".join(f"[stats] {line}" for line in lines)
-
-
-@contextlib.contextmanager
-def timed_calls(model, calls: List[Tuple[int, float]]):
-    """Time each forward pass of ``model`` (this instance only) synchronously.
-
-    The model's class is swapped for a subclass whose __call__ waits for its
-    inputs (the drafts), runs the original and waits for the logits.
-    """
-    cls = type(model)
-
-    def __call__(self, inputs, *args, **kwargs):
-        mx.eval(inputs)
-        tic = time.perf_counter()
-        out = cls.__call__(self, inputs, *args, **kwargs)
-        mx.eval(out)
-        calls.append((inputs.shape[-1], time.perf_counter() - tic))
-        return out
-
-    model.__class__ = type(cls.__name__, (cls,), {"__call__": __call__})
-    try:
-        yield
-    finally:
-        model.__class__ = cls

@@ -11,9 +11,10 @@ mixed recipe, seeing the layers' stored paths), and add it to the output as
 :func:`mtp_splitk.mtp.load` finds it and stock ``mlx_lm.load`` still loads
 the target unchanged.
 
-Known limit: the target conversion is mlx-lm's, so a source that mlx-lm
-cannot load cannot be converted (e.g. a DeepSeek-V3-architecture checkpoint
-whose MTP layer is not at index 61, which its sanitize does not drop).
+The source is loaded for the conversion with every MTP tensor dropped
+(:func:`~.loading.dropping_mtp_keys`): mlx-lm's own sanitize drops them only
+from some checkpoints (DeepSeek-V3's at index 61 only, Qwen3-Next's only
+from raw Hugging Face tensors), and its strict load refuses the others.
 """
 
 import argparse
@@ -40,6 +41,8 @@ from ..compat import get_classes
 from .families import family_for, model_module, model_text_args
 from .loading import (
     MTP_SHARD,
+    _quantize_stored,
+    dropping_mtp_keys,
     missing_weights_error,
     mtp_tensors,
     quantize_head,
@@ -80,23 +83,26 @@ def convert(
     if not stored:
         raise missing_weights_error(family, args, hf_path)
 
-    mlx_lm_convert(
-        str(source),
-        mlx_path,
-        quantize=quantize,
-        q_group_size=q_group_size,
-        q_bits=q_bits,
-        q_mode=q_mode,
-        dtype=dtype,
-        quant_predicate=quant_predicate,
-        trust_remote_code=trust_remote_code,
-    )
+    with dropping_mtp_keys():
+        mlx_lm_convert(
+            str(source),
+            mlx_path,
+            quantize=quantize,
+            q_group_size=q_group_size,
+            q_bits=q_bits,
+            q_mode=q_mode,
+            dtype=dtype,
+            quant_predicate=quant_predicate,
+            trust_remote_code=trust_remote_code,
+        )
     out = Path(mlx_path)
     target, out_config = load_model(out, lazy=True)
     args = model_text_args(target)
 
     head = family.build(module, args)
     tensors = family.sanitize(module, args, stored, raw=family.is_raw(source_weights))
+    if any(k.endswith(".scales") for k in tensors):  # a source already quantized (MLX's)
+        _quantize_stored(head, family, args, tensors, config.get("quantization") or {})
     head.load_weights(list(tensors.items()), strict=True)
 
     # The dtype rule of mlx_lm.convert.

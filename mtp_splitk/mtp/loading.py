@@ -23,12 +23,15 @@ The head is quantized like the target, with mlx-lm's rules:
   ``mlx_lm.utils.quantize_model`` would have done).
 """
 
+import contextlib
+import functools
 import glob
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm.utils as mlx_utils
 from mlx.utils import tree_flatten
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
@@ -108,7 +111,10 @@ def _without_mtp():
 
     def classes(config):
         model_class, args_class = get_classes(config)
-        family = family_for(model_module(config))
+        try:
+            family = family_for(model_module(config))
+        except ValueError:  # no MTP layout known for this family: nothing to drop
+            return model_class, args_class
 
         class Model(model_class):
             def sanitize(self, weights):
@@ -124,6 +130,19 @@ def _without_mtp():
         return Model, args_class
 
     return classes
+
+
+@contextlib.contextmanager
+def dropping_mtp_keys():
+    """Within the block, ``mlx_lm.utils.load_model`` (what ``mlx_lm.load`` and
+    ``mlx_lm.convert`` call) loads with :func:`_without_mtp`'s class lookup,
+    so a checkpoint with MTP tensors in its shards loads as the target alone."""
+    original = mlx_utils.load_model
+    mlx_utils.load_model = functools.partial(original, get_model_classes=_without_mtp())
+    try:
+        yield
+    finally:
+        mlx_utils.load_model = original
 
 
 def load(

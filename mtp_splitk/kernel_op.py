@@ -26,6 +26,13 @@ def _replace(values, positions, chosen):
     return values
 
 
+#: Whether kernel calls carry MLX's derivatives (mx.custom_function, a few µs
+#: of host time a call). Off only to measure that cost: a gradient through a
+#: kernel call then fails. Read when an op is built: ops.clear_cache() after
+#: changing it.
+DERIVATIVES = True
+
+
 def with_derivatives_of(forward, reference, constant):
     """``forward`` (a kernel launch) as an op whose vjp and jvp are those of
     ``reference`` (MLX's ops on the same arguments; one output or a list).
@@ -37,6 +44,8 @@ def with_derivatives_of(forward, reference, constant):
     without differentiating the kernel. (MLX's ops have no vmap, so neither
     have these: ``mx.vmap`` raises, as unpatched.)
     """
+    if not DERIVATIVES:
+        return forward
     op = mx.custom_function(forward)
 
     @op.vjp

@@ -297,3 +297,17 @@ def test_grouped_kernel_path_has_mlx_derivatives(monkeypatch, sorted_indices):
     theirs = mx.grad(loss(mx.gather_qmm))(x)
     assert ours.dtype == theirs.dtype and mx.array_equal(ours, theirs).item()
     assert mx.abs(theirs).sum().item() > 0
+
+
+def test_kernel_derivatives_can_be_switched_off_for_measuring(monkeypatch):
+    """bench e2e --no-kernel-derivatives: kernel calls without the
+    custom_function wrapper (what it costs is then the difference)."""
+    from mtp_splitk import kernel_op
+
+    def forward(x):
+        return x * 2
+
+    wrapped = kernel_op.with_derivatives_of(forward, forward, ())
+    assert wrapped is not forward and mx.array_equal(wrapped(mx.array(3.0)), mx.array(6.0))
+    monkeypatch.setattr(kernel_op, "DERIVATIVES", False)
+    assert kernel_op.with_derivatives_of(forward, forward, ()) is forward

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 from typing import Dict
 
+from .. import kernel_op, ops
 from . import models, report
 from .harness import ByteProgress, Deadline, Progress, Results, device_meta
 from .measure import LOOPS, loop_options
@@ -62,6 +63,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--acceptance", default=",".join(map(str, ACCEPTANCES)))
     parser.add_argument("--num-draft-tokens", default=",".join(map(str, DRAFT_TOKENS)))
     parser.add_argument(
+        "--no-kernel-derivatives",
+        action="store_true",
+        help="kernel calls without MLX's derivatives (mx.custom_function): measures what "
+        "that wrapper costs; gradients through kernel calls then fail",
+    )
+    parser.add_argument(
         "--loops",
         default=",".join(LOOPS),
         help="speculative loops to measure: overlap (no host sync per step), sync "
@@ -84,6 +91,9 @@ def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
     acceptances = [float(v) for v in args.acceptance.split(",")]
     draft_tokens = [int(v) for v in args.num_draft_tokens.split(",")]
+    if args.no_kernel_derivatives:
+        kernel_op.DERIVATIVES = False
+        ops.clear_cache()
     loops = tuple(v for v in args.loops.split(",") if v)
     for loop in loops:
         loop_options(loop)  # one clear error for a bad value
@@ -98,7 +108,9 @@ def run(args) -> Dict:
     root = Path(args.model_dir) if args.model_dir else models.default_root()
     deadline = Deadline(args.deadline)
     meta = device_meta()
-    meta.update(max_tokens=args.max_tokens, repeats=args.repeats)
+    meta.update(
+        max_tokens=args.max_tokens, repeats=args.repeats, kernel_derivatives=kernel_op.DERIVATIVES
+    )
     results = Results(Path(args.out), meta, "bench_e2e", report.e2e_markdown)
 
     if args.smoke:

@@ -18,9 +18,6 @@ from mtp_splitk.speculative.pipelined import pipelined_generate_step
 
 VOCAB = synthetic.TINY_VOCAB
 PROMPT = mx.array([3, 14, 15, 92, 65, 35, 89, 79, 32, 38], mx.uint32)
-# mlx-lm's DeepSeek-V3 attention takes another (absorbed) path for one row
-# than for several: in bfloat16 a verify row differs from a decode row by an
-# ulp and near-ties flip, so that family is compared in float32.
 KV_FAMILIES = ["llama", "qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "mimo"]
 SYNC_FAMILIES = ["gpt_oss", "qwen3_next", "qwen3_5"]
 
@@ -92,7 +89,7 @@ def test_device_cache_grows_without_losing_rows():
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 @pytest.mark.parametrize("family", KV_FAMILIES)
 def test_greedy_output_is_plain_greedy(family, patched, models):
-    model, _ = models(family, float32=family == "deepseek_v3")
+    model, _ = models(family)  # bfloat16, DeepSeek-V3's MLA included (verify_rows.py)
     expected = plain(model, 40)
     with patch.enabled(patched):
         same, stats = run(model, DraftModelDrafter(model), 40, 4)
@@ -228,3 +225,37 @@ def test_the_next_step_is_queued_before_a_step_is_read(models):
     # Step n (counted from 1) is read after step n+1's proposal: n + 1 of them
     # by its last token (the final step builds none past max_tokens).
     assert seen[:-1] == [n + 1 for n in range(1, len(seen))]
+
+
+# -- verify rows on the decode rows' path ------------------------------------------------
+
+
+def test_deepseek_v3_verify_rows_take_the_one_row_path_only_within_a_generation(models):
+    import ast
+    import inspect
+    import textwrap
+
+    from mlx_lm.models import deepseek_v3
+
+    from mtp_splitk.speculative import verify_rows
+
+    original = ast.parse(textwrap.dedent(inspect.getsource(deepseek_v3.DeepseekV3Attention.__call__)))
+    ours = ast.parse(textwrap.dedent(inspect.getsource(verify_rows._deepseek_v3_attention_call)))
+
+    class OneRow(ast.NodeTransformer):  # `L == 1` -> `L <= ABSORBED_ROWS`
+        def visit_Compare(self, node):
+            if ast.unparse(node) == "L == 1":
+                return ast.parse("L <= ABSORBED_ROWS", mode="eval").body
+            return node
+
+    def body(tree):
+        return [ast.dump(n) for n in tree.body[0].body]
+
+    assert body(OneRow().visit(original)) == body(ours)
+    model, _ = models("deepseek_v3")
+    attention = type(model.model.layers[0].self_attn)
+    steps = pipelined_generate_step(PROMPT, model, DraftModelDrafter(model), num_draft_tokens=3, max_tokens=8)
+    next(steps)
+    assert type(model.model.layers[0].self_attn) is verify_rows._AbsorbedDeepseekV3Attention
+    steps.close()
+    assert type(model.model.layers[0].self_attn) is attention is deepseek_v3.DeepseekV3Attention

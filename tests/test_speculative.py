@@ -149,11 +149,9 @@ def test_glm4_moe_target_parts_compute_the_models_logits(loaded):
 def test_greedy_mtp_is_token_identical_to_plain_decoding(family, patched, overlap, loaded):
     if patched and importlib.util.find_spec("mtp_splitk.patch") is None:
         pytest.skip("mtp_splitk.patch (enable/disable) is not in this checkout yet")
-    # mlx-lm's DeepSeek-V3 attention takes a different (absorbed) path for a
-    # single row than for several, so in bfloat16 a verify row can differ
-    # from a decode row by an ulp and flip a near-tie; float32 shows that the
-    # loop itself is exact. The other families are compared in bfloat16.
-    model, head, _ = loaded(family, float32=family == "deepseek_v3")
+    # In bfloat16, every family (DeepSeek-V3's verify rows take its one-row
+    # MLA path: speculative/verify_rows.py).
+    model, head, _ = loaded(family)
     expected = tokens(plain(model, n=32))
     if patched:
         from mtp_splitk import patch

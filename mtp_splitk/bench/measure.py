@@ -114,6 +114,7 @@ def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32) -> 
     built = time.perf_counter()
     mx.eval(current[0].token, current[2])
     done = time.perf_counter()
+    pipeline.close()
     return {"host_build_ms": 1e3 * (built - tic) / steps, "device_ms": 1e3 * (done - built) / steps}
 
 

@@ -40,6 +40,7 @@ from .pipelined import pipelined_generate_step, prefill, unsupported
 from .rollback import Rollback
 from .sampling import Distribution, judge, speculative_accept
 from .stats import Stats
+from .verify_rows import decode_arithmetic
 from .target import TargetParts
 
 
@@ -186,14 +187,15 @@ def speculative_generate_step(
         stats.prompt_time += time.perf_counter() - tic
 
         tic = time.perf_counter()
-        k = num_drafts(0, num_draft_tokens, max_tokens)
-        drafts, q = drafter.draft(y, k, distribution)
-        mx.async_eval(drafts)
-        emitted = 0
+        undo = decode_arithmetic(model, drafter)  # the prompt went through mlx-lm's path
         # The tokens fed since rollback.begin() and how many of them were
         # handed out, so that a consumer's early exit leaves the cache right.
         fed, handed = [], 0
         try:
+            k = num_drafts(0, num_draft_tokens, max_tokens)
+            drafts, q = drafter.draft(y, k, distribution)
+            mx.async_eval(drafts)
+            emitted = 0
             while True:
                 new = mx.concatenate([y, drafts])
                 inputs = rollback.begin(new)
@@ -253,3 +255,4 @@ def speculative_generate_step(
             rollback.keep(handed, fed)
             if caller_cache:
                 rollback.settle()
+            undo()

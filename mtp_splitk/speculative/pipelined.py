@@ -34,6 +34,7 @@ from mlx_lm.sample_utils import Sampler, greedy_sampler
 from . import device_cache
 from .sampling import Distribution, speculative_accept
 from .stats import Stats
+from .verify_rows import decode_arithmetic
 from .target import TargetParts
 
 
@@ -109,6 +110,7 @@ class Pipeline:
         self.sampler = sampler or greedy_sampler
         self.distribution = distribution
         self.submit = submit  # False: steps stay unevaluated until asked for
+        self.close = lambda: None  # undoes what begin() changed in the models
         self.parts = TargetParts(model) if drafter.needs_hidden else None
 
     def _forward(self, inputs: mx.array):
@@ -133,6 +135,9 @@ class Pipeline:
             prefill_step_size, progress or (lambda *_: None),
         )
         offset = prompt.size - 1
+        # From here verify rows take the decode rows' arithmetic (the prompt
+        # went through mlx-lm's own path); close() puts it back.
+        self.close = decode_arithmetic(self.model, self.drafter)
         device_cache.on_device(self.cache, offset + 3 * (self.k + 1))
         self.drafter.reserve(offset + 3 * (self.k + 1))
         drafts, q = self.drafter.start(y, self.k, self.distribution)
@@ -244,3 +249,4 @@ def pipelined_generate_step(
             length = known + handed
             for i, c in enumerate(cache):
                 cache[i] = c.to_kv_cache(length)
+            pipeline.close()

@@ -26,14 +26,19 @@ Generation tokens/s leaves the prompt out: tokens after the first step over
 the time from the first step's tokens to the last token, median over
 ``repeats``. Prompt processing is reported separately. Results are written
 (and rewritten as they come in, so a time-boxed run keeps what it measured)
-to ``<out>/bench_e2e.json`` and ``<out>/bench_e2e.md``.
+to ``<out>/bench_e2e.json`` and ``<out>/bench_e2e.md``; the run ends by
+naming them.
+
+``--model-path DIR`` measures one's own model instead of the synthetic ones
+(``--draft-path`` adds draft-model runs, ``--mtp-path`` a model with an MTP
+head). ``--smoke`` is a seconds-long run of every task on tiny models.
 """
 
-import sys
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 from .. import kernel_op, ops
+from ..commands import check_model_path
 from . import models, report
 from .harness import ByteProgress, Deadline, Progress, Results, device_meta
 from .measure import LOOPS, loop_options
@@ -44,24 +49,77 @@ DRAFT_TOKENS = (2, 4, 6)
 VERIFY_MS = tuple(range(1, 18))
 
 
+# --smoke's defaults: every task once, on tiny models, in seconds.
+SMOKE = {"max_tokens": 16, "repeats": 1, "acceptance": "0.8", "num_draft_tokens": "2"}
+DEFAULTS = {
+    "max_tokens": 256,
+    "repeats": 3,
+    "acceptance": ",".join(map(str, ACCEPTANCES)),
+    "num_draft_tokens": ",".join(map(str, DRAFT_TOKENS)),
+}
+
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="benchmarks/e2e", help="results directory")
+    def default(name):  # the help's "(default: ...)" of a flag --smoke changes
+        return f"(default: {DEFAULTS[name]}; with --smoke {SMOKE[name]})"
+
+    parser.add_argument(
+        "--out",
+        default="benchmarks/e2e",
+        help="results directory, relative to the current one (default: %(default)s)",
+    )
     parser.add_argument(
         "--models",
         default=",".join(models.MODELS),
-        help=f"comma-separated, of {', '.join(models.MODELS)}",
+        help=f"synthetic models to measure, comma-separated, of {', '.join(models.MODELS)} "
+        "(default: all); written once, each after a line saying the disk it takes "
+        "(GBs: real shapes)",
+    )
+    parser.add_argument(
+        "--model-path",
+        default=None,
+        metavar="DIR",
+        help="measure this model directory instead of the synthetic models",
+    )
+    parser.add_argument(
+        "--draft-path",
+        default=None,
+        metavar="DIR",
+        help="with --model-path: a draft model for it (same vocabulary); default: no "
+        "draft-model runs",
+    )
+    parser.add_argument(
+        "--mtp-path",
+        default=None,
+        metavar="DIR",
+        help="a model with an MTP head for the MTP runs (default: the synthetic "
+        f"{'-'.join(models.MTP_MODEL)} one, or none with --model-path)",
     )
     parser.add_argument("--no-draft", action="store_true", help="skip the draft-model runs")
     parser.add_argument("--no-mtp", action="store_true", help="skip the MTP-head model")
     parser.add_argument(
         "--model-dir",
         default=None,
-        help="where synthetic models are written (default: the mtp-splitk cache)",
+        help="where synthetic models are written (default: the mtp-splitk cache, "
+        f"{models.default_root()})",
     )
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--acceptance", default=",".join(map(str, ACCEPTANCES)))
-    parser.add_argument("--num-draft-tokens", default=",".join(map(str, DRAFT_TOKENS)))
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help=f"tokens per run {default('max_tokens')}"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"runs per measurement, the median kept {default('repeats')}",
+    )
+    parser.add_argument(
+        "--acceptance",
+        default=None,
+        help=f"acceptance rates of the controlled drafter {default('acceptance')}",
+    )
+    parser.add_argument(
+        "--num-draft-tokens", default=None, help=f"values of k {default('num_draft_tokens')}"
+    )
     parser.add_argument(
         "--no-kernel-derivatives",
         action="store_true",
@@ -72,78 +130,117 @@ def add_arguments(parser) -> None:
         "--loops",
         default=",".join(LOOPS),
         help="speculative loops to measure: overlap (no host sync per step), sync "
-        "(the synchronous loop), every=N (synchronous, submitted every N decoder layers)",
+        "(the synchronous loop), every=N (synchronous, submitted every N decoder layers) "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--deadline",
         type=float,
         default=None,
-        help="seconds after which remaining measurements are skipped",
+        help="seconds after which remaining measurements are skipped (default: none)",
     )
     parser.add_argument(
         "--smoke",
         action="store_true",
-        help="a tiny model, few tokens: checks the harness (CPU), no speed claims",
+        help="every task once on tiny models, few tokens, in seconds on a CPU: checks the "
+        "harness, no speed claims",
     )
+
+
+def _settings(args) -> Dict:
+    """The run's numbers: the flags given, else --smoke's or the full defaults."""
+    base = SMOKE if args.smoke else DEFAULTS
+    values = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
+    acceptances = [float(v) for v in str(values["acceptance"]).split(",")]
+    draft_tokens = [int(v) for v in str(values["num_draft_tokens"]).split(",")]
+    if not all(0.0 <= p <= 1.0 for p in acceptances) or not all(k >= 1 for k in draft_tokens):
+        raise ValueError(
+            "--acceptance values must be in [0, 1] and --num-draft-tokens values >= 1."
+        )
+    if values["max_tokens"] < 1 or values["repeats"] < 1:
+        raise ValueError("--max-tokens and --repeats must be 1 or more.")
+    return dict(values, acceptance=acceptances, num_draft_tokens=draft_tokens)
+
+
+def _synthetic_jobs(names, root, no_draft) -> List[Tuple[str, Path, Optional[Path]]]:
+    """(name, target, draft) of the synthetic models, written first where missing,
+    after a line saying how much disk they take (refused if it is not free)."""
+    specs = []
+    for n in names:
+        family, size, draft_family, draft_size = models.MODELS[n]
+        specs.append((family, size, False))
+        if not no_draft:
+            specs.append((draft_family, draft_size, False))
+    models.check_disk(root, specs)
+    jobs = []
+    for n in names:
+        family, size, draft_family, draft_size = models.MODELS[n]
+        target = models.model_dir(
+            root, family, size, progress=ByteProgress(f"  writing {family} {size}")
+        )
+        draft = None
+        if not no_draft:
+            progress = ByteProgress(f"  writing {draft_family} {draft_size}")
+            draft = models.model_dir(root, draft_family, draft_size, progress=progress)
+        jobs.append((n, target, draft))
+    return jobs
 
 
 def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
-    acceptances = [float(v) for v in args.acceptance.split(",")]
-    draft_tokens = [int(v) for v in args.num_draft_tokens.split(",")]
+    settings = _settings(args)
     if args.no_kernel_derivatives:
         kernel_op.DERIVATIVES = False
         ops.clear_cache()
     loops = tuple(v for v in args.loops.split(",") if v)
     for loop in loops:
         loop_options(loop)  # one clear error for a bad value
-    if not all(0.0 <= p <= 1.0 for p in acceptances) or not all(k >= 1 for k in draft_tokens):
-        raise ValueError(
-            "--acceptance values must be in [0, 1] and --num-draft-tokens values >= 1."
-        )
     names = [n for n in args.models.split(",") if n]
     unknown = [n for n in names if n not in models.MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; expected some of {list(models.MODELS)}.")
+    if args.draft_path and not args.model_path:
+        raise ValueError("--draft-path is the draft of --model-path; give both.")
+    for flag in ("model_path", "draft_path", "mtp_path"):
+        if getattr(args, flag) is not None:
+            check_model_path(getattr(args, flag), f"--{flag.replace('_', '-')}")
     root = Path(args.model_dir) if args.model_dir else models.default_root()
     deadline = Deadline(args.deadline)
     meta = device_meta()
     meta.update(
-        max_tokens=args.max_tokens, repeats=args.repeats, kernel_derivatives=kernel_op.DERIVATIVES
+        max_tokens=settings["max_tokens"],
+        repeats=settings["repeats"],
+        kernel_derivatives=kernel_op.DERIVATIVES,
     )
     results = Results(Path(args.out), meta, "bench_e2e", report.e2e_markdown)
 
-    if args.smoke:
+    mtp_path = None
+    if args.model_path:
+        draft = None if args.no_draft else args.draft_path
+        jobs = [(Path(args.model_path).resolve().name, Path(args.model_path), draft)]
+        verify_ms = VERIFY_MS
+    elif args.smoke:
         target, draft = models.smoke_pair(root)
         jobs = [("tiny-llama", target, None if args.no_draft else draft)]
-        mtp_model = ("qwen3_next", "tiny")
+        mtp_name = "qwen3_next-tiny"
+        mtp_path = models.model_dir(root, "qwen3_next", "tiny", mtp=True)
         verify_ms = (1, 3, 5)
     else:
-        jobs = []
-        for n in names:
-            family, size, draft_family, draft_size = models.MODELS[n]
-            print(
-                f"{n}: synthetic model directories under {root} (written on first use)",
-                file=sys.stderr,
-                flush=True,
-            )
-            target = models.model_dir(
-                root, family, size, progress=ByteProgress(f"  writing {family} {size}")
-            )
-            draft = None
-            if not args.no_draft:
-                progress = ByteProgress(f"  writing {draft_family} {draft_size}")
-                draft = models.model_dir(root, draft_family, draft_size, progress=progress)
-            jobs.append((n, target, draft))
-        mtp_model = models.MTP_MODEL
+        jobs = _synthetic_jobs(names, root, args.no_draft)
+        if not args.no_mtp and not args.mtp_path:
+            models.check_disk(root, [(*models.MTP_MODEL, True)])
+            mtp_path = models.model_dir(root, *models.MTP_MODEL, mtp=True)
+            mtp_name = "-".join(models.MTP_MODEL)
         verify_ms = VERIFY_MS
+    if args.mtp_path:
+        mtp_name, mtp_path = Path(args.mtp_path).resolve().name, Path(args.mtp_path)
     if args.no_mtp:
-        mtp_model = None
+        mtp_path = None
 
     common = dict(
-        max_tokens=args.max_tokens,
-        repeats=args.repeats,
-        draft_tokens=draft_tokens,
+        max_tokens=settings["max_tokens"],
+        repeats=settings["repeats"],
+        draft_tokens=settings["num_draft_tokens"],
         loops=loops,
     )
     heads, rests = [], []
@@ -152,7 +249,7 @@ def run(args) -> Dict:
             name,
             target,
             results,
-            acceptances=acceptances,
+            acceptances=settings["acceptance"],
             draft_path=draft,
             verify_ms=verify_ms,
             **common,
@@ -160,10 +257,8 @@ def run(args) -> Dict:
         heads += head
         rests += rest
     tasks = heads + rests
-    if mtp_model is not None:
-        family, size = mtp_model
-        name = f"{family}-{size}-mtp"
-        tasks += mtp_tasks(name, models.model_dir(root, family, size, mtp=True), results, **common)
+    if mtp_path is not None:
+        tasks += mtp_tasks(f"{mtp_name}-mtp", mtp_path, results, **common)
 
     progress = Progress(len(tasks))
     for message, task in tasks:
@@ -173,4 +268,6 @@ def run(args) -> Dict:
     results.doc["meta"]["complete"] = progress.done == len(tasks)
     results.save()
     progress.finish()
+    out = results.out.resolve()
+    print(f"Results: {out / 'bench_e2e.json'} and {out / 'bench_e2e.md'}", flush=True)
     return results.doc

@@ -223,8 +223,10 @@ def add_arguments(parser) -> None:
         default=None,
         help="mx.distributed backend (default: nccl with CUDA, else ring)",
     )
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per greedy run")
+    parser.add_argument(
+        "--num-draft-tokens", type=int, default=4, help="k of the speculative runs"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards per M")
     parser.add_argument(
         "--no-single",

@@ -5,7 +5,8 @@
 ``main(argv)``; ``mtp_splitk.cli`` dispatches to them.
 
 What they share: :class:`Parser` (argparse whose errors are one
-:class:`UsageError` line, reported with exit status 2 by ``cli.main``) and
+:class:`UsageError` line, reported with exit status 2 by ``cli.main``),
+:class:`DefaultsFormatter` (help naming the defaults) and
 :func:`check_model_path` (with :func:`check_config`).
 """
 
@@ -34,6 +35,17 @@ class Parser(argparse.ArgumentParser):
             # Worded as the top-level parser worded it when it parsed every command.
             raise UsageError(f"unrecognized arguments: {' '.join(extras)}")
         return args
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that names each flag's default, unless its help already says it
+    or there is none to name (a switch, or None)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -5,7 +5,7 @@
 import sys
 
 from ..bench import e2e, tp
-from . import PROG, Parser
+from . import PROG, DefaultsFormatter, Parser
 
 KINDS = {
     "e2e": (e2e, "tokens/s of plain and speculative decoding, unpatched vs patched"),
@@ -17,7 +17,12 @@ def setup_arg_parser() -> Parser:
     parser = Parser(prog=f"{PROG} bench")
     kinds = parser.add_subparsers(dest="kind", required=True, parser_class=Parser)
     for name, (module, line) in KINDS.items():
-        sub = kinds.add_parser(name, help=line, description=module.__doc__.splitlines()[0])
+        sub = kinds.add_parser(
+            name,
+            help=line,
+            description=module.__doc__.splitlines()[0],
+            formatter_class=DefaultsFormatter,
+        )
         module.add_arguments(sub)
     return parser
 

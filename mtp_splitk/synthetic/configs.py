@@ -5,12 +5,15 @@
 :func:`model_config` gives the HF-style ``config.json`` contents (before
 quantization) of a family at a size: ``"tiny"`` (every matmul quantizable at
 group size 64, loads in milliseconds), ``"small"`` (tiny with every width x4,
-so the GPU kernels plan it) or one of :data:`SIZES`, the published shapes.
+so the GPU kernels plan it) or one of :data:`SIZES`, the published shapes
+(:mod:`.sizes`). :data:`FAMILIES` have all three; :data:`REAL_ONLY` families
+(``qwen3_5_moe``) only their published shapes.
 """
 
 import copy
 from typing import Optional
 
+from .sizes import SIZES
 from .tokenizer import SPECIAL_TOKENS, TINY_VOCAB
 
 DEFAULT_QUANTIZATION = {"bits": 4, "group_size": 64, "mode": "affine"}
@@ -176,93 +179,8 @@ _WIDTHS = (
     "linear_key_head_dim",
     "linear_value_head_dim",
 )
-
-# Real shapes (published configs), for the GPU. Each names its family.
-SIZES = {
-    "llama3-8b": (
-        "llama",
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": False,
-            "vocab_size": 128256,
-        },
-    ),
-    # The Llama 3 vocabulary, so it drafts for llama3-8b.
-    "llama3.2-1b": (
-        "llama",
-        {
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": 2048,
-            "intermediate_size": 8192,
-            "num_hidden_layers": 16,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "head_dim": 64,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0,
-            "rope_scaling": {
-                "factor": 32.0,
-                "high_freq_factor": 4.0,
-                "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192,
-                "rope_type": "llama3",
-            },
-            "max_position_embeddings": 131072,
-            "tie_word_embeddings": True,
-            "vocab_size": 128256,
-        },
-    ),
-    "qwen3-30b-a3b": (
-        "qwen3_moe",
-        {
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "hidden_size": 2048,
-            "intermediate_size": 6144,
-            "num_hidden_layers": 48,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 4,
-            "head_dim": 128,
-            "num_experts": 128,
-            "num_experts_per_tok": 8,
-            "moe_intermediate_size": 768,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 40960,
-            "tie_word_embeddings": False,
-            "vocab_size": 151936,
-        },
-    ),
-    # The Qwen3 vocabulary, so it drafts for qwen3-30b-a3b.
-    "qwen3-0.6b": (
-        "qwen3",
-        {
-            "architectures": ["Qwen3ForCausalLM"],
-            "hidden_size": 1024,
-            "intermediate_size": 3072,
-            "num_hidden_layers": 28,
-            "num_attention_heads": 16,
-            "num_key_value_heads": 8,
-            "head_dim": 128,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1000000.0,
-            "max_position_embeddings": 40960,
-            "tie_word_embeddings": True,
-            "vocab_size": 151936,
-        },
-    ),
-}
+# Families with published shapes only (no tiny or small size).
+REAL_ONLY = tuple(sorted({f for f, _ in SIZES.values()} - set(TINY)))
 
 
 def text_config(config: dict) -> dict:
@@ -280,11 +198,11 @@ def model_config(
 
     ``dtype`` is the checkpoint's ``torch_dtype``, which convert casts to.
     """
-    if family not in TINY:
+    if family not in TINY and family not in REAL_ONLY:
         raise ValueError(
-            f"Unknown family {family!r}; expected one of {', '.join(FAMILIES)}."
+            f"Unknown family {family!r}; expected one of {', '.join(FAMILIES + REAL_ONLY)}."
         )
-    if size in ("tiny", "small"):
+    if size in ("tiny", "small") and family in TINY:
         fields = copy.deepcopy(TINY[family])
         if size == "small":
             text = text_config(fields)
@@ -294,9 +212,8 @@ def model_config(
         if size_family != family:
             raise ValueError(f"Size {size!r} is a {size_family} shape, not {family}.")
     else:
-        names = ", ".join(
-            ["tiny", "small", *(s for s, (f, _) in SIZES.items() if f == family)]
-        )
+        own = [s for s, (f, _) in SIZES.items() if f == family]
+        names = ", ".join((["tiny", "small"] if family in TINY else []) + own)
         raise ValueError(f"Unknown size {size!r} for {family}; expected one of {names}.")
     config = {"model_type": family, **copy.deepcopy(fields), "torch_dtype": dtype}
     text = text_config(config)

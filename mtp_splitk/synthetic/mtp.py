@@ -48,23 +48,11 @@ def mtp_weights(
         two-layer DeepSeek-V3.
     """
     # Lazy: the MTP runtime imports mlx-lm (a second), and the CLI imports this package.
-    from ..compat import get_classes
-    from ..mtp.families import family_for, model_module, model_text_args
-    from ..mtp.loading import quantize_head, stored_tensors
+    from ..mtp.loading import stored_tensors
 
-    model_class, args_class = get_classes(config)
-    module = model_module(config)
-    family = family_for(module)
-    # Built only for its args and quant_predicate: MLX arrays are lazy, so the
-    # target's random initialisation is never computed or stored.
-    target = model_class(args_class.from_dict(config))
-    args = model_text_args(target)
+    head, family, args = mtp_head(config, quantize)
     if dtype is None:
         dtype = getattr(mx, str(config.get("torch_dtype", "float32")), mx.float32)
-
-    head = family.build(module, args)
-    quantization = config.get("quantization") if quantize else None
-    quantize_head(head, family, args, target, quantization)
 
     modules = dict(head.named_modules())
     params = dict(tree_flatten(head.parameters()))
@@ -80,6 +68,28 @@ def mtp_weights(
             values[name] = _random_float(name, params[name], key, dtype)
     head.update(tree_unflatten(list(values.items())))
     return stored_tensors(head, family, args)
+
+
+def mtp_head(config: dict, quantize: bool = True):
+    """The family's MTP head for the target ``config`` (its mlx-lm
+    ``config.json`` dict), quantized like the target when ``quantize`` and the
+    config say so; lazy, nothing computed. Returns (head, family, text args)."""
+    # Lazy: the MTP runtime imports mlx-lm (a second), and the CLI imports this package.
+    from ..compat import get_classes
+    from ..mtp.families import family_for, model_module, model_text_args
+    from ..mtp.loading import quantize_head
+
+    model_class, args_class = get_classes(config)
+    module = model_module(config)
+    family = family_for(module)
+    # Built only for its args and quant_predicate: MLX arrays are lazy, so the
+    # target's random initialisation is never computed or stored.
+    target = model_class(args_class.from_dict(config))
+    args = model_text_args(target)
+    head = family.build(module, args)
+    quantization = config.get("quantization") if quantize else None
+    quantize_head(head, family, args, target, quantization)
+    return head, family, args
 
 
 def _random_float(name: str, w: mx.array, key: mx.array, dtype: mx.Dtype) -> mx.array:

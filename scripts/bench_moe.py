@@ -25,8 +25,9 @@ import sys
 import mlx.core as mx
 import numpy as np
 
-from mtp_splitk import launch, plan as planner
-from mtp_splitk.bench.timing import copy_bandwidth, median_time, trivial_op_floor
+from mtp_splitk import plan as planner
+from mtp_splitk.bench.kernels import CALLS, moe_ranges, packed_experts, prepared_calls, routings, time_gather
+from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
 # (name, E, N, K, top_k)
 SHAPES = [
@@ -35,44 +36,13 @@ SHAPES = [
     ("deepseek-v3 gate/up", 256, 2048, 7168, 8),
     ("deepseek-v3 down", 256, 7168, 2048, 8),
     ("gpt-oss-20b", 32, 2880, 2880, 4),
+    # The hybrid Qwens' experts (mtp_splitk/synthetic/sizes.py says where each was read).
+    ("qwen3-next-80b-a3b gate/up", 512, 512, 2048, 10),
+    ("qwen3-next-80b-a3b down", 512, 2048, 512, 10),
+    ("qwen3.5-122b-a10b gate/up", 256, 1024, 3072, 8),
+    ("qwen3.5-122b-a10b down", 256, 3072, 1024, 8),
 ]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32]
-CALLS = 16  # distinct routings per timing batch
-
-
-def packed_experts(E, N, K, bits=4, group_size=64, copies=1):
-    """Random codes and bf16 scales/biases; `copies` distinct weight sets."""
-    sets = []
-    for _ in range(copies):
-        # Random 32-bit words from two 16-bit halves (randint's range is int32).
-        halves = [mx.random.randint(0, 1 << 16, (E, N, K * bits // 32)).astype(mx.uint32) for _ in range(2)]
-        w = (halves[0] << 16) | halves[1]
-        s = (mx.random.uniform(0.002, 0.02, (E, N, K // group_size))).astype(mx.bfloat16)
-        b = (-8 * s).astype(mx.bfloat16)
-        mx.eval(w, s, b)
-        sets.append((w, s, b))
-    return sets, sum(a.nbytes for a in sets[0]) / E
-
-
-def routings(M, E, top_k, count, rng):
-    return [np.stack([rng.choice(E, top_k, replace=False) for _ in range(M)]).astype(np.uint32)
-            for _ in range(count)]
-
-
-def prepared_calls(x, idxs, top_k):
-    """mlx-lm's two call shapes: (x, indices, sorted_indices) per routing."""
-    M, K = x.shape
-    calls = []
-    for idx in idxs:
-        if M * top_k >= 64:
-            flat = idx.reshape(-1)
-            order = np.argsort(flat, kind="stable")
-            xs = x[mx.array(order // top_k)].reshape(-1, 1, K)
-            calls.append((xs, mx.array(flat[order]), True))
-        else:
-            calls.append((x.reshape(M, 1, 1, K), mx.array(idx), False))
-    mx.eval([c[:2] for c in calls])
-    return calls
 
 
 def main():
@@ -106,19 +76,7 @@ def main():
             unique = float(np.mean([len(np.unique(i)) for i in idxs]))
             P = M * top_k
             plan = planner.Plan("cuda", "affine", 4, 64, N, K, planner.choose_warps_k(8 * N, K, device.sm_count), 1)
-
-            def mlx_op(i):
-                xs, idx, srt = calls[i % CALLS]
-                w, s, b = sets[i % len(sets)]
-                return mx.gather_qmm(xs, w, s, b, rhs_indices=idx, transpose=True, sorted_indices=srt)
-
-            def our_op(i):
-                xs, idx, srt = calls[i % CALLS]
-                w, s, b = sets[i % len(sets)]
-                x_div = 1 if srt else top_k
-                return launch.gather(plan, xs.reshape(-1, K), w, s, b, idx.reshape(-1), x_div)
-
-            t_mlx, t_ours = median_time(mlx_op), median_time(our_op)
+            t_mlx, t_ours = time_gather(sets, calls, top_k), time_gather(sets, calls, top_k, plan)
             min_time = unique * bytes_per_expert / bw
             row = dict(shape=name, E=E, N=N, K=K, top_k=top_k, M=M, pairs=P, unique_experts=unique,
                        warps_k=plan.warps_k, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6, speedup=t_mlx / t_ours,
@@ -150,10 +108,7 @@ def main():
 def write_ranges(rows, meta, out):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
     kernel measured at least plan.required_speedup(M) times faster than MLX."""
-    ranges = {}
-    for key in sorted({(r["E"], r["N"], r["K"]) for r in rows}):
-        speedups = [(r["pairs"], r["speedup"], r["M"]) for r in rows if (r["E"], r["N"], r["K"]) == key]
-        ranges[f"affine4:{key[0] * key[1]}x{key[2]}"] = list(planner.winning_range(speedups))
+    ranges = moe_ranges(rows)  # the rows are affine 4-bit
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
     with open(os.path.join(out, planner.tuning_key(meta["device"]) + "_moe.json"), "w") as f:

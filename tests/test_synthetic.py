@@ -286,6 +286,134 @@ def test_lazy_model_matches_config_classes():
     )
 
 
+# Qwen3-Next-80B-A3B and Qwen3.5-122B-A10B: published totals (model cards: "80B",
+# "122B"; the checkpoint of the 80B with its MTP layer holds 81.3B, as a
+# third-party table quotes it) and active parameters ("A3B", "A10B": rounded).
+Q5 = {"bits": 5, "group_size": 64, "mode": "affine"}
+
+
+def _qwen3_next_parameters(c):
+    """Qwen3-Next's parameter count from its config's numbers alone (the HF
+    modeling code's layer shapes, independent of mlx-lm's classes)."""
+    H, L, interval = c["hidden_size"], c["num_hidden_layers"], c["full_attention_interval"]
+    key, value = c["linear_num_key_heads"] * c["linear_key_head_dim"], (
+        c["linear_num_value_heads"] * c["linear_value_head_dim"]
+    )
+    gdn = (
+        H * (2 * key + 2 * value)  # in_proj_qkvz
+        + H * 2 * c["linear_num_value_heads"]  # in_proj_ba
+        + (2 * key + value) * c["linear_conv_kernel_dim"]  # depthwise conv1d
+        + 2 * c["linear_num_value_heads"]  # dt_bias, A_log
+        + c["linear_value_head_dim"]  # gated norm
+        + value * H  # out_proj
+    )
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    attention = H * 2 * q + 2 * H * kv + q * H + 2 * c["head_dim"]  # q (with gate), k, v, o, norms
+    E, I, S = c["num_experts"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+    moe = E * 3 * H * I + 3 * H * S + H * E + H  # experts, shared expert, router, shared gate
+    layer_norms = 2 * H
+    linear = sum((i + 1) % interval != 0 for i in range(L))
+    layers = linear * gdn + (L - linear) * attention + L * (moe + layer_norms)
+    return layers + 2 * c["vocab_size"] * H + H, E * 3 * H * I  # + embedding, head, norm
+
+
+def test_qwen3_next_80b_shape_is_the_published_model():
+    config = synthetic.model_config("qwen3_next", "qwen3-next-80b-a3b")
+    counts = synthetic.footprint("qwen3_next", "qwen3-next-80b-a3b")
+    expected, experts_per_layer = _qwen3_next_parameters(config)
+    assert counts["parameters"] == expected  # mlx-lm built the config's shapes
+    assert abs(counts["parameters"] / 80e9 - 1) < 0.01
+    with_head = synthetic.footprint("qwen3_next", "qwen3-next-80b-a3b", mtp=True)
+    assert abs(with_head["parameters"] / 81.3e9 - 1) < 0.005
+    # One token: 10 of 512 experts; 3.25B without the embedding and LM head.
+    active = counts["active_parameters"] - counts["embedding_parameters"]
+    assert active == expected - 48 * experts_per_layer * (512 - 10) // 512 - 2 * 151936 * 2048
+    assert abs(active / 3e9 - 1) < 0.1
+
+    model, _ = synthetic.lazy_model(config, Q5)  # lazy: nothing of 80B is computed
+    pattern = ["attention" if not layer.is_linear else "gdn" for layer in model.layers]
+    assert pattern == (["gdn"] * 3 + ["attention"]) * 12
+    mlp = model.layers[0].mlp
+    assert mlp.switch_mlp.gate_proj.weight.shape == (512, 512, 2048 * 5 // 32)
+    assert (mlp.switch_mlp.down_proj.bits, mlp.gate.bits, mlp.shared_expert_gate.bits) == (5, 8, 8)
+    assert model.layers[3].self_attn.rope.dims == 64  # partial rotary 0.25 of 256
+
+
+def test_qwen3_next_12_layers_are_the_full_models_layers():
+    """The reduced depth drops whole 4-layer blocks and keeps every shape."""
+    full, _ = synthetic.lazy_model(synthetic.model_config("qwen3_next", "qwen3-next-80b-a3b"))
+    cut, _ = synthetic.lazy_model(synthetic.model_config("qwen3_next", "qwen3-next-80b-a3b-12l"))
+    assert len(cut.layers) == 12
+    shapes = lambda m: [(k, v.shape) for k, v in tree_flatten(m.parameters())]  # noqa: E731
+    for i in range(12):
+        assert shapes(cut.layers[i]) == shapes(full.layers[i]), i
+    sizes = ("qwen3-next-80b-a3b", "qwen3-next-80b-a3b-12l")
+    full, cut = (synthetic.footprint("qwen3_next", s, Q5) for s in sizes)
+    fixed = full["embedding_parameters"] + 2048  # embedding, LM head, final norm
+    assert 4 * (cut["parameters"] - fixed) == full["parameters"] - fixed
+    # On disk at 5 bits with the head: ~56 GB full depth, ~15 GB cut.
+    full, cut = (synthetic.footprint("qwen3_next", s, Q5, mtp=True)["bytes"] for s in sizes)
+    assert 55e9 < full < 57e9 and 14.5e9 < cut < 16e9
+    with pytest.raises(ValueError, match="whole number of 4-layer blocks"):
+        synthetic.sizes.reduced_depth(synthetic.SIZES["qwen3-next-80b-a3b"][1], 10)
+
+
+def test_qwen3_5_122b_shape():
+    counts = synthetic.footprint("qwen3_5_moe", "qwen3.5-122b-a10b")
+    assert abs(counts["parameters"] / 122e9 - 1) < 0.01
+    assert abs(counts["active_parameters"] / 10e9 - 1) < 0.05
+    model, config = synthetic.lazy_model(
+        synthetic.model_config("qwen3_5_moe", "qwen3.5-122b-a10b"), Q5
+    )
+    assert type(model).__module__ == "mlx_lm.models.qwen3_5_moe"
+    layers = model.language_model.layers
+    assert [layer.is_linear for layer in layers] == [True, True, True, False] * 12
+    assert layers[0].mlp.switch_mlp.up_proj.weight.shape == (256, 1024, 3072 * 5 // 32)
+    assert "qwen3_5_moe" in synthetic.REAL_ONLY and "qwen3_5_moe" not in synthetic.FAMILIES
+    with pytest.raises(ValueError, match="expected one of qwen3.5-122b-a10b"):
+        synthetic.model_config("qwen3_5_moe", "tiny")
+
+
+def test_qwen3_next_layer_pattern_runs_with_its_mtp_head(tmp_path, monkeypatch):
+    """The 80B's layer pattern and counts (3 Gated DeltaNet + 1 attention
+    layer, 512 experts top-10, 16/2 attention heads, 16/32 linear heads) at
+    tiny widths, 5-bit g64, its MTP head in the family's ``mtp.*`` keys:
+    loads through mtp.load (mlx-lm's classes), and the head steered to
+    p = 0.8 drafts tokens the target accepts, emitting plain greedy decoding,
+    in the synchronous loop where the overlapped one is asked for."""
+    from mlx_lm.generate import generate_step
+
+    from mtp_splitk import mtp
+    from mtp_splitk.bench.drafters import SteeredMTPDrafter
+    from mtp_splitk.speculative import Stats, speculative_generate_step
+
+    widths = {"hidden_size": 64, "head_dim": 16, "linear_key_head_dim": 16,
+              "linear_value_head_dim": 16, "moe_intermediate_size": 64,
+              "shared_expert_intermediate_size": 64, "intermediate_size": 128}
+    fields = synthetic.sizes.reduced_depth(synthetic.SIZES["qwen3-next-80b-a3b"][1], 4)
+    monkeypatch.setitem(synthetic.SIZES, "pattern-tiny", ("qwen3_next", {**fields, **widths}))
+    path = synthetic.write_mtp_model(tmp_path / "m", "qwen3_next", "pattern-tiny", Q5,
+                                     vocab_size=384, packed=False)
+    stored = mx.load(str(path / "model.safetensors"))
+    assert "mtp.layers.0.mlp.switch_mlp.gate_proj.scales" in stored and "mtp.fc.weight" in stored
+    model, head, _ = mtp.load(str(path))
+    assert [layer.is_linear for layer in model.layers] == [True, True, True, False]
+    assert model.layers[0].mlp.switch_mlp.gate_proj.bits == 5
+    experts = head.layers[0].mlp.switch_mlp.gate_proj
+    assert experts.weight.shape[0] == 512 and experts.bits == 5
+
+    prompt = mx.array(list(range(5, 25)))
+    expected = [t for t, _ in generate_step(prompt, model, max_tokens=24)]
+    for overlap in (True, False):
+        stats = Stats()
+        drafter = SteeredMTPDrafter(model, head, expected, 0.8)
+        steps = speculative_generate_step(prompt, model, drafter, num_draft_tokens=3,
+                                          max_tokens=24, stats=stats, overlap=overlap)
+        assert [t for t, _, _ in steps] == expected
+        assert stats.accepted > 0 and stats.overlapped is False
+        assert ("ArraysCache" in stats.overlap_off) == overlap
+
+
 # Layering: tooling (synthetic) -> runtime, never back.
 RUNTIME_PACKAGES = ("mtp_splitk.mtp", "mtp_splitk.speculative", "mtp_splitk.launch")
 RUNTIME_MODULES = ("mtp_splitk.ops", "mtp_splitk.plan", "mtp_splitk.patch", "mtp_splitk.tp")

@@ -9,6 +9,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.generate import generate_step
 
+from ..mtp import MTPDrafter
 from ..speculative.drafters import Drafter
 
 
@@ -155,3 +156,15 @@ class ReferenceSteering:
                 token = mx.array([self.reference[self._ref_index]], mx.uint32)
             self._ref_index += 1
         return token, q
+
+
+class SteeredMTPDrafter(ReferenceSteering, MTPDrafter):
+    """An MTP head drafting as in real use (its cache, its self-fed chain,
+    its device proposals), each proposal replaced by the recorded reference
+    token with probability ``acceptance`` (:class:`ReferenceSteering`): the
+    benchmark pays the head's real cost at a known acceptance."""
+
+    def __init__(
+        self, model: nn.Module, head, reference: Sequence[int], acceptance: float, seed: int = 0
+    ):
+        super().__init__(model, head, reference=reference, acceptance=acceptance, seed=seed)

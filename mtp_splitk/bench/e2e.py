@@ -3,7 +3,7 @@
 """End-to-end tokens/s: plain and speculative decoding, with and without the patch.
 
 What is measured, per model (synthetic, real shapes, random 4-bit weights,
-loaded by ``mlx_lm.load``):
+5-bit for the Qwen3-Next MTP models, loaded by ``mlx_lm.load``):
 
 - ``plain``: mlx-lm's own ``generate_step`` (pipelined), unpatched and patched;
 - ``acceptance``: the speculative loops (``--loops``: the overlapped loop,
@@ -16,7 +16,13 @@ loaded by ``mlx_lm.load``):
   each run says whether it reproduced it;
 - ``draft``: the speculative loop with a real draft model (a smaller
   synthetic model of the same family and vocabulary);
-- ``mtp``: the speculative loop with an MTP head (a model with one);
+- ``mtp``: the speculative loop with an MTP head (``--mtp-model``: a model
+  with one), steered to each acceptance p for each k of ``--mtp-draft-tokens``
+  (the head runs as in real use, its proposals replaced by the recorded
+  reference with probability p: the real drafting cost at a known
+  acceptance), and on its own. Hybrid models (Qwen3-Next: Gated DeltaNet
+  caches) keep the synchronous loop where the overlapped one is asked for;
+  each run says so (``overlapped``, ``overlap_off``);
 - ``verify``: the latency of one synchronous target forward of M rows on a
   warm cache (the verify step), M = 1..17, unpatched and patched;
 - ``breakdown``: where a forward's time goes (attention, MLP or MoE, LM head,
@@ -46,6 +52,7 @@ from .tasks import model_tasks, mtp_tasks
 
 ACCEPTANCES = (0.6, 0.8, 0.9)
 DRAFT_TOKENS = (2, 4, 6)
+MTP_DRAFT_TOKENS = (1, 2, 3, 4)  # the steered MTP head's k
 VERIFY_MS = tuple(range(1, 18))
 
 
@@ -94,6 +101,20 @@ def add_arguments(parser) -> None:
         metavar="DIR",
         help="a model with an MTP head for the MTP runs (default: the synthetic "
         f"{'-'.join(models.MTP_MODEL)} one, or none with --model-path)",
+    )
+    parser.add_argument(
+        "--mtp-model",
+        default=None,
+        help="synthetic models with an MTP head to measure, comma-separated, of "
+        f"{', '.join(models.MTP_MODELS)} (default: {'-'.join(models.MTP_MODEL)}; with "
+        "--smoke qwen3_next-tiny)",
+    )
+    parser.add_argument(
+        "--mtp-draft-tokens",
+        default=None,
+        help="values of k of the MTP head steered to each --acceptance (default: "
+        f"{','.join(map(str, MTP_DRAFT_TOKENS))}; with --smoke the --num-draft-tokens "
+        "values); the unsteered head runs at --num-draft-tokens",
     )
     parser.add_argument("--no-draft", action="store_true", help="skip the draft-model runs")
     parser.add_argument("--no-mtp", action="store_true", help="skip the MTP-head model")
@@ -159,7 +180,32 @@ def _settings(args) -> Dict:
         )
     if values["max_tokens"] < 1 or values["repeats"] < 1:
         raise ValueError("--max-tokens and --repeats must be 1 or more.")
-    return dict(values, acceptance=acceptances, num_draft_tokens=draft_tokens)
+    mtp_tokens = getattr(args, "mtp_draft_tokens", None)
+    if mtp_tokens is None:
+        mtp_tokens = draft_tokens if args.smoke else MTP_DRAFT_TOKENS
+    else:
+        mtp_tokens = [int(v) for v in str(mtp_tokens).split(",")]
+    if not all(k >= 1 for k in mtp_tokens):
+        raise ValueError("--mtp-draft-tokens values must be >= 1.")
+    return dict(
+        values,
+        acceptance=acceptances,
+        num_draft_tokens=draft_tokens,
+        mtp_draft_tokens=list(mtp_tokens),
+    )
+
+
+def _mtp_names(args) -> List[str]:
+    """The --mtp-model names (checked), or the default for the run."""
+    if args.mtp_model is None:
+        return ["qwen3_next-tiny" if args.smoke else "-".join(models.MTP_MODEL)]
+    names = [n for n in args.mtp_model.split(",") if n]
+    unknown = [n for n in names if n not in models.MTP_MODELS]
+    if unknown:
+        raise ValueError(
+            f"unknown MTP model(s) {unknown}; expected some of {list(models.MTP_MODELS)}."
+        )
+    return names
 
 
 def _synthetic_jobs(names, root, no_draft) -> List[Tuple[str, Path, Optional[Path]]]:
@@ -199,6 +245,7 @@ def run(args) -> Dict:
     unknown = [n for n in names if n not in models.MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; expected some of {list(models.MODELS)}.")
+    mtp_names = _mtp_names(args)
     if args.draft_path and not args.model_path:
         raise ValueError("--draft-path is the draft of --model-path; give both.")
     for flag in ("model_path", "draft_path", "mtp_path"):
@@ -214,7 +261,6 @@ def run(args) -> Dict:
     )
     results = Results(Path(args.out), meta, "bench_e2e", report.e2e_markdown)
 
-    mtp_path = None
     if args.model_path:
         draft = None if args.no_draft else args.draft_path
         jobs = [(Path(args.model_path).resolve().name, Path(args.model_path), draft)]
@@ -222,20 +268,21 @@ def run(args) -> Dict:
     elif args.smoke:
         target, draft = models.smoke_pair(root)
         jobs = [("tiny-llama", target, None if args.no_draft else draft)]
-        mtp_name = "qwen3_next-tiny"
-        mtp_path = models.model_dir(root, "qwen3_next", "tiny", mtp=True)
         verify_ms = (1, 3, 5)
     else:
         jobs = _synthetic_jobs(names, root, args.no_draft)
-        if not args.no_mtp and not args.mtp_path:
-            models.check_disk(root, [(*models.MTP_MODEL, True)])
-            mtp_path = models.model_dir(root, *models.MTP_MODEL, mtp=True)
-            mtp_name = "-".join(models.MTP_MODEL)
         verify_ms = VERIFY_MS
+    mtp_jobs = []  # (name, directory)
     if args.mtp_path:
-        mtp_name, mtp_path = Path(args.mtp_path).resolve().name, Path(args.mtp_path)
+        mtp_jobs = [(Path(args.mtp_path).resolve().name, Path(args.mtp_path))]
+    elif not args.no_mtp and (args.mtp_model is not None or not args.model_path):
+        if not args.smoke:
+            models.check_disk(root, [models.mtp_spec(n) for n in mtp_names])
+        for n in mtp_names:
+            progress = ByteProgress(f"  writing {n} + MTP")
+            mtp_jobs.append((n, models.mtp_model_dir(root, n, progress=progress)))
     if args.no_mtp:
-        mtp_path = None
+        mtp_jobs = []
 
     common = dict(
         max_tokens=settings["max_tokens"],
@@ -257,8 +304,15 @@ def run(args) -> Dict:
         heads += head
         rests += rest
     tasks = heads + rests
-    if mtp_path is not None:
-        tasks += mtp_tasks(f"{mtp_name}-mtp", mtp_path, results, **common)
+    for mtp_name, mtp_path in mtp_jobs:
+        tasks += mtp_tasks(
+            f"{mtp_name}-mtp",
+            mtp_path,
+            results,
+            acceptances=settings["acceptance"],
+            mtp_draft_tokens=settings["mtp_draft_tokens"],
+            **common,
+        )
 
     progress = Progress(len(tasks))
     for message, task in tasks:

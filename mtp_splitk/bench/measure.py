@@ -95,6 +95,7 @@ def speculative_decode(
         "step_ms": 1e3 * stats.tokens_per_step / tps if tps else 0.0,  # wall time a step
         "verify_ms": 1e3 * stats.mean_verify_time,
         "overlapped": stats.overlapped,  # then no verify time: nothing waits for a verdict
+        "overlap_off": stats.overlap_off,  # why not, where the overlapped loop was asked for
         "tokens": tokens,
     }
 

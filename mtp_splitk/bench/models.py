@@ -1,7 +1,8 @@
 # Copyright © 2026 mtp_splitk contributors
 
-"""The benchmarks' synthetic models (real shapes, random 4-bit weights),
-each written once into a directory of the cache (:mod:`mtp_splitk.cache`)."""
+"""The benchmarks' synthetic models (real shapes, random affine g64 weights,
+4-bit unless a model says otherwise), each written once into a directory of
+the cache (:mod:`mtp_splitk.cache`)."""
 
 import shutil
 import sys
@@ -9,10 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from mlx.utils import tree_flatten
-
 from .. import cache, synthetic
-from ..synthetic.model import lazy_model
 
 # name: (family, size, draft family, draft size); the drafts share their
 # target's vocabulary.
@@ -23,6 +21,23 @@ MODELS = {
 # An MTP model that fits the run: DeepSeek-V3's layout (MLA attention, MoE,
 # one MTP block) at the "small" size, since its real shape (671B) does not.
 MTP_MODEL = ("deepseek_v3", "small")
+# Models with an MTP head, by name (e2e's --mtp-model): (family, size, bits).
+# Qwen3-Next-80B-A3B at full depth is 56 GB at 5 bits with its head, more than
+# the GPU machine's 64 GiB disk holds next to anything else; its 12-layer cut
+# (the same layers and widths, 15 GB) is the one to run there.
+MTP_MODELS = {
+    "-".join(MTP_MODEL): (*MTP_MODEL, 4),
+    "qwen3_next-tiny": ("qwen3_next", "tiny", 4),  # the smoke's
+    "qwen3-next-80b-a3b-12l": ("qwen3_next", "qwen3-next-80b-a3b-12l", 5),  # the users' 5 bits
+    "qwen3-next-80b-a3b-12l-4bit": ("qwen3_next", "qwen3-next-80b-a3b-12l", 4),
+    "qwen3-next-80b-a3b": ("qwen3_next", "qwen3-next-80b-a3b", 5),
+    "qwen3-next-80b-a3b-4bit": ("qwen3_next", "qwen3-next-80b-a3b", 4),
+}
+
+
+def quantization(bits: int = 4) -> dict:
+    """The benchmarks' quantization: affine, group size 64, ``bits`` bits."""
+    return dict(synthetic.DEFAULT_QUANTIZATION, bits=bits)
 
 
 def default_root() -> Path:
@@ -30,23 +45,21 @@ def default_root() -> Path:
     return cache.root() / "bench"
 
 
-def _dir_name(family: str, size: str, mtp: bool) -> str:
-    return f"{family}-{size}{'-mtp' if mtp else ''}-v{synthetic.FORMAT_VERSION}"
+def _dir_name(family: str, size: str, mtp: bool, bits: int = 4) -> str:
+    quantized = "" if bits == 4 else f"-{bits}bit"
+    return f"{family}-{size}{quantized}{'-mtp' if mtp else ''}-v{synthetic.FORMAT_VERSION}"
+
+
+def _label(family: str, size: str, mtp: bool, bits: int = 4) -> str:
+    return f"{family} {size}{'' if bits == 4 else f' {bits}-bit'}{' + MTP' if mtp else ''}"
 
 
 @lru_cache(maxsize=None)
-def model_bytes(family: str, size: str, mtp: bool = False) -> int:
-    """The bytes of the tensors a synthetic directory stores (4-bit g64),
-    from the config alone (a lazy model: nothing is computed). An MTP head
-    is counted as one more decoder layer."""
-    config = synthetic.model_config(family, size)
-    model, _ = lazy_model(config, synthetic.DEFAULT_QUANTIZATION)
-    params = tree_flatten(model.parameters())
-    total = sum(v.nbytes for _, v in params)
-    if mtp:
-        layers = [v.nbytes for k, v in params if ".layers." in k]
-        total += sum(layers) // synthetic.text_config(config)["num_hidden_layers"]
-    return total
+def model_bytes(family: str, size: str, mtp: bool = False, bits: int = 4) -> int:
+    """The bytes of the tensors a synthetic directory stores (affine g64,
+    ``bits`` bits, the MTP head included with ``mtp``), from the config alone
+    (lazy shapes: nothing is computed)."""
+    return synthetic.footprint(family, size, quantization(bits), mtp)["bytes"]
 
 
 def disk_bytes(name: str) -> int:
@@ -59,10 +72,11 @@ def human(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
-def check_disk(root, specs: List[Tuple[str, str, bool]], stream=None) -> int:
+def check_disk(root, specs: List[Tuple], stream=None) -> int:
     """Before writing the directories of ``specs`` (family, size, with MTP
-    head) that ``root`` lacks: one line saying what they take and where, and
-    a ValueError if the disk has not that much free. Returns the bytes."""
+    head[, bits]) that ``root`` lacks: one line saying what they take and
+    where, and a ValueError if the disk has not that much free. Returns the
+    bytes."""
     root = Path(root)
     missing = [s for s in specs if not cache.is_built(root / _dir_name(*s))]
     need = sum(model_bytes(*s) for s in missing)
@@ -72,8 +86,7 @@ def check_disk(root, specs: List[Tuple[str, str, bool]], stream=None) -> int:
     while not existing.exists():
         existing = existing.parent
     free = shutil.disk_usage(existing).free
-    names = ", ".join(f"{f} {s}{' + MTP' if m else ''} ({human(model_bytes(f, s, m))})"
-                      for f, s, m in missing)
+    names = ", ".join(f"{_label(*s)} ({human(model_bytes(*s))})" for s in missing)
     print(
         f"Writing synthetic models into {root}, ~{human(need)} in all ({human(free)} free): "
         f"{names}. They stay there for later runs (--model-dir picks another place).",
@@ -94,17 +107,29 @@ def model_dir(
     size: str,
     mtp: bool = False,
     progress: Optional[Callable[[int, int], None]] = None,
+    bits: int = 4,
 ) -> Path:
-    """A synthetic model directory under ``root``, written once."""
-    name = _dir_name(family, size, mtp)
+    """A synthetic model directory under ``root`` (``bits``-bit affine g64),
+    written once."""
+    name = _dir_name(family, size, mtp, bits)
+    write_model = synthetic.write_mtp_model if mtp else synthetic.write_model
 
     def write(path):
-        if mtp:
-            synthetic.write_mtp_model(path, family, size, progress=progress)
-        else:
-            synthetic.write_model(path, family, size, progress=progress)
+        write_model(path, family, size, quantization(bits), progress=progress)
 
     return cache.build_once(Path(root) / name, write)
+
+
+def mtp_model_dir(root, name: str, progress=None) -> Path:
+    """The directory of the MTP model ``name`` of :data:`MTP_MODELS`, written once."""
+    family, size, bits = MTP_MODELS[name]
+    return model_dir(root, family, size, mtp=True, progress=progress, bits=bits)
+
+
+def mtp_spec(name: str) -> Tuple[str, str, bool, int]:
+    """(family, size, with MTP head, bits) of MTP model ``name``, for :func:`check_disk`."""
+    family, size, bits = MTP_MODELS[name]
+    return family, size, True, bits
 
 
 def smoke_pair(root) -> Tuple[Path, Path]:

@@ -65,6 +65,8 @@ def e2e_markdown(doc: Dict) -> str:
                 recorded = {True: "yes", False: "no"}.get(r.get("matches_reference"), "")
                 # The overlapped loop never waits for a verdict, so it has no verify time.
                 verify_ms = "overlapped" if r.get("overlapped") else f"{r['verify_ms']:.2f}"
+                if r.get("overlap_off"):  # asked for the overlapped loop, ran the synchronous one
+                    verify_ms += " (synchronous: overlap off)"
                 split = (
                     f"{r['host_build_ms']:.2f} / {r['device_ms']:.2f}" if "device_ms" in r else ""
                 )

@@ -3,8 +3,9 @@
 """The end-to-end benchmark's measurements as tasks (:mod:`.e2e` runs them):
 for one target model, plain decoding, the acceptance-controlled grid, the
 verify latency, the breakdown and the draft-model runs; for an MTP model,
-plain decoding and the MTP head's runs. Each task measures unpatched and
-patched (:data:`.measure.STATES`) and records both in the results."""
+plain decoding, the MTP head steered to known acceptances and the head on its
+own. Each task measures unpatched and patched (:data:`.measure.STATES`) and
+records both in the results."""
 
 from typing import Callable, Dict, List, Tuple
 
@@ -13,7 +14,7 @@ from mlx_lm import load
 from .. import mtp, patch
 from ..mtp import MTPDrafter
 from ..speculative import DraftModelDrafter
-from .drafters import AcceptanceControlledDrafter
+from .drafters import AcceptanceControlledDrafter, SteeredMTPDrafter
 from .harness import median_run
 from .measure import (
     LOOPS,
@@ -182,9 +183,27 @@ def model_tasks(
     return head, rest
 
 
+MTP_KEY = (3, 0.8)  # the (k, p) of the issue's MTP target
+
+
 def mtp_tasks(
-    name, path, results, *, max_tokens, repeats, draft_tokens, loops=LOOPS
+    name,
+    path,
+    results,
+    *,
+    max_tokens,
+    repeats,
+    draft_tokens,
+    acceptances=(),
+    mtp_draft_tokens=(),
+    loops=LOOPS,
 ) -> List[Task]:
+    """Tasks for a model with an MTP head: plain decode; the head steered to
+    each acceptance of ``acceptances`` for each k of ``mtp_draft_tokens``
+    (:class:`~.drafters.SteeredMTPDrafter`: the head's real cost at a known
+    acceptance), keys like "patched mtp p=0.8 k=3 overlap"; the head on its
+    own for each k of ``draft_tokens`` ("patched k=3 overlap"; a random
+    head's proposals are almost never accepted)."""
     loaded = {}
     plain_tokens = {}
 
@@ -193,11 +212,59 @@ def mtp_tasks(
             loaded["model"], loaded["head"], tokenizer = mtp.load(str(path))
             loaded["prompt"] = prompt_tokens(tokenizer)
             results.put(name, "info", "path", str(path))
+            results.put(name, "info", "prompt_tokens", loaded["prompt"].size)
         return loaded["model"], loaded["head"], loaded["prompt"]
 
     def plain():
         model, _, prompt = target()
         plain_tokens.update(plain_both(name, model, prompt, results, max_tokens, repeats))
+
+    references = {}
+
+    def reference(label, k, loop):
+        """As the acceptance runs' reference (:func:`model_tasks`): the loop
+        itself, the head steered at p = 1, re-recorded until it reproduces
+        itself; the head runs in these passes as in the measured ones."""
+        model, head, prompt = target()
+        if (label, k, loop) not in references:
+            tokens, passes = plain_tokens[label], 0
+            while passes < 3:
+                passes += 1
+                drafter = SteeredMTPDrafter(model, head, tokens, 1.0)
+                emitted = speculative_decode(model, prompt, drafter, k, max_tokens, loop)["tokens"]
+                if emitted == tokens:
+                    break
+                tokens = emitted
+            references[label, k, loop] = (tokens, passes)
+        return references[label, k, loop]
+
+    def steered(k, p):
+        model, head, prompt = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                census = matmul_census(model, k + 1) if on else None
+                for loop in loops:
+                    tokens, passes = reference(label, k, loop)
+
+                    def drafter():
+                        return SteeredMTPDrafter(model, head, tokens, p, seed=k)
+
+                    run = median_run(
+                        lambda: speculative_decode(model, prompt, drafter(), k, max_tokens, loop),
+                        repeats,
+                        warmup=False,
+                    )
+                    # Hybrid targets (Gated DeltaNet caches) run the synchronous
+                    # loop where the overlapped one is asked for: "overlapped"
+                    # False and "overlap_off" say so in the results.
+                    if run["overlapped"]:
+                        run.update(step_split_ms(model, prompt, drafter(), k))
+                    run["matmuls"] = census
+                    run["matches_reference"] = run["tokens"] == tokens
+                    run["matches_plain"] = run["tokens"] == plain_tokens[label]
+                    run["reference_passes"] = passes
+                    key = _run_key(label, f"mtp p={p} k={k}", loop)
+                    results.put(name, "mtp", key, _strip(run))
 
     def speculate(k, warmup):
         model, head, prompt = target()
@@ -214,10 +281,19 @@ def mtp_tasks(
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     results.put(name, "mtp", _run_key(label, f"k={k}", loop), _strip(run))
 
-    return [(f"{name}: plain decode", plain)] + [
-        (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0))
-        for i, k in enumerate(draft_tokens)
-    ]
+    grid = [(k, p) for k in mtp_draft_tokens for p in acceptances]
+    grid.sort(key=lambda kp: kp != MTP_KEY)  # the headline first
+    return (
+        [(f"{name}: plain decode", plain)]
+        + [
+            (f"{name}: MTP steered p={p} k={k}", lambda k=k, p=p: steered(k, p))
+            for k, p in grid
+        ]
+        + [
+            (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0))
+            for i, k in enumerate(draft_tokens)
+        ]
+    )
 
 
 def plain_both(name, model, prompt, results, max_tokens, repeats) -> Dict[str, List[int]]:

@@ -18,16 +18,27 @@ values come from:
   stored tensors are synthesized in packed form (:mod:`.packed`) and
   streamed to disk (:mod:`.safetensors`).
 
-The modules: :mod:`.configs` (families and sizes), :mod:`.tokenizer` (a
-byte-level BPE built in code; no network is used), :mod:`.writer` (model
-directories: :func:`write_model`, :func:`write_pair`), :mod:`.mtp` (random
-MTP heads: :func:`write_mtp_model`). This is tooling: it uses the runtime
-(``mtp_splitk.mtp``), and nothing of the runtime uses it.
+The modules: :mod:`.configs` (families, tiny and small), :mod:`.sizes` (the
+published shapes), :mod:`.footprint` (parameters and bytes of a size, from its
+shapes alone), :mod:`.tokenizer` (a byte-level BPE built in code; no network
+is used), :mod:`.writer` (model directories: :func:`write_model`,
+:func:`write_pair`), :mod:`.mtp` (random MTP heads: :func:`write_mtp_model`).
+This is tooling: it uses the runtime (``mtp_splitk.mtp``), and nothing of the
+runtime uses it.
 """
 
-from .configs import DEFAULT_QUANTIZATION, FAMILIES, SIZES, TINY, model_config, text_config
+from .configs import (
+    DEFAULT_QUANTIZATION,
+    FAMILIES,
+    REAL_ONLY,
+    SIZES,
+    TINY,
+    model_config,
+    text_config,
+)
+from .footprint import footprint
 from .model import evaluated_tensors, lazy_model
-from .mtp import mtp_weights, write_mtp_model
+from .mtp import mtp_head, mtp_weights, write_mtp_model
 from .packed import packed_tensors
 from .safetensors import Tensor, tensor_from_array, write_safetensors
 from .tokenizer import CHAT_TEMPLATE, EOS_TOKEN, SPECIAL_TOKENS, TINY_VOCAB, build_tokenizer
@@ -39,6 +50,7 @@ __all__ = [
     "EOS_TOKEN",
     "FAMILIES",
     "FORMAT_VERSION",
+    "REAL_ONLY",
     "SIZES",
     "SPECIAL_TOKENS",
     "TINY",
@@ -47,8 +59,10 @@ __all__ = [
     "Tensor",
     "build_tokenizer",
     "evaluated_tensors",
+    "footprint",
     "lazy_model",
     "model_config",
+    "mtp_head",
     "mtp_weights",
     "packed_tensors",
     "tensor_from_array",

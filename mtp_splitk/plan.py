@@ -22,6 +22,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import cache
+
 TUNING_DIR = os.path.join(os.path.dirname(__file__), "tuning")
 
 ROWS_PER_TILE = 16  # weight rows per MMA tile (the m16 side of m16n8k16)
@@ -89,14 +91,27 @@ def tuning_key(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 
+def user_tuning_path(device_name: str) -> str:
+    """Where ``mtp-splitk tune`` writes this device's table: the user's cache."""
+    return os.path.join(cache.root(), "tuning", tuning_key(device_name) + ".json")
+
+
 @lru_cache(maxsize=None)
 def load_tuning(device_name: str) -> dict:
-    """The committed tuning table for this device, or {} if none was measured."""
-    path = os.path.join(TUNING_DIR, tuning_key(device_name) + ".json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """This device's tuning table: the user's (``mtp-splitk tune``) before the
+    committed one; {} if neither was measured."""
+    shipped = os.path.join(TUNING_DIR, tuning_key(device_name) + ".json")
+    for path in (user_tuning_path(device_name), shipped):
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+    return {}
+
+
+def failed(tuning: dict, op: str, mode: str, bits: int, group_size: int, shape: str) -> bool:
+    """Whether ``mtp-splitk tune`` found the kernel wrong for this op ("dense" or
+    "moe"), mode and weight shape on this device: then it is never planned."""
+    return f"{op}:{mode}:b{bits}:g{group_size}:{shape}" in tuning.get("failed", {})
 
 
 def supported(mode: str, bits: int, group_size: int, K: int, dtype) -> bool:
@@ -198,6 +213,8 @@ def plan_dense(
         return None
     tuning = load_tuning(device.name)
     if M > MAX_TOKEN_TILES * TOKENS_PER_TILE:
+        return None
+    if failed(tuning, "dense", mode, bits, group_size, f"{N}x{K}"):
         return None
     if override is None:
         lo, hi = m_range(tuning, mode, bits, N, K)
@@ -322,6 +339,8 @@ def plan_gather(
     if override == 0 or not supported(mode, bits, group_size, K, dtype):
         return None
     tuning = load_tuning(device.name)
+    if failed(tuning, "moe", mode, bits, group_size, f"{E}x{N}x{K}"):
+        return None
     if override is None:
         lo, hi = m_range({"m_range": tuning.get("moe_p_range", {})}, mode, bits, E * N, K)
         if not lo <= P <= hi:

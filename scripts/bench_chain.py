@@ -21,6 +21,7 @@ import sys
 import mlx.core as mx
 
 from mtp_splitk import launch, plan as planner
+from mtp_splitk.bench.kernels import chain as dependent_chain
 from mtp_splitk.bench.timing import median_call_us as median_us
 
 UP, DOWN = (14336, 4096), (4096, 14336)
@@ -49,9 +50,7 @@ def op(kind, x, parts):
 
 
 def chain(kind, x, weights):
-    for i in range(LENGTH):
-        x = op(kind, x, weights[i % len(weights)])
-    return x
+    return dependent_chain(lambda x, parts: op(kind, x, parts), x, weights, LENGTH)
 
 
 def main():

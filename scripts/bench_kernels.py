@@ -19,16 +19,15 @@ Usage:
 """
 import argparse
 import json
-import math
 import os
 import sys
 
 import mlx.core as mx
 
 from mtp_splitk import launch, plan as planner
-from mtp_splitk.bench.timing import copy_bandwidth, median_time, trivial_op_floor
+from mtp_splitk.bench.kernels import dense_plan, time_dense, tuning_table, weight_sets
+from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
-L2_BYTES = 50 * 2**20
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048)]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
 # (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.
@@ -37,43 +36,15 @@ CONFIGS = [("affine", 4, 64, SHAPES)] + [
 ]
 
 
-def weight_sets(N, K, mode, bits, group_size, dtype=mx.bfloat16):
-    """Enough distinct quantized copies of an (N, K) weight to overflow L2 3x."""
-    mx.random.seed(N * 31 + K)
-    w = (mx.random.normal((N, K)) * 0.02).astype(dtype)
-    parts = mx.quantize(w, group_size, bits, mode=mode)
-    one = sum(p.nbytes for p in parts)
-    count = max(2, min(256, math.ceil(3 * L2_BYTES / one)))
-    sets = [parts]
-    for i in range(1, count):
-        # Distinct buffers with the same statistics: cheap perturbed copies.
-        sets.append(tuple(p + 0 if p.dtype != mx.uint32 else p ^ mx.array(i, mx.uint32) for p in parts))
-    mx.eval(sets)
-    return sets, one
-
-
 def run_mlx(sets, x, mode, bits, group_size):
-    def build(i):
-        p = sets[i % len(sets)]
-        biases = p[2] if mode == "affine" else None
-        return mx.quantized_matmul(x, p[0], p[1], biases, True, group_size, bits, mode)
-
-    return median_time(build)
+    return time_dense(sets, x, mode, bits, group_size)
 
 
 def run_ours(sets, x, mode, bits, group_size, warps_k, depth, row_tiles):
     M, K = x.shape
     N = sets[0][0].shape[0]
-    tiles = planner.token_tiles_for(M)
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps_k, tiles, depth,
-                        row_tiles if tiles <= 2 else 1)
-
-    def build(i):
-        p = sets[i % len(sets)]
-        biases = p[2] if mode == "affine" else None
-        return launch.dense(plan, x, p[0], p[1], biases)
-
-    return median_time(build)
+    plan = dense_plan("cuda", mode, bits, group_size, N, K, M, warps_k, depth, row_tiles)
+    return time_dense(sets, x, mode, bits, group_size, plan)
 
 
 def host_us(which, calls=2000):
@@ -171,20 +142,6 @@ def main():
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print("tuning table:", json.dumps(table["m_range"]))
-
-
-def tuning_table(rows, warps_k, depths, row_tiles, meta):
-    """Per mode and shape, the M range where the kernel measured at least
-    plan.required_speedup(M) times faster than MLX (the planner sends every other M
-    to MLX), plus the split, prefetch depth and row tiles the sweep chose."""
-    by_key = {}
-    for r in rows:
-        by_key.setdefault(f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}", []).append(r)
-    m_range = {key: planner.winning_range((r["M"], r["speedup"], r["M"]) for r in rs)
-               for key, rs in by_key.items()}
-    return dict(device=meta["device"], measured_with=meta["command"], mlx=meta["mlx"],
-                min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP,
-                warps_k=warps_k, depth=depths, row_tiles=row_tiles, m_range=m_range)
 
 
 def retune(src, out):

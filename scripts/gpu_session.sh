@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [launch] [profile]
+#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
@@ -102,6 +102,17 @@ for step in "$@"; do
       # Per-op overhead of custom kernels against MLX's ops (see the script).
       timeout "${LAUNCH_TIMEOUT:-90}" python3 -m scripts.bench_launch --out "$RES/launch" 2>&1 \
         | tee "$RES/bench_launch.log" | tail -10 ;;
+    serve)
+      # mlx_lm.server under 8 concurrent greedy requests, unpatched vs MTP_SPLITK=1
+      # (SERVE_MODEL: a model directory; default the synthetic Llama-3-8B shape).
+      wait
+      timeout "${SERVE_TIMEOUT:-300}" python3 -m scripts.bench_serve --out "$RES/serve" \
+        ${SERVE_MODEL:+--model "$SERVE_MODEL"} 2>&1 | tee "$RES/bench_serve.log" | tail -4 ;;
+    tune)
+      # mtp-splitk tune --quick into a scratch cache: the user's path on this GPU.
+      MTP_SPLITK_CACHE=/tmp/tune-cache timeout "${TUNE_TIMEOUT:-300}" python3 -m mtp_splitk.cli \
+        tune --quick ${TUNE_MODEL:+--model "$TUNE_MODEL"} 2>&1 | tee "$RES/tune.log" | tail -12
+      cp -r /tmp/tune-cache/tuning "$RES/tune" 2>/dev/null ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
       # Only the matmul kernels: the random-weight set-up kernels took most of the

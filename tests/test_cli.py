@@ -92,7 +92,8 @@ def test_help_and_version():
     from mtp_splitk import __version__
 
     version = cli_output("--version").strip()
-    assert version == f"mtp_splitk {__version__} (mlx {mx.__version__}, mlx-lm {mlx_lm.__version__})"
+    expected = f"mtp_splitk {__version__} (mlx {mx.__version__}, mlx-lm {mlx_lm.__version__})"
+    assert version == expected
 
 
 def cli_output(*args) -> str:
@@ -382,7 +383,11 @@ def test_recorder_statistics():
         rec.add(GenerationResponse("", 0, None, f, 5, 100.0, i + 1, 50.0, 0.0))
     text = rec.summary(["Target: t", "Drafter: d"], num_draft_tokens=3)
     lines = text.splitlines()
-    assert lines[:3] == ["[stats] Target: t", "[stats] Drafter: d", "[stats] Loop: synchronous (--no-overlap)"]
+    assert lines[:3] == [
+        "[stats] Target: t",
+        "[stats] Drafter: d",
+        "[stats] Loop: synchronous (--no-overlap)",
+    ]
     assert (
         "Speculation: 4 steps, 7 drafted, 4 accepted (acceptance rate 57.1%), 2.00 tokens/step"
         in text

@@ -40,9 +40,13 @@ class Recorder:
         loop = self.loop
         if loop is not None:
             if loop.overlapped:
-                lines.append("Loop: overlapped (step n+1 is queued before step n's verdict is read)")
+                lines.append(
+                    "Loop: overlapped (step n+1 is queued before step n's verdict is read)"
+                )
             elif loop.overlap_off:
-                lines.append(f"Loop: synchronous (the overlapped loop cannot run: {loop.overlap_off})")
+                lines.append(
+                    f"Loop: synchronous (the overlapped loop cannot run: {loop.overlap_off})"
+                )
             else:
                 lines.append("Loop: synchronous (--no-overlap)")
         lines += [

@@ -1,0 +1,160 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""``mtp-splitk tune`` on the CPU: the refusal, the variants a model needs,
+the table it writes (from stand-in measurements) and the planner reading
+that table before the shipped one, never planning a variant that failed."""
+
+import io
+import json
+
+import mlx.core as mx
+import pytest
+from _cli import error_lines
+from mlx_lm import load
+
+from mtp_splitk import cache, cli, ops, patch
+from mtp_splitk import plan as planner
+from mtp_splitk import synthetic
+from mtp_splitk.bench import tune
+
+H200 = planner.Device("cuda", "NVIDIA H200", 132)
+
+
+@pytest.fixture
+def user_cache(tmp_path, monkeypatch):
+    """An empty user cache; the planner re-reads its tables before and after."""
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    planner.load_tuning.cache_clear()
+    yield tmp_path / "cache"
+    planner.load_tuning.cache_clear()
+
+
+def test_tune_refuses_on_the_cpu(tmp_path, capsys):
+    assert cli.main(["tune"]) == 2
+    assert cli.main(["tune", "--quick", "--model", str(tmp_path)]) == 2  # before any loading
+    assert error_lines(capsys.readouterr().err) == [
+        "mtp-splitk: error: tune needs a GPU (MLX's default device is the CPU)"
+    ] * 2
+
+
+def test_planner_reads_the_user_table_first_and_skips_failed_variants(user_cache):
+    def dense(M, N, K):
+        return planner.plan_dense(M, N, K, 4, 64, "affine", mx.bfloat16, H200)
+
+    def moe(P):
+        return planner.plan_gather(P, 128, 768, 2048, 4, 64, "affine", mx.bfloat16, H200)
+
+    # The shipped H200 table: 4096x4096 from M = 3, 14336x4096 at M = 2..7, the
+    # Qwen3 experts (128 x 768 x 2048) from 96 pairs.
+    assert dense(1, 4096, 4096) is None and dense(4, 14336, 4096) is not None
+    assert moe(128) is not None
+    user = json.loads(open(f"{planner.TUNING_DIR}/nvidia_h200.json").read())
+    user["m_range"]["affine4:4096x4096"] = [1, 64]
+    user["warps_k"]["4096x4096"] = 8
+    user["failed"] = {
+        "dense:affine:b4:g64:14336x4096": "M=3: relative error 0.4 against MLX's op (limit 0.01)",
+        "moe:affine:b4:g64:128x768x2048": "M=1: outputs left unwritten (NaN poison) or NaN",
+    }
+    path = planner.user_tuning_path(H200.name)
+    assert path == str(user_cache / "tuning" / "nvidia_h200.json")
+    tune.write_table(path, user)
+    planner.load_tuning.cache_clear()
+
+    assert dense(1, 4096, 4096).warps_k == 8  # the user's range and split
+    assert dense(4, 14336, 4096) is None and moe(128) is None  # failed: never planned
+    with planner.split(4):  # not even forced
+        assert dense(4, 14336, 4096) is None and moe(128) is None
+        assert dense(4, 4096, 14336) is not None  # the rest still forced
+    # 4-bit g32 is another variant of the same shape: not the one that failed.
+    assert planner.plan_dense(4, 14336, 4096, 4, 32, "affine", mx.bfloat16, H200) is not None
+
+
+def stand_ins(monkeypatch, speedups, failing):
+    """tune's measurements replaced: a split per op, the check failing for the
+    variants in ``failing``, and rows with the given speedup per M."""
+    calls = []
+
+    def choose_split(variant, device, table, quick):
+        return (2, 1, 1) if variant.op == "dense" else (4, 1, 1)
+
+    def check(variant, device, split):
+        calls.append(("check", str(variant), split))
+        if variant in failing:
+            return "M=13: relative error 0.3 against MLX's op (limit 0.01)"
+        return None
+
+    def measure(variant, device, split, quick):
+        calls.append(("measure", str(variant), split, quick))
+        return [dict(op=variant.op, mode=variant.mode, bits=variant.bits, N=variant.N,
+                     K=variant.K, E=variant.E, M=M, pairs=M * variant.top_k, speedup=s)
+                for M, s in speedups.items()]
+
+    for name, fn in (("choose_split", choose_split), ("check", check), ("measure", measure)):
+        monkeypatch.setattr(tune, name, fn)
+    return calls
+
+
+def test_tune_writes_a_table_the_planner_uses(user_cache, monkeypatch):
+    gpu = planner.Device("cuda", "Pretend GPU 9000", 100)
+    a = tune.Variant("dense", "affine", 4, 64, 1024, 2048)
+    b = tune.Variant("dense", "mxfp4", 4, 32, 512, 1024)
+    c = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=4)
+    # M = 1 misses the 1.8x decode bar; M = 2..5 clear 1.2x; M = 6 does not.
+    speedups = {1: 1.5, 2: 2.0, 3: 1.9, 4: 1.6, 5: 1.3, 6: 1.1, 8: 1.4}
+    calls = stand_ins(monkeypatch, speedups, failing={b})
+    stream = io.StringIO()
+    path, table, outcome = tune.tune([a, b, c], gpu, True, "mtp-splitk tune --quick",
+                                     stream=stream)
+
+    assert outcome == {a: None, b: "M=13: relative error 0.3 against MLX's op (limit 0.01)",
+                       c: None}
+    assert [c[0] for c in calls] == ["check", "measure", "check", "check", "measure"]
+    assert "[########" in stream.getvalue() and "Done: 3/3" in stream.getvalue()
+    written = json.loads(open(path).read())
+    assert written == table
+    shipped = json.loads(open(f"{planner.TUNING_DIR}/nvidia_h200.json").read())
+    assert set(written) == set(shipped) | {"failed"}  # the shipped format, plus failures
+    assert written["device"] == gpu.name and written["mlx"] == mx.__version__
+    assert written["m_range"] == {"affine4:1024x2048": [2, 5], "mxfp44:512x1024": [0, 0]}
+    assert written["moe_p_range"] == {"affine4:4096x512": [8, 20]}  # pairs of M = 2..5
+    assert written["warps_k"] == {"1024x2048": 2} and written["depth"] == {"1024x2048": 1}
+    assert written["failed"] == {"dense:mxfp4:b4:g32:512x1024": outcome[b]}
+
+    planner.load_tuning.cache_clear()
+    plan = planner.plan_dense(3, 1024, 2048, 4, 64, "affine", mx.bfloat16, gpu)
+    assert plan is not None and plan.warps_k == 2
+    assert planner.plan_dense(1, 1024, 2048, 4, 64, "affine", mx.bfloat16, gpu) is None
+    assert planner.plan_dense(6, 1024, 2048, 4, 64, "affine", mx.bfloat16, gpu) is None
+    with planner.split(4):
+        assert planner.plan_dense(3, 512, 1024, 4, 32, "mxfp4", mx.bfloat16, gpu) is None
+    assert planner.plan_gather(12, 16, 256, 512, 4, 64, "affine", mx.bfloat16, gpu) is not None
+
+    # A later run (another model) keeps what the first one measured, and a
+    # variant that passes now is no longer failed.
+    calls = stand_ins(monkeypatch, {1: 2.0, 2: 2.0}, failing=set())
+    _, again, _ = tune.tune([b], gpu, True, "mtp-splitk tune", stream=io.StringIO())
+    assert again["failed"] == {}
+    assert again["m_range"] == {"affine4:1024x2048": [2, 5], "mxfp44:512x1024": [1, 2]}
+
+
+def test_the_variants_are_the_calls_a_forward_makes(tmp_path):
+    """tune's variants of a model are exactly the quantized matmuls its
+    patched forward calls (ops.recording), with the model's modes."""
+    for family, quantization in [("qwen3_moe", None), ("llama", {"mode": "mxfp4"})]:
+        kwargs = {} if quantization is None else {"quantization": quantization}
+        path = synthetic.write_model(tmp_path / family, family, **kwargs)
+        model, _ = load(str(path))
+        variants = tune.model_variants(model)
+        with patch.enabled(), ops.recording() as calls:
+            mx.eval(model(mx.array([[1, 2, 3]])))
+        ops_seen = {("dense" if c.op == "quantized_matmul" else "moe", c.N, c.K) for c in calls}
+        assert {(v.op, v.N, v.K) for v in variants} == ops_seen, family
+        assert {v.mode for v in variants} == {(quantization or {}).get("mode", "affine")}
+        assert all(v.dtype == "bfloat16" for v in variants)
+        moe = [v for v in variants if v.op == "moe"]
+        if family == "qwen3_moe":
+            assert moe and {v.top_k for v in moe} == {model.args.num_experts_per_tok}
+            assert {v.E for v in moe} == {model.args.num_experts}
+        else:
+            assert not moe
+    assert all(tune.runnable(v) for v in tune.default_variants())

@@ -172,3 +172,34 @@ def demo_model(variant: str = "q4", dtype=None) -> Path:
         return target
     source = gguf_path()
     return write_once(target, lambda tmp: gguf.convert(source, tmp, variant, dtype=dtype))
+
+
+def demo_draft(layers: int = 8, variant: str = "q4", dtype=None) -> Path:
+    """A draft model for the demo: the demo model's first ``layers`` decoder
+    layers with its embedding, final norm and (tied) head, so its vocabulary
+    and tokenizer are the target's. Built once next to it."""
+    target = demo_model(variant, dtype)
+
+    def build(tmp: Path):
+        config = json.loads((target / "config.json").read_text())
+        if not 0 < layers < config["num_hidden_layers"]:
+            raise ValueError(f"a draft keeps 1..{config['num_hidden_layers'] - 1} layers, not {layers}")
+        config["num_hidden_layers"] = layers
+
+        def kept(key: str) -> bool:
+            parts = key.split(".")
+            return not (parts[:2] == ["model", "layers"] and int(parts[2]) >= layers)
+
+        if isinstance(config.get("quantization"), dict):  # per-module entries of removed layers go
+            config["quantization"] = {k: v for k, v in config["quantization"].items() if kept(k)}
+            config["quantization_config"] = config["quantization"]
+        weights = mx.load(str(target / "model.safetensors"))
+        mx.save_safetensors(
+            str(tmp / "model.safetensors"), {k: v for k, v in weights.items() if kept(k)},
+            metadata={"format": "mlx"},
+        )
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy2(target / name, tmp / name)
+
+    return write_once(target.with_name(f"{target.name}-draft{layers}"), build)

@@ -34,7 +34,9 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def run(*args, cache, code=None):
     """``mtp-splitk ARGS`` in a subprocess (``code``: a script run with ARGS instead)."""
-    env = dict(os.environ, MTP_SPLITK_CACHE=str(cache))
+    # Offline: without --model the command falls back to the synthetic demo
+    # pair (tests/test_real_model.py runs the real one).
+    env = dict(os.environ, MTP_SPLITK_CACHE=str(cache), MTP_SPLITK_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     env.pop("MTP_SPLITK", None)
     program = ["-m", "mtp_splitk.cli"] if code is None else ["-c", code]
@@ -93,4 +95,5 @@ def cache(tmp_path_factory):
 @pytest.fixture
 def in_cache(cache, monkeypatch):
     monkeypatch.setenv(model_cache.ENV, str(cache))
+    monkeypatch.setenv("MTP_SPLITK_OFFLINE", "1")
     return cache

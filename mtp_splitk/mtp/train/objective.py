@@ -1,0 +1,140 @@
+# Copyright © 2026 mtp_splitk contributors
+
+"""The head to train and what it is trained to do.
+
+Self-distillation: at position ``t`` the head reads the target's hidden
+state ``h_t`` and the embedding of ``x_{t+1}`` and should give the
+distribution the target gives at ``t + 1`` (its prediction of ``x_{t+2}``).
+The loss is the KL divergence from the target's distribution (all of it, or
+its top-k renormalised) to the head's, plus a relative squared error pulling
+the head's output towards ``h_{t+1}`` itself: drafts after the first feed
+the head its own output where the target's hidden state went (as
+:class:`mtp_splitk.speculative.MTPDrafter` does), so the closer it is to
+one, the better the later drafts.
+
+With ``depth > 1`` the head is also unrolled on its own output, the way it
+drafts: step ``d`` reads step ``d - 1``'s output and ``x_{t+d}`` and is
+matched to the target at ``t + d``. Each unrolled step attends to the other
+unrolled entries rather than to target-fed ones, an approximation of what
+the drafter's cache holds (exact for the entry itself); its terms weigh
+``0.5 ** (d - 1)``.
+"""
+
+from typing import Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..families import family_for, model_module, model_text_args
+from ..heads import MTPHead
+from ..target import TargetParts
+
+
+def build_head(model: nn.Module, config: dict, init: str = "last-layer") -> MTPHead:
+    """A float32 head of the target's family layout.
+
+    ``init="last-layer"`` starts the block from the target's last decoder
+    layer (dequantized) and the final norm from the target's; ``"random"``
+    keeps mlx-lm's initialisation. The projection always starts random.
+    """
+    module = model_module(config)
+    args = model_text_args(model)
+    head = family_for(module).build(module, args)
+    head.set_dtype(mx.float32)
+    if init == "last-layer":
+        text = getattr(model, "language_model", model)
+        block = float_parameters(text.model.layers[-1])
+        head.blocks[0].load_weights(list(block.items()), strict=True)
+        head.shared_head.norm.weight = text.model.norm.weight.astype(mx.float32)
+    elif init != "random":
+        raise ValueError(f"init must be 'last-layer' or 'random', got {init!r}")
+    mx.eval(head.parameters())
+    return head
+
+
+def float_parameters(module: nn.Module) -> Dict[str, mx.array]:
+    """``module``'s parameters in float32, quantized layers dequantized."""
+    out = {}
+    quantized = {}
+    for path, m in module.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            quantized[path] = m
+    for name, value in tree_flatten(module.parameters()):
+        base, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        m = quantized.get(base)
+        if m is None:
+            out[name] = value.astype(mx.float32)
+        elif leaf == "weight":
+            w = mx.dequantize(
+                m.weight,
+                m.scales,
+                m.get("biases"),
+                group_size=m.group_size,
+                bits=m.bits,
+                mode=m.mode,
+            )
+            out[name] = w.astype(mx.float32)
+        elif leaf == "bias":
+            out[name] = value.astype(mx.float32)
+    return out
+
+
+def _kl(logits: mx.array, teacher: mx.array, top_k: int) -> mx.array:
+    """Per-position KL(teacher || head), over the teacher's top-k if k > 0."""
+    logq = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    if top_k > 0:
+        idx = mx.argpartition(-teacher, top_k - 1, axis=-1)[..., :top_k]
+        vals = mx.take_along_axis(teacher, idx, axis=-1)
+        logp = vals - mx.logsumexp(vals, axis=-1, keepdims=True)
+        logq = mx.take_along_axis(logq, idx, axis=-1)
+    else:
+        logp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
+    return (mx.exp(logp) * (logp - logq)).sum(axis=-1)
+
+
+def step_loss(
+    head: MTPHead,
+    parts: TargetParts,
+    tokens: mx.array,
+    lengths: mx.array,
+    prompt_lens: mx.array,
+    *,
+    depth: int = 1,
+    top_k: int = 0,
+    hidden_weight: float = 1.0,
+) -> Tuple[mx.array, Dict[str, mx.array]]:
+    """Loss of one batch and its metrics (``kl``, ``hidden``, ``agree``: the
+    fraction of positions where the first draft is the teacher's argmax).
+
+    ``tokens`` (B, L) right-padded; only the positions the loop drafts from
+    count, those whose first draft is of a generated token
+    (``t >= prompt_len - 2``, as in :mod:`.evaluate`).
+    """
+    h = mx.stop_gradient(parts.hidden(tokens))
+    teacher = mx.stop_gradient(parts.logits(h[:, 1:]).astype(mx.float32))
+    emb = parts.embed(tokens).astype(mx.float32)
+    target = h.astype(mx.float32)
+    positions = mx.arange(tokens.shape[1] - 1)[None]
+    first = positions >= (prompt_lens[:, None] - 2)
+
+    total = mx.array(0.0)
+    metrics = {}
+    g = target[:, :-1]
+    for d in range(1, depth + 1):
+        n = tokens.shape[1] - d
+        g = head(g[:, :n], emb[:, d : d + n])
+        logits = parts.logits(g.astype(h.dtype)).astype(mx.float32)
+        mask = (first[:, :n] & (positions[:, :n] + d < lengths[:, None])).astype(
+            mx.float32
+        )
+        count = mx.maximum(mask.sum(), 1.0)
+        kl = (_kl(logits, teacher[:, d - 1 :], top_k) * mask).sum() / count
+        want = target[:, d:]
+        rel = ((g - want) ** 2).sum(-1) / ((want**2).sum(-1) + 1e-6)
+        hid = (rel * mask).sum() / count
+        total = total + 0.5 ** (d - 1) * (kl + hidden_weight * hid)
+        if d == 1:
+            agree = logits.argmax(-1) == teacher[:, :n].argmax(-1)
+            metrics.update(kl=kl, hidden=hid, agree=(agree * mask).sum() / count)
+    return total, metrics

@@ -24,6 +24,7 @@ from mtp_splitk.mtp.loading import MTP_SHARD, stored_tensors
 from mtp_splitk.mtp.train import build_head, step_loss
 from mtp_splitk.mtp.train.data import Batches, Sequences
 from mtp_splitk.mtp.train.evaluate import chains
+from mtp_splitk.mtp.train.teacher import TeacherCache, run_target
 from mtp_splitk.speculative import MTPDrafter, Stats, speculative_generate_step
 
 SMALL = [
@@ -125,6 +126,19 @@ def test_llama_head_trains_resumes_and_loads(target, tmp_path):
     before, _ = step_loss(initial, parts, *batch)
     after, _ = step_loss(head, parts, *batch)
     assert after.item() < 0.8 * before.item()
+
+    # The cached teacher (built in other batches, other padding) is the target
+    # run on this batch: the same top-k at the real positions, the same loss.
+    cache = TeacherCache(parts, data, 8, batch_size=3)
+    cached = cache.batch(Batches(data, 4, seed=0).rows(0), batch[0].shape[1])
+    hidden, (_, val) = run_target(parts, batch[0], 8)
+    real = np.arange(batch[0].shape[1])[None] < np.array(batch[1])[:, None]
+    assert np.allclose(np.array(cached[0])[real], np.array(hidden)[real], atol=1e-5)
+    top = lambda v: np.sort(np.array(v)[real], axis=-1)  # noqa: E731
+    assert np.allclose(top(cached[1][1]), top(val), atol=1e-4)
+    on_the_fly, _ = step_loss(head, parts, *batch, top_k=8)
+    from_cache, _ = step_loss(head, parts, *batch, cached)
+    assert abs(on_the_fly.item() - from_cache.item()) < 1e-4 * on_the_fly.item()
 
     # A time budget too short for anything still ends with a usable head.
     hurried = run(path, tmp_path / "hurried", "--steps", "100000", "--minutes", "0.001")

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--top-k",
         type=int,
         default=d.top_k,
-        help="KL over the teacher's top k (0: all)",
+        help="cache the target's hidden states and top-k logits once and fit those "
+        "(no target pass per step); 0: run the target every step, whole vocabulary",
     )
     fit.add_argument(
         "--hidden-weight",

@@ -155,7 +155,8 @@ class Batches:
         self.per_epoch = len(data) // self.batch_size
         self._epoch, self._order = None, None
 
-    def __call__(self, step: int):
+    def rows(self, step: int) -> np.ndarray:
+        """Indices into the data of the batch of ``step``."""
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self._epoch:
             rng = np.random.default_rng(self.seed + epoch)
@@ -170,7 +171,11 @@ class Batches:
             )
             self._order = batches[rng.permutation(self.per_epoch)]
             self._epoch = epoch
-        rows = self._order[index]
+        return self._order[index]
+
+    def __call__(self, step: int):
+        """``(tokens (B, L), lengths (B,), prompt_lens (B,))`` of ``step``."""
+        rows = self.rows(step)
         seqs = [self.data.tokens[i] for i in rows]
         prompt_lens = mx.array([self.data.prompt_lens[i] for i in rows])
         lengths = mx.array([len(s) for s in seqs])

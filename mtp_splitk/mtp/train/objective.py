@@ -20,7 +20,7 @@ the drafter's cache holds (exact for the entry itself); its terms weigh
 ``0.5 ** (d - 1)``.
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten
 from ..families import family_for, model_module, model_text_args
 from ..heads import MTPHead
 from ..target import TargetParts
+from .teacher import Teacher, run_target
 
 
 def build_head(model: nn.Module, config: dict, init: str = "last-layer") -> MTPHead:
@@ -80,17 +81,30 @@ def float_parameters(module: nn.Module) -> Dict[str, mx.array]:
     return out
 
 
-def _kl(logits: mx.array, teacher: mx.array, top_k: int) -> mx.array:
-    """Per-position KL(teacher || head), over the teacher's top-k if k > 0."""
+def _kl(logits: mx.array, teacher) -> mx.array:
+    """Per-position KL(teacher || head): over the whole vocabulary for full
+    teacher logits, over the teacher's renormalised top-k for ``(idx, val)``."""
     logq = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    if top_k > 0:
-        idx = mx.argpartition(-teacher, top_k - 1, axis=-1)[..., :top_k]
-        vals = mx.take_along_axis(teacher, idx, axis=-1)
-        logp = vals - mx.logsumexp(vals, axis=-1, keepdims=True)
+    if isinstance(teacher, tuple):
+        idx, val = teacher
+        logp = val - mx.logsumexp(val, axis=-1, keepdims=True)
         logq = mx.take_along_axis(logq, idx, axis=-1)
     else:
         logp = teacher - mx.logsumexp(teacher, axis=-1, keepdims=True)
     return (mx.exp(logp) * (logp - logq)).sum(axis=-1)
+
+
+def _argmax(teacher) -> mx.array:
+    if isinstance(teacher, tuple):
+        idx, val = teacher
+        return mx.take_along_axis(idx, val.argmax(-1)[..., None], axis=-1)[..., 0]
+    return teacher.argmax(-1)
+
+
+def _window(teacher, start: int, n: int):
+    if isinstance(teacher, tuple):
+        return tuple(t[:, start : start + n] for t in teacher)
+    return teacher[:, start : start + n]
 
 
 def step_loss(
@@ -99,6 +113,7 @@ def step_loss(
     tokens: mx.array,
     lengths: mx.array,
     prompt_lens: mx.array,
+    teacher: Optional[Teacher] = None,
     *,
     depth: int = 1,
     top_k: int = 0,
@@ -107,12 +122,14 @@ def step_loss(
     """Loss of one batch and its metrics (``kl``, ``hidden``, ``agree``: the
     fraction of positions where the first draft is the teacher's argmax).
 
-    ``tokens`` (B, L) right-padded; only the positions the loop drafts from
-    count, those whose first draft is of a generated token
-    (``t >= prompt_len - 2``, as in :mod:`.evaluate`).
+    ``tokens`` (B, L) right-padded; ``teacher`` the target's outputs for them
+    (:mod:`.teacher`), computed here (with ``top_k``) when not given. Only the
+    positions the loop drafts from count, those whose first draft is of a
+    generated token (``t >= prompt_len - 2``, as in :mod:`.evaluate`).
     """
-    h = mx.stop_gradient(parts.hidden(tokens))
-    teacher = mx.stop_gradient(parts.logits(h[:, 1:]).astype(mx.float32))
+    if teacher is None:
+        teacher = run_target(parts, tokens, top_k)
+    h, out = mx.stop_gradient(teacher[0]), teacher[1]
     emb = parts.embed(tokens).astype(mx.float32)
     target = h.astype(mx.float32)
     positions = mx.arange(tokens.shape[1] - 1)[None]
@@ -129,12 +146,12 @@ def step_loss(
             mx.float32
         )
         count = mx.maximum(mask.sum(), 1.0)
-        kl = (_kl(logits, teacher[:, d - 1 :], top_k) * mask).sum() / count
-        want = target[:, d:]
-        rel = ((g - want) ** 2).sum(-1) / ((want**2).sum(-1) + 1e-6)
+        want = _window(out, d, n)  # the target at t + d
+        kl = (_kl(logits, want) * mask).sum() / count
+        rel = ((g - target[:, d:]) ** 2).sum(-1) / ((target[:, d:] ** 2).sum(-1) + 1e-6)
         hid = (rel * mask).sum() / count
         total = total + 0.5 ** (d - 1) * (kl + hidden_weight * hid)
         if d == 1:
-            agree = logits.argmax(-1) == teacher[:, :n].argmax(-1)
+            agree = logits.argmax(-1) == _argmax(want)
             metrics.update(kl=kl, hidden=hid, agree=(agree * mask).sum() / count)
     return total, metrics

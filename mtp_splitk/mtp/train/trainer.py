@@ -34,6 +34,7 @@ from .evaluate import acceptance
 from .export import STATE_DIR, link_model, write_head
 from .objective import build_head, step_loss
 from .prompts import encode, prompts
+from .teacher import TeacherCache
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TrainConfig:
     minutes: Optional[float] = None  # wall-clock budget of this run, all phases
     gen_fraction: float = 0.5  # of the budget, at most, for generating text
     depth: int = 2  # unrolled head steps in the loss
-    top_k: int = 0  # teacher top-k in the KL (0: the whole vocabulary)
+    top_k: int = 64  # teacher top-k, cached once (0: whole vocabulary, every step)
     hidden_weight: float = 1.0
     init: str = "last-layer"
     log_every: int = 20
@@ -190,6 +191,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     reserve = 1.5 * state.get("eval_seconds", 0.0) + 5.0  # final eval and export
 
     # -- training ---------------------------------------------------------------------------
+    cache = None
+    if cfg.top_k > 0 and state["step"] < cfg.steps:
+        t = time.monotonic()
+        cache = TeacherCache(parts, data, cfg.top_k, batch_size=cfg.gen_batch)
+        log(
+            f"target outputs cached (hidden states, top-{cfg.top_k} logits) in "
+            f"{time.monotonic() - t:.1f} s"
+        )
     batches = Batches(data, cfg.batch_size, cfg.seed)
     loss_and_grad = nn.value_and_grad(
         head,
@@ -222,7 +231,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
             progress = max(progress, elapsed / max(budget, 1e-9))
         optimizer.learning_rate = _lr(cfg, state["step"], progress)
         tokens, lengths, prompt_lens = batches(state["step"])
-        (loss, metrics), grads = loss_and_grad(tokens, lengths, prompt_lens)
+        batch = (tokens, lengths, prompt_lens)
+        if cache is not None:
+            batch += (cache.batch(batches.rows(state["step"]), tokens.shape[1]),)
+        (loss, metrics), grads = loss_and_grad(*batch)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(head, grads)
         mx.eval(head.parameters(), optimizer.state, loss, metrics)

@@ -40,15 +40,20 @@ def chains(
     out = []
     for s in range(0, len(data), batch_size):
         seqs = data.tokens[s : s + batch_size]
+        first = max(min(data.prompt_lens[s : s + batch_size]) - 2, 0)
+        tokens = pad(seqs, 1)
         drafts = np.stack(
-            [np.array(d) for d in _drafts(head, parts, pad(seqs, 1), depth)]
+            [np.array(d) for d in _drafts(head, parts, tokens, depth, first)]
         )
         for b, seq in enumerate(seqs):
-            start, n = data.prompt_lens[s + b] - 2, len(seq)
+            start, n = max(data.prompt_lens[s + b] - 2, 0), len(seq)
             c = np.zeros(max(n - 2 - start, 0), dtype=np.int64)
             for i, t in enumerate(range(start, n - 2)):
                 k = 0
-                while k < min(depth, n - 2 - t) and drafts[k, b, t] == seq[t + k + 2]:
+                while (
+                    k < min(depth, n - 2 - t)
+                    and drafts[k, b, t - first] == seq[t + k + 2]
+                ):
                     k += 1
                 c[i] = k
             out.append(c)
@@ -80,14 +85,20 @@ def acceptance(
     }
 
 
-def _drafts(head: MTPHead, parts: TargetParts, tokens: mx.array, depth: int):
-    """Drafts ``1..depth`` at every position, as the drafter makes them."""
+def _drafts(
+    head: MTPHead, parts: TargetParts, tokens: mx.array, depth: int, start: int
+):
+    """Drafts ``1..depth`` at every position from ``start`` on (index ``t -
+    start``), as the drafter makes them; the pairs before ``start`` are fed in
+    one call, as the drafter feeds a prompt."""
     hidden = parts.hidden(tokens)
     embeds = parts.embed(tokens)
     dtype = hidden.dtype
     cache = head.make_cache()
+    if start > 0:
+        head(hidden[:, :start], embeds[:, 1 : start + 1], cache)
     out = [[] for _ in range(depth)]
-    for t in range(tokens.shape[1] - 1):
+    for t in range(start, tokens.shape[1] - 1):
         g = head(hidden[:, t : t + 1], embeds[:, t + 1 : t + 2], cache)
         for k in range(depth):
             draft = parts.logits(g.astype(dtype)[:, -1]).argmax(-1)

@@ -132,7 +132,10 @@ def step_loss(
     h, out = mx.stop_gradient(teacher[0]), teacher[1]
     emb = parts.embed(tokens).astype(mx.float32)
     target = h.astype(mx.float32)
-    positions = mx.arange(tokens.shape[1] - 1)[None]
+    # The head runs over every position (the prompt's are the drafts' context)
+    # but the LM head, most of the cost, only from the first that counts.
+    s = max(0, int(prompt_lens.min().item()) - 2)
+    positions = mx.arange(s, tokens.shape[1] - 1)[None]
     first = positions >= (prompt_lens[:, None] - 2)
 
     total = mx.array(0.0)
@@ -141,14 +144,16 @@ def step_loss(
     for d in range(1, depth + 1):
         n = tokens.shape[1] - d
         g = head(g[:, :n], emb[:, d : d + n])
-        logits = parts.logits(g.astype(h.dtype)).astype(mx.float32)
-        mask = (first[:, :n] & (positions[:, :n] + d < lengths[:, None])).astype(
+        logits = parts.logits(g[:, s:].astype(h.dtype)).astype(mx.float32)
+        m = n - s
+        mask = (first[:, :m] & (positions[:, :m] + d < lengths[:, None])).astype(
             mx.float32
         )
         count = mx.maximum(mask.sum(), 1.0)
-        want = _window(out, d, n)  # the target at t + d
+        want = _window(out, s + d, m)  # the target at t + d
         kl = (_kl(logits, want) * mask).sum() / count
-        rel = ((g - target[:, d:]) ** 2).sum(-1) / ((target[:, d:] ** 2).sum(-1) + 1e-6)
+        next_h = target[:, s + d :]
+        rel = ((g[:, s:] - next_h) ** 2).sum(-1) / ((next_h**2).sum(-1) + 1e-6)
         hid = (rel * mask).sum() / count
         total = total + 0.5 ** (d - 1) * (kl + hidden_weight * hid)
         if d == 1:

@@ -10,8 +10,9 @@ speculative decoding will see (:mod:`.evaluate`) and writes the head where
 :func:`mtp_splitk.mtp.load` finds it (:mod:`.export`).
 """
 
+from .config import TrainConfig
 from .evaluate import acceptance
 from .objective import build_head, step_loss
-from .trainer import TrainConfig, train
+from .trainer import train
 
 __all__ = ["TrainConfig", "acceptance", "build_head", "step_loss", "train"]

@@ -92,6 +92,24 @@ def test_trained_layout_over_the_targets_own_block(model_type):
     family.build(module, args).load_weights(list(back.items()), strict=True)
 
 
+def test_identity_init_predicts_the_targets_next_token(target):
+    """--init identity: the head starts as the target's own next-token
+    distribution (sharpness aside), the last layer copied but silenced."""
+    model, tokenizer = mlx_lm.load(str(target("qwen3")))
+    config = json.loads((target("qwen3") / "config.json").read_text())
+    head = build_head(model, config, "identity")
+    parts = mtp.TargetParts(model)
+    x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+    h = parts.hidden(x)
+    g = head(h, parts.embed(mx.roll(x, -1, axis=1)))
+    assert mx.array_equal(parts.logits(g).argmax(-1), parts.logits(h).argmax(-1))
+    last = model.model.layers[-1]
+    assert mx.array_equal(
+        head.block.self_attn.q_proj.weight, last.self_attn.q_proj.weight
+    )
+    assert not mx.any(head.block.mlp.down_proj.weight)
+
+
 def test_llama_head_trains_resumes_and_loads(target, tmp_path):
     path = target("llama")
     whole = run(path, tmp_path / "whole", "--steps", "8")

@@ -66,10 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     cost.add_argument(
         "--stop-after", type=int, default=None, help="run this many steps, save, stop"
     )
-    cost.add_argument("--eval-prompts", type=int, default=d.eval_prompts)
-    cost.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
+    cost.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=d.eval_prompts,
+        help="held-out prompts for the acceptance figure (greedy continuations)",
+    )
+    cost.add_argument(
+        "--eval-tokens", type=int, default=d.eval_tokens, help="tokens per held-out one"
+    )
     fit = parser.add_argument_group("training")
-    fit.add_argument("--lr", type=float, default=d.lr)
+    fit.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     fit.add_argument("--warmup", type=int, default=d.warmup, help="warm-up steps")
     fit.add_argument(
         "--temperature", type=float, default=d.temperature, help="sampling temperature"
@@ -93,7 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=d.hidden_weight,
         help="weight of the pull towards the target's next hidden state",
     )
-    fit.add_argument("--init", choices=["last-layer", "random"], default=d.init)
+    fit.add_argument(
+        "--init",
+        choices=["identity", "last-layer", "random"],
+        default=d.init,
+        help="identity: start as the target's own next-token prediction (its last "
+        "layer, silenced); last-layer: that layer as it is; random",
+    )
     fit.add_argument("--seed", type=int, default=d.seed)
     fit.add_argument("--log-every", type=int, default=d.log_every)
     fit.add_argument("--save-every", type=int, default=d.save_every)
@@ -107,6 +120,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Fit a one-block MTP head (DeepSeek-V3 layout over the target's "
         "own decoder block) to the target's next-next-token predictions on text the "
         "target writes itself; progress on stderr, the output directory on stdout.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(func=main)

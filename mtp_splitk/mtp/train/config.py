@@ -18,8 +18,8 @@ class TrainConfig:
     gen_batch: int = 128  # sequences generated together
     eval_prompts: int = 64
     eval_tokens: int = 128
-    batch_size: int = 16  # sequences per training step
-    steps: int = 3000
+    batch_size: int = 32  # sequences per training step
+    steps: int = 2000
     lr: float = 5e-4
     warmup: int = 50
     minutes: Optional[float] = None  # wall-clock budget of this run, all phases

@@ -24,32 +24,47 @@ from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from ..families import family_for, model_module, model_text_args
-from ..heads import MTPHead
+from ..heads import DeepSeekMTP, MTPHead
 from ..target import TargetParts
 from .teacher import Teacher, run_target
 
 
 def build_head(model: nn.Module, config: dict, init: str = "last-layer") -> MTPHead:
-    """A float32 head of the target's family layout.
+    """A float32 head in DeepSeek-V3's layout for the target.
 
-    ``init="last-layer"`` starts the block from the target's last decoder
-    layer (dequantized) and the final norm from the target's; ``"random"``
-    keeps mlx-lm's initialisation. The projection always starts random.
+    - ``"identity"``: the block is the target's last decoder layer
+      (dequantized) with its output projections zeroed, so it starts as the
+      identity, and the projection passes the hidden state through: the head
+      starts out predicting the target's own next-token distribution, as
+      Medusa's zero-initialised heads do, and learns the shift from there.
+    - ``"last-layer"``: the block is the target's last layer, the projection
+      random, the final norm the target's.
+    - ``"random"``: mlx-lm's initialisation.
     """
     module = model_module(config)
     args = model_text_args(model)
     head = family_for(module).build(module, args)
+    if not isinstance(head, DeepSeekMTP):
+        raise ValueError("train-mtp trains heads in DeepSeek-V3's layout only")
     head.set_dtype(mx.float32)
-    if init == "last-layer":
-        text = getattr(model, "language_model", model)
+    text = getattr(model, "language_model", model)
+    if init in ("identity", "last-layer"):
         block = float_parameters(text.model.layers[-1])
-        head.blocks[0].load_weights(list(block.items()), strict=True)
+        head.block.load_weights(list(block.items()), strict=True)
+    if init == "identity":
+        for name, value in tree_flatten(head.block.parameters()):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                head.block.update(tree_unflatten([(name, mx.zeros_like(value))]))
+        dims = args.hidden_size
+        eye = mx.eye(dims, dtype=mx.float32)
+        head.eh_proj.weight = mx.concatenate([mx.zeros_like(eye), eye], axis=1)
+    elif init == "last-layer":
         head.shared_head.norm.weight = text.model.norm.weight.astype(mx.float32)
     elif init != "random":
-        raise ValueError(f"init must be 'last-layer' or 'random', got {init!r}")
+        raise ValueError(f"init must be identity, last-layer or random, not {init!r}")
     mx.eval(head.parameters())
     return head
 

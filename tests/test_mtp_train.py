@@ -177,7 +177,10 @@ def test_held_out_acceptance_is_what_the_loop_accepts(target, tmp_path):
     the acceptance; the loop's output is plain greedy either way."""
     path = target("qwen3")
     out = tmp_path / "out"
-    state = run(path, out, "--steps", "80", "--prompts", "48", "--max-tokens", "24")
+    state = run(
+        path, out, "--steps", "80", "--prompts", "48", "--max-tokens", "24",
+        "--eval-prompts", "8",
+    )  # fmt: skip
     assert state["eval"]["accept"][0] > state["initial_eval"]["accept"][0] + 0.1
 
     model, head, _ = mtp.load(str(out))

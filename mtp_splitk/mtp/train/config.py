@@ -27,7 +27,7 @@ class TrainConfig:
     depth: int = 2  # unrolled head steps in the loss
     top_k: int = 64  # teacher top-k, cached once (0: whole vocabulary, every step)
     hidden_weight: float = 1.0
-    init: str = "last-layer"
+    init: str = "identity"
     log_every: int = 20
     save_every: int = 200
     stop_after: Optional[int] = None  # steps in this run, then checkpoint

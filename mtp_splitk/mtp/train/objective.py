@@ -32,7 +32,7 @@ from ..target import TargetParts
 from .teacher import Teacher, run_target
 
 
-def build_head(model: nn.Module, config: dict, init: str = "last-layer") -> MTPHead:
+def build_head(model: nn.Module, config: dict, init: str = "identity") -> MTPHead:
     """A float32 head in DeepSeek-V3's layout for the target.
 
     - ``"identity"``: the block is the target's last decoder layer

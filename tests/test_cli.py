@@ -262,15 +262,18 @@ def test_mtp_bad_input_in_process(in_cache, capsys):
     assert cli.main(["generate", "--mtp", "--model", str(target)]) == 2
     assert error_lines(capsys.readouterr().err) == [
         "mtp-splitk: error: --mtp and --draft-model are alternatives; give one",
-        "mtp-splitk: error: No multi-token-prediction layout is known for model type "
-        "'llama' (supported: deepseek_v3, glm4_moe, qwen3_next, qwen3_5, qwen3_5_moe, mimo).",
+        f"mtp-splitk: error: No multi-token-prediction weights in {target}: looked for "
+        "keys starting with 'model.layers.4.' (the layer after the last decoder layer: "
+        "enorm, hnorm, eh_proj, shared_head.norm and one decoder block) in "
+        "model*.safetensors and mtp.safetensors. These models ship without an MTP head: "
+        "train one with `mtp-splitk train-mtp --model MODEL --out OUT` and load OUT.",
     ]
 
 
 def test_convert_bad_input_in_process(in_cache, tmp_path, capsys):
     with_mtp = write_mtp_model(tmp_path / "mtp", "mimo", quantization=None)
     without = synthetic.write_model(tmp_path / "no-mtp", "mimo", quantization=None)
-    llama = synthetic.write_model(tmp_path / "llama", "llama", quantization=None)
+    llama = synthetic.write_model(tmp_path / "llama", "qwen3_moe", quantization=None)
     out = tmp_path / "out"
     for args, message in [
         ([], "convert: the following arguments are required: --hf-path/--model"),
@@ -283,7 +286,7 @@ def test_convert_bad_input_in_process(in_cache, tmp_path, capsys):
         ),
         (
             ["--hf-path", str(llama), "--mlx-path", str(out)],
-            "No multi-token-prediction layout is known for model type 'llama'",
+            "No multi-token-prediction layout is known for model type 'qwen3_moe'",
         ),
         (
             ["--hf-path", str(with_mtp), "--mlx-path", str(tmp_path)],

@@ -214,9 +214,9 @@ def test_missing_mtp_weights_name_the_keys_looked_for(family, tmp_path):
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path):
-    path = synthetic.write_model(tmp_path / "m", "llama")
+    path = synthetic.write_model(tmp_path / "m", "qwen3_moe")
     with pytest.raises(
-        ValueError, match="No multi-token-prediction layout.*llama.*supported"
+        ValueError, match="No multi-token-prediction layout.*qwen3_moe.*supported"
     ):
         load(path)
 

@@ -39,6 +39,11 @@ class Family:
     modules: tuple = ()
     #: Human-readable description of the stored keys, for error messages.
     describes: str = ""
+    #: What to do when a checkpoint has no MTP weights, for error messages.
+    remedy: str = (
+        "mlx_lm.convert drops them; convert the Hugging Face checkpoint with "
+        "`mtp-splitk convert` (mtp_splitk.mtp.convert) to keep them."
+    )
 
     def prefix(self, args) -> str:
         """Stored-key prefix of the first MTP layer."""
@@ -301,7 +306,28 @@ class MiMoFamily(Family):
         return out
 
 
-FAMILIES = (DeepSeekFamily(), QwenFamily(), MiMoFamily())
+class TrainedFamily(DeepSeekFamily):
+    """Targets released without MTP weights (Llama, Qwen2, Qwen3): a head in
+    DeepSeek-V3's layout over the target's own ``TransformerBlock`` (full
+    attention), trained by ``mtp-splitk train-mtp`` (:mod:`mtp_splitk.mtp.train`)
+    and stored in ``mtp.safetensors`` in mlx-lm's form, so nothing to sanitize.
+    """
+
+    modules = ("llama", "qwen2", "qwen3")
+    remedy = (
+        "These models ship without an MTP head: train one with `mtp-splitk "
+        "train-mtp --model MODEL --out OUT` and load OUT."
+    )
+
+    def build(self, module, args):
+        block = module.TransformerBlock(args)
+        return DeepSeekMTP(block, args.hidden_size, args.rms_norm_eps, False)
+
+    def sanitize(self, module, args, weights, raw):
+        return {h: v for k, v in weights.items() if (h := self.head_key(k)) is not None}
+
+
+FAMILIES = (DeepSeekFamily(), QwenFamily(), MiMoFamily(), TrainedFamily())
 
 
 def model_module(config: dict):

@@ -94,8 +94,7 @@ def missing_weights_error(family: Family, args, where) -> ValueError:
     return ValueError(
         f"No multi-token-prediction weights in {where}: looked for keys starting "
         f"with {family.prefix(args)!r} ({family.describes}) in model*.safetensors "
-        f"and {MTP_SHARD}. mlx_lm.convert drops them; convert the Hugging Face "
-        "checkpoint with `mtp-splitk convert` (mtp_splitk.mtp.convert) to keep them."
+        f"and {MTP_SHARD}. {family.remedy}"
     )
 
 

@@ -34,6 +34,7 @@ COMMANDS = {
     "--dequantize)",
     "synthesize": "write a synthetic mlx-lm model directory (random weights, real layout)",
     "tune": "check and time the split-K kernels on this GPU; write its tuning table",
+    "train-mtp": "train an MTP head for a model without one (self-distillation)",
     "bench": "benchmarks",
 }
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
         else:  # help, or an error; a command only after a leading "--"
             command = build_parser().parse_args(argv).command
             rest = argv[argv.index(command) + 1 :]
-        module = importlib.import_module(f"{__package__}.commands.{command}")
+        module = importlib.import_module(f"{__package__}.commands.{command.replace('-', '_')}")
         return module.main(rest)
     except (UsageError, ValueError, OSError) as e:
         # Bad input (a flag, a path, a model that does not fit) is one line,

@@ -2,7 +2,6 @@
 
 """train-mtp: a self-distilled MTP head for targets without one (CPU, seconds)."""
 
-import argparse
 import json
 
 import mlx.core as mx
@@ -12,7 +11,7 @@ import pytest
 from mlx_lm.generate import generate_step as plain_generate_step
 
 from mtp_splitk import mtp, synthetic
-from mtp_splitk.commands import train_mtp
+from mtp_splitk import cli
 from mtp_splitk.compat import get_classes
 from mtp_splitk.mtp.families import (
     TrainedFamily,
@@ -25,7 +24,8 @@ from mtp_splitk.mtp.train import build_head, step_loss
 from mtp_splitk.mtp.train.data import Batches, Sequences
 from mtp_splitk.mtp.train.evaluate import chains
 from mtp_splitk.mtp.train.teacher import TeacherCache, run_target
-from mtp_splitk.speculative import MTPDrafter, Stats, speculative_generate_step
+from mtp_splitk.mtp import MTPDrafter
+from mtp_splitk.speculative import Stats, TargetParts, speculative_generate_step
 
 SMALL = [
     "--prompts", "16", "--max-tokens", "16", "--gen-batch", "8", "--batch-size", "4",
@@ -35,12 +35,7 @@ SMALL = [
 
 
 def run(model, out, *flags):
-    parser = argparse.ArgumentParser()
-    train_mtp.add_parser(parser.add_subparsers())
-    args = parser.parse_args(
-        ["train-mtp", "--model", str(model), "--out", str(out), *SMALL, *flags]
-    )
-    assert args.func(args) == 0
+    assert cli.main(["train-mtp", "--model", str(model), "--out", str(out), *SMALL, *flags]) == 0
     return json.loads((out / "train_state" / "state.json").read_text())
 
 
@@ -75,7 +70,7 @@ def test_trained_layout_over_the_targets_own_block(model_type):
     head = family.build(module, args)
     assert type(head.block) is module.TransformerBlock
 
-    parts = mtp.TargetParts(model)
+    parts = TargetParts(model)
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     assert mx.array_equal(parts.logits(parts.hidden(x)), model(x))
     assert head(parts.hidden(x), parts.embed(x)).shape == (1, 8, args.hidden_size)
@@ -98,7 +93,7 @@ def test_identity_init_predicts_the_targets_next_token(target):
     model, tokenizer = mlx_lm.load(str(target("qwen3")))
     config = json.loads((target("qwen3") / "config.json").read_text())
     head = build_head(model, config, "identity")
-    parts = mtp.TargetParts(model)
+    parts = TargetParts(model)
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
     h = parts.hidden(x)
     g = head(h, parts.embed(mx.roll(x, -1, axis=1)))
@@ -140,7 +135,7 @@ def test_llama_head_trains_resumes_and_loads(target, tmp_path):
     initial = build_head(model, config)
     data = Sequences.load(out / "train_state" / "data.safetensors")
     batch = Batches(data, 4, seed=0)(0)
-    parts = mtp.TargetParts(model)
+    parts = TargetParts(model)
     before, _ = step_loss(initial, parts, *batch)
     after, _ = step_loss(head, parts, *batch)
     assert after.item() < 0.8 * before.item()
@@ -184,7 +179,7 @@ def test_held_out_acceptance_is_what_the_loop_accepts(target, tmp_path):
     assert state["eval"]["accept"][0] > state["initial_eval"]["accept"][0] + 0.1
 
     model, head, _ = mtp.load(str(out))
-    parts = mtp.TargetParts(model)
+    parts = TargetParts(model)
     held_out = Sequences.load(out / "train_state" / "eval.safetensors")
     k = 3
     walked, looped = [], []

@@ -9,6 +9,7 @@ Register with ``train_mtp.add_parser(subparsers)``; the parser's ``func`` is
 import argparse
 
 from ..mtp.train import TrainConfig, train
+from . import PROG, Parser
 
 DEFAULTS = TrainConfig(model="", out="")
 
@@ -113,18 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train-mtp",
-        help="train an MTP head for a model without one (self-distillation)",
+def setup_arg_parser() -> Parser:
+    parser = Parser(
+        prog=f"{PROG} train-mtp",
         description="Fit a one-block MTP head (DeepSeek-V3 layout over the target's "
         "own decoder block) to the target's next-next-token predictions on text the "
         "target writes itself; progress on stderr, the output directory on stdout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=main)
-    return parser
+    return add_arguments(parser)
 
 
 def config_from(args: argparse.Namespace) -> TrainConfig:
@@ -132,8 +130,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
-def main(args: argparse.Namespace) -> int:
-    cfg = config_from(args)
+def main(argv=None) -> int:
+    cfg = config_from(setup_arg_parser().parse_args(argv))
     for name in ("prompts", "max_tokens", "gen_batch", "batch_size", "eval_prompts"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")

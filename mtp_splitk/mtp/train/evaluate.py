@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..heads import MTPHead
-from ..target import TargetParts
+from ...speculative.target import TargetParts
 from .data import Sequences, pad
 
 

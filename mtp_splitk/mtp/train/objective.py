@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..families import family_for, model_module, model_text_args
 from ..heads import DeepSeekMTP, MTPHead
-from ..target import TargetParts
+from ...speculative.target import TargetParts
 from .teacher import Teacher, run_target
 
 

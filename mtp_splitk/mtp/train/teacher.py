@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import numpy as np
 
-from ..target import TargetParts
+from ...speculative.target import TargetParts
 from .data import Sequences, pad
 
 #: (hidden (B, L, D), teacher) where teacher is the full logits (B, L, V) or

@@ -28,7 +28,7 @@ from mlx_lm.utils import load_config, load_model, load_tokenizer
 
 from ..families import family_for, model_module
 from ..loading import _without_mtp, load_head, read_weights, resolve
-from ..target import TargetParts
+from ...speculative.target import TargetParts
 from .config import TrainConfig
 from .data import Batches, Sequences, generate_into
 from .evaluate import acceptance

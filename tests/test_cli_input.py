@@ -164,7 +164,7 @@ def example():
 
 
 def test_example_errors_are_one_line(example, in_cache, tmp_path, capsys):
-    llama = synthetic.write_model(tmp_path / "llama", "llama")
+    moe = synthetic.write_model(tmp_path / "qwen3_moe", "qwen3_moe")  # no MTP layout
     plain_qwen = synthetic.write_model(tmp_path / "qwen", "qwen3_next")
     target, _ = generate.default_models()
     broken = broken_copy(tmp_path, target, "{")
@@ -172,8 +172,8 @@ def test_example_errors_are_one_line(example, in_cache, tmp_path, capsys):
         (["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'}: model directory "
          "not found"),
         (["--model", str(broken)], f"{broken / 'config.json'} is not valid JSON"),
-        (["--model", str(llama)], "No multi-token-prediction layout is known for model type "
-         "'llama'"),
+        (["--model", str(moe)], "No multi-token-prediction layout is known for model type "
+         "'qwen3_moe'"),
         (["--model", str(plain_qwen)], f"No multi-token-prediction weights in {plain_qwen}"),
         (["--family", "gpt9"], "argument --family: invalid choice: 'gpt9'"),
         (["--acceptance", "1.5"], "argument --acceptance: expected a rate in [0, 1]; got 1.5"),

@@ -40,6 +40,18 @@ Task = Tuple[str, Callable[[], None]]
 KEY = (4, 0.8)  # the (k, p) the issue's targets are stated at
 
 
+def _recorded(tokens, drafter_for, decode, passes: int = 3):
+    """(reference, passes): ``decode(drafter_for(tokens))`` re-run on its own
+    output until it reproduces it (at most ``passes`` times), starting from
+    plain decoding's ``tokens``: the verify path's own greedy continuation."""
+    for n in range(1, passes + 1):
+        emitted = decode(drafter_for(tokens))["tokens"]
+        if emitted == tokens:
+            return tokens, n
+        tokens = emitted
+    return tokens, passes
+
+
 def _run_key(label: str, run: str, loop: str) -> str:
     # "patched p=0.8 k=4 overlap": the loop variant last (measure.LOOPS).
     return f"{label} {run} {loop}"
@@ -91,17 +103,13 @@ def model_tasks(
         """
         model, prompt = target()
         if (label, k, loop) not in references:
-            tokens, passes = plain_tokens[label], 0
-            while passes < 3:
-                passes += 1
-                drafter = AcceptanceControlledDrafter(
+            references[label, k, loop] = _recorded(
+                plain_tokens[label],
+                lambda tokens: AcceptanceControlledDrafter(
                     tokens + [0] * (k + 1), 1.0, model.args.vocab_size
-                )
-                emitted = speculative_decode(model, prompt, drafter, k, max_tokens, loop)["tokens"]
-                if emitted == tokens:
-                    break
-                tokens = emitted
-            references[label, k, loop] = (tokens, passes)
+                ),
+                lambda drafter: speculative_decode(model, prompt, drafter, k, max_tokens, loop),
+            )
         return references[label, k, loop]
 
     def acceptance(k, p):
@@ -227,15 +235,11 @@ def mtp_tasks(
         itself; the head runs in these passes as in the measured ones."""
         model, head, prompt = target()
         if (label, k, loop) not in references:
-            tokens, passes = plain_tokens[label], 0
-            while passes < 3:
-                passes += 1
-                drafter = SteeredMTPDrafter(model, head, tokens, 1.0)
-                emitted = speculative_decode(model, prompt, drafter, k, max_tokens, loop)["tokens"]
-                if emitted == tokens:
-                    break
-                tokens = emitted
-            references[label, k, loop] = (tokens, passes)
+            references[label, k, loop] = _recorded(
+                plain_tokens[label],
+                lambda tokens: SteeredMTPDrafter(model, head, tokens, 1.0),
+                lambda drafter: speculative_decode(model, prompt, drafter, k, max_tokens, loop),
+            )
         return references[label, k, loop]
 
     def steered(k, p):

@@ -36,9 +36,13 @@ def _enable():
         # does at its end.
         patch._ENABLE_WHEN_LOADED = describe
         return
+    from mtp_splitk.mtp.loading import drop_mtp_keys_on_load
     from mtp_splitk.patch import enable
 
     enable()
+    # The stock tools then load a checkpoint with MTP tensors in its shards
+    # as the target alone (their strict load would refuse the extra keys).
+    drop_mtp_keys_on_load()
     print(describe(), file=sys.stderr)
 
 

@@ -158,6 +158,25 @@ def test_stock_mlx_lm_generate_runs_patched(site_dir, llama):
     assert calls >= 5 * 15  # 14 layers + the tied head per token, at least
 
 
+def test_stock_mlx_lm_loads_a_checkpoint_with_mtp_tensors_under_the_switch(site_dir, tmp_path):
+    """MTP_SPLITK=1: mlx_lm.load of a checkpoint whose shards hold its MTP
+    head (as Hugging Face keeps them) gives the target alone; without the
+    switch mlx-lm's strict load refuses the extra keys, as before."""
+    from mtp_splitk import synthetic
+
+    path = synthetic.write_mtp_model(tmp_path / "deepseek", "deepseek_v3")
+    script = """
+        import mlx_lm
+        model, _ = mlx_lm.load(sys.argv[1])
+        print("loaded", type(model).__module__)
+        """
+    on = _python(script, site_dir, "1", str(path))
+    assert on.returncode == 0, on.stderr[-2000:]
+    assert "loaded mlx_lm.models.deepseek_v3" in on.stdout
+    off = _python(script, site_dir, None, str(path))
+    assert off.returncode != 0 and "parameters not in model" in off.stderr
+
+
 SCRIPT = "import mlx_lm, sys\nprint('script ran', mlx_lm.__name__)\n"
 ENTRY_POINTS = {
     "python -m mlx_lm generate": [sys.executable, "-m", "mlx_lm", "generate", "--help"],

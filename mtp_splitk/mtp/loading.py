@@ -144,6 +144,15 @@ def dropping_mtp_keys():
         mlx_utils.load_model = original
 
 
+def drop_mtp_keys_on_load() -> None:
+    """:func:`dropping_mtp_keys` for the rest of the process (``MTP_SPLITK=1``
+    runs of mlx-lm's own tools); calling it again changes nothing."""
+    if not getattr(mlx_utils.load_model, "_drops_mtp_keys", False):
+        dropping = functools.partial(mlx_utils.load_model, get_model_classes=_without_mtp())
+        dropping._drops_mtp_keys = True
+        mlx_utils.load_model = dropping
+
+
 def load(
     path_or_hf_repo: str,
     tokenizer_config: Optional[Dict[str, Any]] = None,

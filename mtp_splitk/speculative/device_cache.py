@@ -43,14 +43,15 @@ class DeviceKVCache(BaseCache):
         self._capacity = 0  # rows allocated, or to allocate at the first write
 
     @classmethod
-    def from_cache(cls, cache: KVCache) -> "DeviceKVCache":
-        """The same contents as a filled (or empty) ``KVCache``."""
+    def from_cache(cls, cache: KVCache, positions: int = 0) -> "DeviceKVCache":
+        """The same contents as a filled (or empty) ``KVCache``, with room for
+        ``positions`` rows (grown once)."""
         c = cls(cache.offset)
         if cache.keys is not None:
             c.keys = cache.keys[..., : cache.offset, :]
             c.values = cache.values[..., : cache.offset, :]
             c._capacity = cache.offset
-            c.reserve(cache.offset)
+        c.reserve(max(cache.offset, positions))
         return c
 
     @property
@@ -139,8 +140,7 @@ def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
     moving them all costs one op (:func:`advance`)."""
     shared = {}
     for i, c in enumerate(cache):
-        cache[i] = DeviceKVCache.from_cache(c)
-        cache[i].reserve(positions)
+        cache[i] = DeviceKVCache.from_cache(c, positions)
         cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
     return cache
 

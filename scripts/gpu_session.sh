@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune] [profile]
+#   bash scripts/gpu_session.sh [models] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune]
+#                               [train] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
 # the background (CPU work) while the GPU steps run; "e2e" waits for them.
@@ -24,6 +25,9 @@ pack() { tar czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null; cp "$RES/session.lo
 # same MLX, skips compiling them again; this sitting's cache goes back in
 # $OUT/ptx.tgz.
 export MLX_PTX_CACHE_DIR=/tmp/ptx
+# The demo model's cache (see demo-model); its GGUF's digest, as the pinned wheel holds it.
+export MTP_SPLITK_CACHE=${MTP_SPLITK_CACHE:-/tmp/cache}
+GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p "$MLX_PTX_CACHE_DIR"
 [ -n "${PTX_CARRY:-}" ] && [ -f "$PTX_CARRY" ] && tar xzf "$PTX_CARRY" -C "$MLX_PTX_CACHE_DIR"
 device_key=$(python3 -c 'from mtp_splitk import plan; print(plan.tuning_key(plan.current_device().name))')
@@ -34,11 +38,20 @@ for step in "$@"; do
   case "$step" in
     models)
       # One process per model directory: the writer is single-threaded numpy.
-      for spec in $(python3 -c "from mtp_splitk.bench import models as b; print(*(f'{f},{s},{int(m)}' for f, s, m in b.model_specs()))"); do
-        IFS=, read -r family size mtp <<<"$spec"
-        python3 -c "from mtp_splitk.bench import models as b; b.model_dir('$MODELS', '$family', '$size', mtp=bool($mtp))" \
-          >>"$RES/models.log" 2>&1 &
-      done
+      # MODELS_DETACH=1: in their own session, so they outlive this call and a later call
+      # on the warm machine finds them ($MODELS/.written when all are done).
+      write_models() {
+        for spec in $(python3 -c "from mtp_splitk.bench import models as b; print(*(f'{f},{s},{int(m)}' for f, s, m in b.model_specs()))"); do
+          IFS=, read -r family size mtp <<<"$spec"
+          python3 -c "from mtp_splitk.bench import models as b; b.model_dir('$MODELS', '$family', '$size', mtp=bool($mtp))" \
+            >>"$MODELS.log" 2>&1 &
+        done
+        wait; touch "$MODELS/.written"
+      }
+      mkdir -p "$MODELS"
+      if [ -n "${MODELS_DETACH:-}" ]; then
+        export -f write_models; export MODELS; setsid bash -c write_models </dev/null >/dev/null 2>&1 &
+      else write_models & fi
       ;;
     tests)
       # NVRTC compiles (CPU) dominate: TEST_SHARDS pytest processes share the
@@ -77,7 +90,8 @@ for step in "$@"; do
     e2e)
       # This GPU's table (dense M ranges + MoE pair ranges) for the planner.
       python3 -m scripts.install_tuning "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
-      log "waiting for the model writers"; wait; tail -3 "$RES/models.log"
+      log "waiting for the model writers"; wait
+      until [ -e "$MODELS/.written" ]; do sleep 2; done; tail -3 "$MODELS.log"
       # E2E_RUNS: ';'-separated bench_e2e argument lists (e.g. "--models=, ;
       # --models qwen3-30b-a3b --no-draft"), one run each into $OUT/e2e<i>,
       # straight into $OUT so what it measured comes back even if the call is
@@ -88,7 +102,9 @@ for step in "$@"; do
       for extra in "${runs[@]}"; do
         left=$(( ${SESSION_SECONDS:-570} - ($(date +%s) - start) - 30 ))
         log "e2e run $i ($extra) within ${left}s"
-        timeout $(( left + 25 )) python3 -m scripts.bench_e2e --out "$OUT/e2e$i" --model-dir "$MODELS" \
+        # A run spec beginning "tuned:" reads the table the tune step wrote.
+        cache=$MTP_SPLITK_CACHE; [ "${extra#tuned:}" != "$extra" ] && extra=${extra#tuned:} && cache=/tmp/tune-cache
+        MTP_SPLITK_CACHE=$cache timeout $(( left + 25 )) python3 -m scripts.bench_e2e --out "$OUT/e2e$i" --model-dir "$MODELS" \
           --repeats "${E2E_REPEATS:-1}" --deadline "$left" $extra 2>&1 | tee "$RES/bench_e2e$i.log" | tail -4
         i=$(( i + 1 ))
       done
@@ -110,8 +126,14 @@ for step in "$@"; do
         ${SERVE_MODEL:+--model "$SERVE_MODEL"} 2>&1 | tee "$RES/bench_serve.log" | tail -4 ;;
     tune)
       # mtp-splitk tune --quick into a scratch cache: the user's path on this GPU.
-      MTP_SPLITK_CACHE=/tmp/tune-cache timeout "${TUNE_TIMEOUT:-300}" python3 -m mtp_splitk.cli \
-        tune --quick ${TUNE_MODEL:+--model "$TUNE_MODEL"} 2>&1 | tee "$RES/tune.log" | tail -12
+      # TUNE_MODELS: family,size pairs of the synthetic models (each tuned into the one table).
+      until [ -z "${TUNE_MODELS:-}" ] || [ -e "$MODELS/.written" ]; do sleep 2; done
+      for spec in ${TUNE_MODELS:-default}; do
+        IFS=, read -r family size <<<"$spec"
+        model=$([ "$spec" = default ] || python3 -c "from mtp_splitk.bench import models as b; print(b.model_dir('$MODELS', '$family', '$size'))")
+        MTP_SPLITK_CACHE=/tmp/tune-cache timeout "${TUNE_TIMEOUT:-300}" python3 -m mtp_splitk.cli \
+          tune --quick ${model:+--model "$model"} 2>&1 | tee -a "$RES/tune.log" | tail -12
+      done
       cp -r /tmp/tune-cache/tuning "$RES/tune" 2>/dev/null ;;
     profile)
       # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
@@ -122,6 +144,26 @@ for step in "$@"; do
         --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
         python3 -m scripts.profile_kernel 2>&1 | tee "$RES/profile_run.log" | tail -5
       python3 -m scripts.profile_kernel --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
+    demo-model)
+      # The demo model's GGUF cannot be fetched there (no index) nor carried in one call
+      # (94 MiB): .gg/p1 and .gg/p2 are the parts of its xz stream, carried by two calls.
+      mkdir -p "$MTP_SPLITK_CACHE/gguf"
+      cat .gg/p1 .gg/p2 | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], 'wb'), 1 << 20)" \
+        "$MTP_SPLITK_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+      if (cd "$MTP_SPLITK_CACHE/gguf" && echo "$GGUF_SHA256  SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c); then
+        touch "$MTP_SPLITK_CACHE/gguf/.complete"; log "demo model's GGUF in place"
+      else log "demo model's GGUF corrupt"; fi ;;
+    train)
+      # mtp-splitk train-mtp on the demo model (q4, float16 on the GPU) within TRAIN_MINUTES;
+      # the head and its record come back, then the real-model benchmark with it.
+      demo=$(python3 -c "from mtp_splitk import demo_model as d; print(d.demo_model('q4'))")
+      timeout $(( ${TRAIN_MINUTES:-5} * 60 + 120 )) python3 -m mtp_splitk.cli train-mtp --model "$demo" \
+        --out /tmp/smol-mtp --minutes "${TRAIN_MINUTES:-5}" ${TRAIN_ARGS:-} 2>&1 | tee "$RES/train.log" | tail -6
+      mkdir -p "$OUT/head"; cp /tmp/smol-mtp/mtp.safetensors /tmp/smol-mtp/train_state/state.json "$OUT/head/"
+      timeout "${REAL_TIMEOUT:-150}" python3 -m scripts.bench_e2e --out "$OUT/e2e-smollm2" --model-path /tmp/smol-mtp \
+        --mtp-path /tmp/smol-mtp --no-draft --repeats 3 --num-draft-tokens 1,2,3 --mtp-draft-tokens 2 \
+        --acceptance 0.8 --loops overlap,sync ${REAL_ARGS:-} --deadline "$(( ${REAL_TIMEOUT:-150} - 20 ))" 2>&1 \
+        | tee "$RES/bench_smollm2.log" | tail -6 ;;
     *) echo "unknown step $step" ;;
   esac
   pack

@@ -307,3 +307,47 @@ def test_the_main_job_answers_in_real_words_speculatively(float_dir):
     assert "Rayleigh" in text
     assert "[stats] Loop: overlapped" in out.stderr and "[stats] Speculation:" in out.stderr
     assert f"draft{generate.DEMO_DRAFT_LAYERS}" in out.stderr
+
+
+# -- GPU (run on the device machine by the lead) -------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gpu_patched_logits_on_real_weights(q4_model, rows, monkeypatch):
+    """The real model's q4 layers (Q4_1 as 4-bit g32, Q8_0 embedding/head as 8-bit g32)
+    through the split-K kernels, forced on for every call, against MLX's own ops: the
+    last ``rows`` positions of a real prompt decoded as one verify pass."""
+    import mtp_splitk
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mtp_splitk import launch, plan
+
+    model, tok = q4_model
+    prompt = mx.array(tok.apply_chat_template(QUESTION, add_generation_prompt=True))
+
+    def logits():
+        cache = make_prompt_cache(model)
+        mx.eval(model(prompt[None, :-rows], cache=cache))
+        out = model(prompt[None, -rows:], cache=cache)[0].astype(mx.float32)
+        mx.eval(out)
+        return out
+
+    expected = logits()
+    launches = []
+    dense = launch.dense
+    previous = plan.forced_split()
+    plan.set_split(2)
+    monkeypatch.setattr(launch, "dense", lambda *a, **k: launches.append(1) or dense(*a, **k))
+    try:
+        with mtp_splitk.enabled():
+            patched = logits()
+            answer = _greedy(model, tok, QUESTION)
+    finally:
+        plan.set_split(previous)
+    assert launches, "no matmul reached the split-K kernels"
+    assert mx.isfinite(patched).all().item()
+    error = (mx.linalg.norm(patched - expected) / mx.linalg.norm(expected)).item()
+    assert error < 1e-2, error
+    assert mx.array_equal(patched.argmax(-1), expected.argmax(-1))
+    assert "Paris" in answer, answer

@@ -69,12 +69,13 @@ def _route(x, layers, plan):
         state = (device, split, generation, {})
         # Not Module.__setattr__, which would file a tuple among the parameters.
         object.__setattr__(layers[0], _ROUTES, state)
-    key = (plan, x.shape, x.itemsize, *map(id, layers))
+    training = layers[0].training  # derivatives for training only (kernel_op.py)
+    key = (plan, x.shape, x.itemsize, training, *map(id, layers))
     run = state[3].get(key)
     if run is None:
         if len(state[3]) >= _MAX_ROUTES:
             state[3].clear()
-        run = state[3][key] = plan(x, layers, device) or _UNFUSED
+        run = state[3][key] = plan(x, layers, device, training) or _UNFUSED
     return None if run is _UNFUSED else run
 
 
@@ -105,7 +106,7 @@ def _quantization(x, layers):
     return math.prod(x.shape[:-1]), K, group_size, bits, mode
 
 
-def _plan_linears(x, layers, device):
+def _plan_linears(x, layers, device, derivatives):
     found = _quantization(x, layers)
     if found is None:
         return None
@@ -114,7 +115,7 @@ def _plan_linears(x, layers, device):
     plan = planner.plan_multi(M, Ns, K, bits, group_size, mode, x.dtype, device)
     if plan is None:
         return None
-    op = _multi_op(plan, M, K, x.shape[:-1], group_size, bits, mode, "biases" in layers[0])
+    op = _multi_op(plan, M, K, x.shape[:-1], group_size, bits, mode, "biases" in layers[0], derivatives)
     calls = [ops.Call("quantized_matmul", M, p.N, p.K, p) for p in plan.members]
 
     def run(x):
@@ -126,7 +127,7 @@ def _plan_linears(x, layers, device):
     return run
 
 
-def _plan_swiglu(x, layers, device):
+def _plan_swiglu(x, layers, device, derivatives):
     found = _quantization(x, layers)
     if found is None:
         return None
@@ -137,10 +138,10 @@ def _plan_swiglu(x, layers, device):
     # A bias is added before the activation: the activation cannot be fused then.
     plain = "bias" not in gate and "bias" not in up and up["weight"].shape[0] == N
     plan = planner.plan_glu(M, N, K, bits, group_size, mode, x.dtype, device) if plain else None
-    fused = _plan_linears(x, layers, device)
+    fused = _plan_linears(x, layers, device, derivatives)
     if plan is None:
         return None if fused is None else lambda x: swiglu(*fused(x))
-    op = _glu_op(plan, M, K, x.shape[:-1], group_size, bits, mode, affine)
+    op = _glu_op(plan, M, K, x.shape[:-1], group_size, bits, mode, affine, derivatives)
     calls = [ops.Call("quantized_matmul", M, p.N, p.K, p) for p in plan.members]
 
     def run(x):
@@ -175,25 +176,25 @@ def _constant(count, affine):
     return tuple(1 + step * i + j for i in range(count) for j in ((0,) if affine else (0, 1)))
 
 
-def _multi_op(plan, M, K, lead, group_size, bits, mode, affine):
+def _multi_op(plan, M, K, lead, group_size, bits, mode, affine, derivatives):
     """``op(x, w0, scales0[, biases0], w1, ...)`` -> [y_i (*lead, N_i)]."""
 
     def forward(x, *params):
-        x = mx.stop_gradient(x).reshape(M, K)
+        x = x.reshape(M, K)
         ys = launch.dense_multi(plan, x, _split(params, affine))
         return [y.reshape(*lead, p.N) for y, p in zip(ys, plan.members)]
 
     def reference(x, *params):
         return [_mlx_quantized_matmul(x, *w, True, group_size, bits, mode) for w in _split(params, affine)]
 
-    return with_derivatives_of(forward, reference, _constant(len(plan.members), affine))
+    return with_derivatives_of(forward, reference, _constant(len(plan.members), affine), derivatives)
 
 
-def _glu_op(plan, M, K, lead, group_size, bits, mode, affine):
+def _glu_op(plan, M, K, lead, group_size, bits, mode, affine, derivatives):
     """``op(x, gate's w, scales[, biases], up's ...)`` -> swiglu(g, u) (*lead, N)."""
 
     def forward(x, *params):
-        x = mx.stop_gradient(x).reshape(M, K)
+        x = x.reshape(M, K)
         gate, up = _split(params, affine)
         return launch.dense_glu(plan, x, gate, up).reshape(*lead, plan.members[0].N)
 
@@ -201,7 +202,7 @@ def _glu_op(plan, M, K, lead, group_size, bits, mode, affine):
         gate, up = (_mlx_quantized_matmul(x, *w, True, group_size, bits, mode) for w in _split(params, affine))
         return swiglu(gate, up)
 
-    return with_derivatives_of(forward, reference, _constant(2, affine))
+    return with_derivatives_of(forward, reference, _constant(2, affine), derivatives)
 
 
 # -- copies of mlx-lm's methods, projections swapped -----------------------------------------

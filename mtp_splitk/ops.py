@@ -167,7 +167,7 @@ def _cached(key, device, miss):
     return found
 
 
-def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device):
+def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, device, derivatives):
     """(N, K, M, plan or None, kernel op or None) for a quantized_matmul
     signature. ``split`` (plan.forced_split(), which plan_dense reads itself)
     and ``device`` are in the key because the plan depends on them."""
@@ -180,7 +180,7 @@ def _dense_call(x, w, scales, biases, transpose, group_size, bits, mode, split, 
         plan = planner.plan_dense(M, N, K, bits, group_size, mode, x[1], device)
     if plan is None:
         return N, K, M, None, None
-    return N, K, M, plan, kernel_op.dense(plan, M, K, (*x[0][:-1], N), group_size, bits, mode)
+    return N, K, M, plan, kernel_op.dense(plan, M, K, (*x[0][:-1], N), group_size, bits, mode, derivatives)
 
 
 def quantized_matmul(
@@ -194,14 +194,17 @@ def quantized_matmul(
     mode: str = "affine",
     *,
     stream=None,
+    derivatives: bool = True,
 ) -> mx.array:
-    """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU."""
+    """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU;
+    ``derivatives=False`` (a patched layer in eval mode) leaves a kernel call
+    without MLX's derivatives, which costs time (kernel_op.py)."""
     device, split = planner.current_device(), planner.forced_split()
     key = ("dense", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
-           transpose, group_size, bits, mode, split)
+           transpose, group_size, bits, mode, split, derivatives)
     N, K, M, plan, kernel = _cached(key, device, lambda: _dense_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
-        transpose, group_size, bits, mode, split, device,
+        transpose, group_size, bits, mode, split, device, derivatives,
     ))
     if kernel is None or stream is not None:
         y = _mlx_quantized_matmul(
@@ -230,16 +233,18 @@ def gather_qmm(
     *,
     sorted_indices: bool = False,
     stream=None,
+    derivatives: bool = True,
 ) -> mx.array:
-    """``mx.gather_qmm``; the grouped MoE kernel plugs in here."""
+    """``mx.gather_qmm``; the grouped MoE kernel plugs in here (``derivatives``
+    as for :func:`quantized_matmul`)."""
     device, split = planner.current_device(), planner.forced_split()
     key = ("gather", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
            _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
-           global_scale is not None, sorted_indices, split)
+           global_scale is not None, sorted_indices, split, derivatives)
     N, K, group_size, bits, plan, kernel = _cached(key, device, lambda: _gather_call(
         _signature(x), _signature(w), _signature(scales), _signature(biases),
         _signature(lhs_indices), _signature(rhs_indices), transpose, group_size, bits, mode,
-        global_scale is not None, sorted_indices, split, device,
+        global_scale is not None, sorted_indices, split, device, derivatives,
     ))
     if kernel is not None and stream is None:
         arrays = (x, w, scales, rhs_indices) if biases is None else (x, w, scales, biases, rhs_indices)
@@ -268,7 +273,7 @@ def gather_qmm(
 
 
 def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mode, has_global_scale,
-                 sorted_indices, split, device):
+                 sorted_indices, split, device, derivatives):
     """(N, K, group_size, bits, plan or None, kernel op or None) for a
     gather_qmm signature; ``split`` and ``device`` as for _dense_call."""
     group_size, bits = resolve_mode(mode, group_size, bits)
@@ -285,7 +290,8 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
         return N, K, group_size, bits, None, None
     plan, x_div, out_shape = grouped
     op = kernel_op.gather(
-        plan, x_div, out_shape, K, group_size, bits, mode, sorted_indices, biases is not None
+        plan, x_div, out_shape, K, group_size, bits, mode, sorted_indices, biases is not None,
+        derivatives,
     )
     return N, K, group_size, bits, plan, op
 

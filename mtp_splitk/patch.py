@@ -11,7 +11,9 @@ unpatched one does.
 
 Each replacement is a copy of the original method's body with only
 ``mx.quantized_matmul`` / ``mx.gather_qmm`` changed to ``ops.quantized_matmul``
-/ ``ops.gather_qmm``. tests/test_patch.py compares the two syntax trees, so an
+/ ``ops.gather_qmm`` called with ``derivatives=self.training`` (MLX's
+derivatives for a layer in training mode only: they cost inference time).
+tests/test_patch.py compares the two syntax trees, so an
 mlx or mlx-lm release that changes one of these methods fails the tests
 instead of being silently overridden with stale logic.
 
@@ -49,6 +51,7 @@ def _quantized_linear_call(self, x):
         group_size=self.group_size,
         bits=self.bits,
         mode=self.mode,
+        derivatives=self.training,
     )
     if "bias" in self:
         x = x + self["bias"]
@@ -66,6 +69,7 @@ def _quantized_embedding_as_linear(self, x):
         group_size=self.group_size,
         bits=self.bits,
         mode=self.mode,
+        derivatives=self.training,
     )
 
 
@@ -85,6 +89,7 @@ def _quantized_switch_linear_call(self, x, indices, sorted_indices=False):
         mode=self.mode,
         global_scale=self.global_scale,
         sorted_indices=sorted_indices,
+        derivatives=self.training,
     )
     if "bias" in self:
         x = x + mx.expand_dims(self["bias"][indices], -2)
@@ -103,6 +108,7 @@ def _quantized_multi_linear_call(self, x, transpose=True):
         group_size=self.group_size,
         bits=self.bits,
         mode=self.mode,
+        derivatives=self.training,
     )
 
 
@@ -120,6 +126,7 @@ def _quantized_all_to_sharded_call(self, x: mx.array) -> mx.array:
         group_size=self.group_size,
         bits=self.bits,
         mode=self.mode,
+        derivatives=self.training,
     )
     if "bias" in self:
         x = x + self["bias"]
@@ -138,6 +145,7 @@ def _quantized_sharded_to_all_call(self, x: mx.array) -> mx.array:
         group_size=self.group_size,
         bits=self.bits,
         mode=self.mode,
+        derivatives=self.training,
     )
     x = mx.distributed.all_sum(x, group=self.group)
     if "bias" in self:

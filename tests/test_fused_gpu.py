@@ -147,13 +147,11 @@ def test_patched_model_with_the_fused_path_is_the_unfused_one(tmp_path, family, 
     logits, which stay within bf16 tolerance of the unpatched model's."""
     model = small(tmp_path, family)
     expected = forward(model)
-    with planner.split(4), patch.enabled():
+    with planner.split(4), patch.enabled():  # patch.enable() fuses: unfuse for the reference
+        fused.disable()
         unfused = forward(model)
         fused.enable()
-        try:
-            together = forward(model)
-        finally:
-            fused.disable()
+        together = forward(model)
     assert set(launches) == {"dense_multi", "dense_glu"}
     for a, b, c in zip(expected, unfused, together):
         assert mx.isfinite(c).all().item() and rel_err(c, a) < 2e-2
@@ -179,12 +177,10 @@ def test_patched_blocks_of_moe_models(tmp_path, family, path, kind, launches):
     x = mx.random.normal((1, 7, first.weight.shape[1] * 32 // first.bits)).astype(mx.bfloat16)
     expected = module(x)
     with planner.split(4), patch.enabled():
+        fused.disable()
         unfused = module(x)
         fused.enable()
-        try:
-            together = module(x)
-        finally:
-            fused.disable()
+        together = module(x)
     assert launches == [kind]
     assert mx.isfinite(together).all().item() and rel_err(together, expected) < 2e-2
     assert mx.array_equal(unfused, together).item()

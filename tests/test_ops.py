@@ -299,15 +299,32 @@ def test_grouped_kernel_path_has_mlx_derivatives(monkeypatch, sorted_indices):
     assert mx.abs(theirs).sum().item() > 0
 
 
-def test_kernel_derivatives_can_be_switched_off_for_measuring(monkeypatch):
-    """bench e2e --no-kernel-derivatives: kernel calls without the
-    custom_function wrapper (what it costs is then the difference)."""
-    from mtp_splitk import kernel_op
+def test_patched_layers_take_derivatives_in_training_mode_only(monkeypatch):
+    """mlx-lm loads models in eval mode: their kernel calls are the bare
+    kernels (no mx.custom_function, which costs inference time); a layer in
+    training mode (mlx-lm's LoRA trainer calls model.train()) gets MLX's
+    derivatives, and its gradient is MLX's."""
+    import mlx.nn as nn
 
-    def forward(x):
-        return x * 2
+    import mtp_splitk
+    from mtp_splitk import plan as planner
 
-    wrapped = kernel_op.with_derivatives_of(forward, forward, ())
-    assert wrapped is not forward and mx.array_equal(wrapped(mx.array(3.0)), mx.array(6.0))
-    monkeypatch.setattr(kernel_op, "DERIVATIVES", False)
-    assert kernel_op.with_derivatives_of(forward, forward, ()) is forward
+    pretend_gpu(monkeypatch)
+    wrapped = []
+    custom_function = mx.custom_function
+    monkeypatch.setattr(mx, "custom_function", lambda f: wrapped.append(f) or custom_function(f))
+    launched = []
+    stand_in_kernels(monkeypatch, launched)
+    layer = nn.QuantizedLinear(512, 256, bias=False)
+    layer.update({k: v.astype(mx.bfloat16) for k, v in layer.parameters().items() if k != "weight"})
+    x = mx.random.normal((3, 512)).astype(mx.bfloat16)
+    with planner.split(4), mtp_splitk.enabled():
+        layer.eval()
+        inference = layer(x)
+        assert wrapped == []
+        layer.train()
+        grad = mx.grad(lambda x: layer(x).sum())(x)
+        assert len(wrapped) == 1 and launched == ["dense", "dense"]
+    expected = mx.grad(lambda x: layer(x).sum())(x)  # unpatched: MLX's op
+    assert mx.array_equal(inference, layer(x)).item()
+    assert mx.array_equal(grad, expected).item() and mx.abs(grad).sum().item() > 0

@@ -156,21 +156,26 @@ def test_help_lists_the_package_api():
 
 def _body(function, swap: bool) -> str:
     """The function's arguments and body as a syntax tree, docstring dropped;
-    with ``swap``, mx.quantized_matmul / mx.gather_qmm read ops.*."""
+    with ``swap``, mx.quantized_matmul / mx.gather_qmm calls are ops.* calls
+    given ``derivatives=self.training``."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
     body = tree.body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
 
     class Swap(ast.NodeTransformer):
-        def visit_Attribute(self, node):
+        def visit_Call(self, node):
             self.generic_visit(node)
+            f = node.func
             if (
-                node.attr in QUANTIZED_MATMULS
-                and isinstance(node.value, ast.Name)
-                and node.value.id == "mx"
+                isinstance(f, ast.Attribute)
+                and f.attr in QUANTIZED_MATMULS
+                and isinstance(f.value, ast.Name)
+                and f.value.id == "mx"
             ):
-                node.value.id = "ops"
+                f.value.id = "ops"
+                training = ast.parse("self.training", mode="eval").body
+                node.keywords.append(ast.keyword(arg="derivatives", value=training))
             return node
 
     module = ast.Module(body=body, type_ignores=[])

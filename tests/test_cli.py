@@ -87,7 +87,7 @@ def test_help_and_version():
     help_text = cli_output("generate", "--help")
     assert "--no-overlap" in help_text and "--split-k" in help_text
     assert "Llama-3.2-3B-Instruct" not in help_text  # mlx-lm's default is not ours
-    assert "Default: the embedded demo" in " ".join(help_text.split())
+    assert "Default: the demo model SmolLM2-135M-Instruct" in " ".join(help_text.split())
     import mlx.core as mx
     from mtp_splitk import __version__
 

@@ -133,7 +133,12 @@ def _moe_min_m8_17(data):
     return min(r["speedup"] for r in data["rows"] if 8 <= r["M"] <= 17)
 
 
+def _first_draft_acceptance(data):
+    return data["eval"]["accept"][0]
+
+
 DERIVED = {
+    "smollm2-135m.mtp_head.first_draft_acceptance": _first_draft_acceptance,
     "dense.chain_mlx_over_ours.min_m2_4": _chain_min_m2_4,
     "dense.hbm_fraction.min_m1_16": _hbm_min_m1_16,
     "dense.t16_over_t1.max": _t16_over_t1_max,

@@ -22,11 +22,12 @@ PTH_NAME = "mtp_splitk_autoload.pth"
 # A .pth line that starts with "import" is executed at start-up. It must stay
 # one line, cheap when the variable is unset, and must not import mlx (see
 # _autoload.py): it finds the package without importing it and runs
-# _autoload.py by path.
+# _autoload.py by path, and does nothing where the package is gone (an
+# editable install whose checkout moved leaves the .pth behind).
 PTH_LINE = (
-    "import os, importlib.util; os.environ.get('MTP_SPLITK') == '1' and "
-    "__import__('runpy').run_path(os.path.join(os.path.dirname("
-    "importlib.util.find_spec('mtp_splitk').origin), '_autoload.py'))['install']()\n"
+    "import os, importlib.util; s = os.environ.get('MTP_SPLITK') == '1' and "
+    "importlib.util.find_spec('mtp_splitk'); s and __import__('runpy').run_path("
+    "os.path.join(os.path.dirname(s.origin), '_autoload.py'))['install']()\n"
 )
 
 

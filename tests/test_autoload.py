@@ -113,6 +113,19 @@ def _python(script, site_dir, env_value, *args):
     )
 
 
+def test_the_switch_is_quiet_where_the_package_is_gone(site_dir, tmp_path):
+    """An editable install whose checkout moved leaves the .pth behind: start-up
+    with MTP_SPLITK=1 then prints nothing and runs the program."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MTP_SPLITK"] = "1"
+    prelude = f"import site, sys; sys.path[:] = [p for p in sys.path if 'mtp_splitk' not in p]; "
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", prelude + f"site.addsitedir({str(site_dir)!r}); print('ran')"],
+        env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 0 and result.stdout == "ran\n" and result.stderr == "", result.stderr
+
+
 @pytest.mark.parametrize("value,patched", [("1", True), ("0", False), (None, False)])
 def test_environment_variable(site_dir, value, patched):
     result = _python(

@@ -108,7 +108,7 @@ def test_identity_init_predicts_the_targets_next_token(target):
 def test_llama_head_trains_resumes_and_loads(target, tmp_path):
     path = target("llama")
     whole = run(path, tmp_path / "whole", "--steps", "8")
-    assert whole["step"] == 8
+    assert whole["step"] == 8 and whole["device"] == "cpu (cpu)"  # the record names its machine
 
     # Stopped after 5 steps and rerun: the same head as the uninterrupted run.
     first = run(path, tmp_path / "parted", "--steps", "8", "--stop-after", "5")

@@ -26,6 +26,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import load_config, load_model, load_tokenizer
 
+from ...plan import current_device
 from ..families import family_for, model_module
 from ..loading import _without_mtp, load_head, read_weights, resolve
 from ...speculative.target import TargetParts
@@ -290,6 +291,8 @@ class _Run:
         state["generated_tokens"] = data.generated
         state["sequences"] = len(data)
         state["config"] = asdict(self.cfg)
+        device = current_device()
+        state["device"] = f"{device.name} ({device.backend})"  # the record names its machine
         _save_json(self.state_dir / "state.json", state)
         self.log(
             f"step {state['step']}, {state['train_seconds'] / 60:.1f} min training in "

@@ -81,6 +81,7 @@ def load_sharded(path, group: mx.distributed.Group):
 
     model, tokenizer = load(str(path), lazy=True)
     model.shard(group)
+    model.eval()  # shard() builds new layers, in training mode: their kernel calls would carry derivatives
     mx.eval(model.parameters())
     barrier(group)
     return model, tokenizer

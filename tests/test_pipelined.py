@@ -19,7 +19,8 @@ from mtp_splitk.speculative.pipelined import pipelined_generate_step
 VOCAB = synthetic.TINY_VOCAB
 PROMPT = mx.array([3, 14, 15, 92, 65, 35, 89, 79, 32, 38], mx.uint32)
 KV_FAMILIES = ["llama", "qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "mimo"]
-SYNC_FAMILIES = ["gpt_oss", "qwen3_next", "qwen3_5"]
+HYBRID_FAMILIES = ["qwen3_next", "qwen3_5"]  # Gated DeltaNet layers (recurrent.py)
+SYNC_FAMILIES = ["gpt_oss"]
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,42 @@ def test_greedy_output_is_plain_greedy(family, patched, models):
     # The target as its own draft model is always right.
     assert stats.accepted == stats.drafted and stats.steps == 8
     assert 0 < steered_stats.accepted < steered_stats.drafted and steered_stats.overlapped
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_models_greedy_output_is_plain_greedy(family, patched, models):
+    """Gated DeltaNet layers in the overlapped loop: every row's state kept,
+    the accepted one chosen on the device; k from 1 to past what is left."""
+    model, _ = models(family)
+    expected = plain(model, 40)
+    with patch.enabled(patched):
+        for k, p in ((1, 0.8), (3, 0.6), (6, 0.9)):
+            out, stats = run(model, AcceptanceControlledDrafter(expected, p, VOCAB), 40, k)
+            assert out == expected, (k, p)
+            assert stats.overlapped and 0 < stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_a_hybrid_cache_left_mid_step_continues_as_plain_decoding(family, models):
+    """Stopped inside a step, the caller's cache (recurrent states included)
+    holds the prompt and every token handed out but the last: plain decoding
+    from it continues the plain greedy text."""
+    model, _ = models(family)
+    expected = plain(model, 30)
+    for stop in (5, 6, 9):
+        cache = make_prompt_cache(model)
+        out = []
+        drafter = AcceptanceControlledDrafter(expected, 0.7, VOCAB, seed=stop)
+        for item in pipelined_generate_step(
+            PROMPT, model, drafter, prompt_cache=cache, num_draft_tokens=3, max_tokens=30
+        ):
+            out.append(item[0])
+            if len(out) == stop:
+                break
+        assert out == expected[:stop]
+        rest = plain(model, 30 - stop, prompt=mx.array(out[-1:], mx.uint32), prompt_cache=cache)
+        assert out + rest == expected, stop
 
 
 @pytest.mark.parametrize("family", SYNC_FAMILIES)

@@ -20,9 +20,9 @@ What is measured, per model (synthetic, real shapes, random 4-bit weights,
   with one), steered to each acceptance p for each k of ``--mtp-draft-tokens``
   (the head runs as in real use, its proposals replaced by the recorded
   reference with probability p: the real drafting cost at a known
-  acceptance), and on its own. Hybrid models (Qwen3-Next: Gated DeltaNet
-  caches) keep the synchronous loop where the overlapped one is asked for;
-  each run says so (``overlapped``, ``overlap_off``);
+  acceptance), and on its own. Models whose caches the overlapped loop cannot
+  take keep the synchronous loop where it is asked for; each run says which
+  ran (``overlapped``, ``overlap_off``);
 - ``verify``: the latency of one synchronous target forward of M rows on a
   warm cache (the verify step), M = 1..17, unpatched and patched;
 - ``breakdown``: where a forward's time goes (attention, MLP or MoE, LM head,

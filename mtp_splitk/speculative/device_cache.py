@@ -21,9 +21,10 @@ device can have reached (:func:`reserve`).
 from typing import List, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
+from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..compat import BaseCache
+from .recurrent import DeviceArraysCache
 
 
 class DeviceKVCache(BaseCache):
@@ -136,18 +137,32 @@ class DeviceKVCache(BaseCache):
 def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
     """Replace every ``KVCache`` of a model's cache list, in place, by a
     :class:`DeviceKVCache` with the same contents and room for ``positions``
-    rows; returns the list. Entries at one offset share one offset array, so
-    moving them all costs one op (:func:`advance`)."""
+    rows, and every ``ArraysCache`` by a :class:`~.recurrent.DeviceArraysCache`
+    at the same offset; returns the list. KV entries at one offset share one
+    offset array, so moving them all costs one op (:func:`advance`)."""
     shared = {}
+    offset = max((c.offset for c in cache if type(c) is KVCache), default=0)
     for i, c in enumerate(cache):
+        if type(c) is ArraysCache:
+            cache[i] = DeviceArraysCache(c, offset)
+            continue
         cache[i] = DeviceKVCache.from_cache(c, positions)
         cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
     return cache
 
 
 def pipelinable(cache: List) -> bool:
-    """Whether every entry is a plain ``KVCache`` (what :func:`on_device` takes)."""
-    return all(type(c) is KVCache for c in cache)
+    """Whether every entry is a plain ``KVCache`` or ``ArraysCache`` (what
+    :func:`on_device` takes; the model's recurrent layers must be ones
+    :mod:`.recurrent` knows, and a hybrid needs an attention layer for its offset)."""
+    kinds = {type(c) for c in cache}
+    return kinds <= {KVCache, ArraysCache} and (KVCache in kinds or not cache)
+
+
+def to_plain(cache: List, length: int):
+    """In place, the plain caches holding the first ``length`` rows."""
+    for i, c in enumerate(cache):
+        cache[i] = c.to_arrays_cache(length) if isinstance(c, DeviceArraysCache) else c.to_kv_cache(length)
 
 
 def reserve(cache: List[DeviceKVCache], positions: int):
@@ -166,12 +181,17 @@ def _moved(cache: List[DeviceKVCache], new):
 
 
 def advance(cache: List[DeviceKVCache], n):
-    """Move every entry's offset by ``n`` (an int or a lazy array)."""
-    _moved(cache, lambda offset: offset + n)
+    """Move every entry's offset by ``n`` (an int or a lazy array); recurrent
+    entries keep their state after ``n`` rows of the last pass."""
+    recurrent = [c for c in cache if isinstance(c, DeviceArraysCache)]
+    for c in recurrent:
+        c.commit(n)
+    _moved([c for c in cache if not isinstance(c, DeviceArraysCache)] if recurrent else cache,
+           lambda offset: offset + n)
 
 
 def rewind(cache: List[DeviceKVCache], offset):
-    """Set every entry's offset (an int or a lazy array)."""
+    """Set every entry's offset (an int or a lazy array; attention caches only)."""
     value = mx.array(offset, mx.int32) if isinstance(offset, int) else offset
     for c in cache:
         c.offset = value

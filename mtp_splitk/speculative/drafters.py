@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from . import device_cache
 from .rollback import Rollback
@@ -122,8 +122,8 @@ class DraftModelDrafter(Drafter):
     """
 
     @property
-    def pipelined(self) -> bool:
-        return device_cache.pipelinable(make_prompt_cache(self.model))
+    def pipelined(self) -> bool:  # its cache is rewound: attention caches only
+        return all(type(c) is KVCache for c in make_prompt_cache(self.model))
 
     def __init__(self, draft_model: nn.Module, max_pending: int = 8):
         self.model = draft_model

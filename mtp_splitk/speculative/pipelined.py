@@ -14,11 +14,12 @@ mlx-lm's plain ``generate_step`` reads its tokens. At the end (``max_tokens``,
 or the consumer stops, e.g. at EOS) the one step in flight past it is
 discarded and the caches are cut back to what was handed out.
 
+Qwen3-Next's and Qwen3.5's Gated DeltaNet caches come along: every row's
+state is kept and the accepted one chosen on the device (:mod:`.recurrent`).
 The synchronous loop (:func:`~.loop.speculative_generate_step`) stays for what
-this one cannot take: caches other than mlx-lm's ``KVCache`` (recurrent
-Gated DeltaNet / Mamba states, rotating windows, quantized KV), logits
-processors, drafters without :meth:`Drafter.propose`, and models sharded over
-several ranks.
+this one cannot take: other caches (Mamba states, rotating windows, quantized
+KV), logits processors, drafters without :meth:`Drafter.propose`, draft
+models with recurrent caches, and models sharded over several ranks.
 """
 
 import time
@@ -31,7 +32,7 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import Sampler, greedy_sampler
 
-from . import device_cache
+from . import device_cache, recurrent
 from .sampling import Distribution, speculative_accept
 from .stats import Stats
 from .verify_rows import decode_arithmetic
@@ -68,6 +69,8 @@ def unsupported(model: nn.Module, drafter, cache: List[Any], logits_processors) 
     if not device_cache.pipelinable(cache):
         kinds = sorted({type(c).__name__ for c in cache if type(c).__name__ != "KVCache"})
         return f"the model's caches ({', '.join(kinds)}) keep host-side offsets"
+    if not recurrent.known(model):
+        return "its recurrent layers are not Qwen3-Next / Qwen3.5 Gated DeltaNet ones"
     return None
 
 
@@ -137,7 +140,8 @@ class Pipeline:
         offset = prompt.size - 1
         # From here verify rows take the decode rows' arithmetic (the prompt
         # went through mlx-lm's own path); close() puts it back.
-        self.close = decode_arithmetic(self.model, self.drafter)
+        undo_rows, undo_recurrent = decode_arithmetic(self.model, self.drafter), recurrent.swap_layers(self.model)
+        self.close = lambda: (undo_rows(), undo_recurrent())
         device_cache.on_device(self.cache, offset + 3 * (self.k + 1))
         self.drafter.reserve(offset + 3 * (self.k + 1))
         drafts, q = self.drafter.start(y, self.k, self.distribution)
@@ -246,7 +250,5 @@ def pipelined_generate_step(
         finally:
             # Keep every token before the last one handed out, as after the
             # synchronous loop; the caller's list gets plain KVCaches back.
-            length = known + handed
-            for i, c in enumerate(cache):
-                cache[i] = c.to_kv_cache(length)
+            device_cache.to_plain(cache, known + handed)
             pipeline.close()

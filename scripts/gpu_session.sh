@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune]
+#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune]
 #                               [train] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
@@ -146,13 +146,16 @@ for step in "$@"; do
       python3 -m scripts.profile_kernel --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
     demo-model)
       # The demo model's GGUF cannot be fetched there (no index) nor carried in one call
-      # (94 MiB): .gg/p1 and .gg/p2 are the parts of its xz stream, carried by two calls.
+      # (94 MiB): .gg/p1, p2, ... are the parts of its xz stream, one carried by each call
+      # on the warm machine, parked in /tmp/gg (a call carrying .gg/p2 alone removes p1).
       mkdir -p "$MTP_SPLITK_CACHE/gguf"
-      cat .gg/p1 .gg/p2 | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], 'wb'), 1 << 20)" \
+      cat /tmp/gg/p* | python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), open(sys.argv[1], 'wb'), 1 << 20)" \
         "$MTP_SPLITK_CACHE/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
       if (cd "$MTP_SPLITK_CACHE/gguf" && echo "$GGUF_SHA256  SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c); then
         touch "$MTP_SPLITK_CACHE/gguf/.complete"; log "demo model's GGUF in place"
       else log "demo model's GGUF corrupt"; fi ;;
+    park)
+      mkdir -p /tmp/gg && cp .gg/p* /tmp/gg/ && ls -l /tmp/gg | tee -a "$RES/session.log" ;;
     train)
       # mtp-splitk train-mtp on the demo model (q4, float16 on the GPU) within TRAIN_MINUTES;
       # the head and its record come back, then the real-model benchmark with it.

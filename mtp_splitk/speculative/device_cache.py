@@ -156,7 +156,10 @@ def pipelinable(cache: List) -> bool:
     :func:`on_device` takes; the model's recurrent layers must be ones
     :mod:`.recurrent` knows, and a hybrid needs an attention layer for its offset)."""
     kinds = {type(c) for c in cache}
-    return kinds <= {KVCache, ArraysCache} and (KVCache in kinds or not cache)
+    padded = any(
+        c.left_padding is not None or c.lengths is not None for c in cache if type(c) is ArraysCache
+    )  # a batch's padding: not a single sequence's cache
+    return kinds <= {KVCache, ArraysCache} and (KVCache in kinds or not cache) and not padded
 
 
 def to_plain(cache: List, length: int):

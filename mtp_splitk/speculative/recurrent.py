@@ -23,6 +23,8 @@ from mlx_lm.models import qwen3_5, qwen3_next
 from mlx_lm.models.cache import ArraysCache
 from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 
+from .verify_rows import swap_classes
+
 
 class DeviceArraysCache(ArraysCache):
     """An ``ArraysCache`` (conv window, recurrent state) whose next contents
@@ -147,15 +149,4 @@ def known(model: nn.Module) -> bool:
 def swap_layers(model: nn.Module) -> Callable[[], None]:
     """Route ``model``'s Gated DeltaNet layers through :func:`_verify_call`
     (instances' classes swapped); returns the function that undoes it."""
-    swapped = []
-    for _, module in model.named_modules():
-        new = _SWAPS.get(type(module))
-        if new is not None:
-            swapped.append((module, type(module)))
-            module.__class__ = new
-
-    def undo():
-        for module, cls in swapped:
-            module.__class__ = cls
-
-    return undo
+    return swap_classes([model], _SWAPS)

@@ -96,12 +96,16 @@ def decode_arithmetic(model: nn.Module, drafter=None) -> Callable[[], None]:
     The loops call it after the prefill, so that the prompt goes through
     mlx-lm's own path as in plain decoding, and undo it when they close."""
     models = [model] + [getattr(drafter, name, None) for name in ("model", "head")]
+    return swap_classes([m for m in models if isinstance(m, nn.Module)], _SWAPS)
+
+
+def swap_classes(models, swaps: dict) -> Callable[[], None]:
+    """Give every module of ``models`` whose class is a key of ``swaps`` that
+    key's value as its class; returns the function that puts them back."""
     swapped = []
     for m in models:
-        if not isinstance(m, nn.Module):
-            continue
         for _, module in m.named_modules():
-            new = _SWAPS.get(type(module))
+            new = swaps.get(type(module))
             if new is not None:
                 swapped.append((module, type(module)))
                 module.__class__ = new

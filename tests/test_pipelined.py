@@ -139,6 +139,23 @@ def test_a_hybrid_cache_left_mid_step_continues_as_plain_decoding(family, models
         assert out + rest == expected, stop
 
 
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_a_hybrid_one_token_prompt_and_a_reused_cache(family, models):
+    """No prefill (empty recurrent states at the first verify pass), and a
+    second call continuing from the cache the first one left."""
+    model, _ = models(family)
+    one = mx.array([42], mx.uint32)
+    expected = plain(model, 20, prompt=one)
+    out, _ = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 20, 3, prompt=one)
+    assert out == expected
+    expected = plain(model, 30)
+    cache = make_prompt_cache(model)
+    first, _ = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 12, 3, prompt_cache=cache)
+    second, _ = run(model, AcceptanceControlledDrafter(expected[12:], 0.7, VOCAB), 18, 3,
+                    prompt=mx.array(first[-1:], mx.uint32), prompt_cache=cache)
+    assert first + second == expected
+
+
 @pytest.mark.parametrize("family", SYNC_FAMILIES)
 def test_caches_it_cannot_take_keep_the_synchronous_loop(family, models):
     model, _ = models(family)

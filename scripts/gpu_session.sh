@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [serve] [tune]
+#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [attention] [serve] [tune]
 #                               [train] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
@@ -114,6 +114,10 @@ for step in "$@"; do
       wait
       timeout "${CHAIN_TIMEOUT:-120}" python3 -m scripts.bench_chain --out "$RES/chain" 2>&1 \
         | tee "$RES/bench_chain.log" | tail -6 ;;
+    attention)
+      # One layer's attention as the synchronous verify runs it and as the overlapped step does.
+      timeout "${ATTENTION_TIMEOUT:-60}" python3 -m scripts.bench_attention --out "$RES/attention" 2>&1 \
+        | tee "$RES/bench_attention.log" | tail -14 ;;
     launch)
       # Per-op overhead of custom kernels against MLX's ops (see the script).
       timeout "${LAUNCH_TIMEOUT:-90}" python3 -m scripts.bench_launch --out "$RES/launch" 2>&1 \

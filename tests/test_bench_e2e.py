@@ -118,7 +118,7 @@ def test_smoke_defaults_run_every_task_in_seconds(tmp_path, capsys):
     assert doc["meta"]["complete"] and doc["meta"]["max_tokens"] == e2e.SMOKE["max_tokens"]
     llama, mtp = doc["models"]["tiny-llama"], doc["models"]["qwen3_next-tiny-mtp"]
     assert set(llama) == {"info", "plain", "acceptance", "breakdown", "verify_ms", "draft"}
-    assert set(mtp) == {"info", "plain", "mtp"}
+    assert set(mtp) == {"info", "plain", "mtp", "breakdown"}
     # one (p, k), both loops, both patch states; breakdown at M = 1 and k + 1
     assert sorted(llama["acceptance"]) == sorted(
         f"{s} p=0.8 k=2 {loop}" for s in ("mlx", "patched") for loop in ("overlap", "sync")
@@ -301,9 +301,10 @@ def test_mtp_tasks_put_the_headline_first():
     tasks = mtp_tasks("m", "/nonexistent", None, max_tokens=8, repeats=1, draft_tokens=[2, 4],
                       acceptances=e2e.ACCEPTANCES, mtp_draft_tokens=e2e.MTP_DRAFT_TOKENS)
     names = [message for message, _ in tasks]
-    assert names[:2] == ["m: plain decode", "m: MTP steered p=0.8 k=3"]
-    assert len(names) == 1 + 4 * 3 + 2 and names[-2:] == ["m: MTP k=2", "m: MTP k=4"]
-    assert sorted(names[1:13]) == sorted(
+    # Then where the headline's verify pass spends its time.
+    assert names[:3] == ["m: plain decode", "m: MTP steered p=0.8 k=3", "m: breakdown M=4"]
+    assert len(names) == 1 + 4 * 3 + 1 + 2 and names[-2:] == ["m: MTP k=2", "m: MTP k=4"]
+    assert sorted(names[1:2] + names[3:14]) == sorted(
         f"m: MTP steered p={p} k={k}" for k in (1, 2, 3, 4) for p in (0.6, 0.8, 0.9)
     )
 
@@ -334,3 +335,20 @@ def test_mtp_model_choice_and_its_disk(tmp_path, monkeypatch, capsys):
     assert "unknown MTP model(s) ['gpt-9-mtp']" in capsys.readouterr().err
     assert cli.main(["bench", "e2e", "--mtp-draft-tokens", "0"]) == 2
     assert "--mtp-draft-tokens values must be >= 1" in capsys.readouterr().err
+
+
+def test_breakdown_times_gated_deltanet_layers_of_hybrids(tmp_path):
+    """A hybrid's forward splits into attention (its full-attention layers),
+    Gated DeltaNet (its linear layers), MoE, LM head; a dense model has no
+    GDN part."""
+    from mlx_lm import load
+
+    from mtp_splitk import synthetic
+    from mtp_splitk.bench.measure import breakdown
+
+    hybrid, _ = load(str(synthetic.write_model(tmp_path / "h", "qwen3_next", "tiny")))
+    parts = breakdown(hybrid, 4, 16, 2)
+    assert list(parts) == ["attention", "gdn", "mlp", "lm_head", "forward", "rest"]
+    assert all(parts[k] > 0 for k in ("attention", "gdn", "mlp", "lm_head", "forward"))
+    dense, _ = load(str(synthetic.write_model(tmp_path / "d", "llama", "tiny")))
+    assert "gdn" not in breakdown(dense, 4, 16, 2)

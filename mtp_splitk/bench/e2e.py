@@ -25,8 +25,9 @@ What is measured, per model (synthetic, real shapes, random 4-bit weights,
   ran (``overlapped``, ``overlap_off``);
 - ``verify``: the latency of one synchronous target forward of M rows on a
   warm cache (the verify step), M = 1..17, unpatched and patched;
-- ``breakdown``: where a forward's time goes (attention, MLP or MoE, LM head,
-  the rest), per component, at M = 1 and M = k + 1.
+- ``breakdown``: where a forward's time goes (attention, Gated DeltaNet in
+  hybrids, MLP or MoE, LM head, the rest), per component, at M = 1 and
+  M = k + 1 (an MTP model: at its headline k + 1).
 
 Generation tokens/s leaves the prompt out: tokens after the first step over
 the time from the first step's tokens to the last token, median over

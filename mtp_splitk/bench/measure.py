@@ -127,16 +127,21 @@ def _ms(fn: Callable, reps: int) -> float:
     return 1e-3 * median_call_us(lambda: mx.eval(fn()), reps=reps, warmup=2)
 
 
+def _text(model):
+    """The text model (Qwen3.5 wraps it as ``language_model``)."""
+    return getattr(model, "language_model", model)
+
+
 def _warm_cache(model, context: int):
     """A prompt cache holding ``context`` tokens."""
     cache = make_prompt_cache(model)
-    mx.eval(model(mx.arange(context)[None] % model.args.vocab_size, cache=cache))
+    mx.eval(model(mx.arange(context)[None] % _text(model).args.vocab_size, cache=cache))
     return cache
 
 
 def _forward_trim(model, cache, M: int):
     """One forward of M rows on ``cache``, evaluated, then trimmed back off it."""
-    out = model((mx.arange(M)[None] * 5 + 1) % model.args.vocab_size, cache=cache)
+    out = model((mx.arange(M)[None] * 5 + 1) % _text(model).args.vocab_size, cache=cache)
     mx.eval(out)
     trim_prompt_cache(cache, M)
     return out
@@ -152,31 +157,43 @@ def verify_latency(model, Ms, context: int, reps: int) -> Dict[int, float]:
 def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
     """ms per forward of M rows spent in each part, each timed alone
     (synchronously, as many calls as the model makes) and scaled by the
-    number of layers: attention (projections, RoPE, SDPA, norms), MLP or
-    MoE block, the LM head, and the whole forward for comparison."""
+    number of layers that have it: attention (projections, RoPE, SDPA,
+    norms), Gated DeltaNet (hybrid models' linear layers), MLP or MoE
+    block, the LM head, and the whole forward for comparison."""
     layers = model.layers
-    layer = layers[len(layers) // 2]  # a MoE layer where a model mixes dense ones
-    dim = model.args.hidden_size
+    dim = layers[0].input_layernorm.weight.shape[0]
     cache = _warm_cache(model, context)
     x = (mx.random.normal((1, M, dim)) * 0.5).astype(mx.bfloat16)
     mx.eval(x)
-    c = cache[len(layers) // 2]
     mask = "causal" if M > 1 else None
+    linear = [i for i, layer in enumerate(layers) if getattr(layer, "is_linear", False)]
+    full = [i for i in range(len(layers)) if i not in linear]
+    a = full[len(full) // 2]
 
     def attention():
-        out = layer.self_attn(layer.input_layernorm(x), mask=mask, cache=c)
-        trim_prompt_cache([c], M)
+        out = layers[a].self_attn(layers[a].input_layernorm(x), mask=mask, cache=cache[a])
+        trim_prompt_cache([cache[a]], M)
         return out
 
+    layer = layers[len(layers) // 2]  # a MoE layer where a model mixes dense ones
     mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe")
-    head = model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens.as_linear
-    norm = model.model.norm
+    text = _text(model)
+    head = text.lm_head if hasattr(text, "lm_head") else text.model.embed_tokens.as_linear
+    norm = text.model.norm
     whole = _ms(lambda: _forward_trim(model, cache, M), reps)
-    parts = {
-        "attention": len(layers) * _ms(attention, reps),
-        "mlp": len(layers) * _ms(lambda: mlp(layer.post_attention_layernorm(x)), reps),
-        "lm_head": _ms(lambda: head(norm(x)), reps),
-    }
+    parts = {"attention": len(full) * _ms(attention, reps)}
+    if linear:
+        g = linear[len(linear) // 2]
+        state = list(cache[g].cache)
+
+        def gdn():
+            out = layers[g].linear_attn(layers[g].input_layernorm(x), None, cache[g])
+            cache[g].cache = list(state)  # the recurrent state as before the call
+            return out
+
+        parts["gdn"] = len(linear) * _ms(gdn, reps)
+    parts["mlp"] = len(layers) * _ms(lambda: mlp(layer.post_attention_layernorm(x)), reps)
+    parts["lm_head"] = _ms(lambda: head(norm(x)), reps)
     parts["forward"] = whole
     parts["rest"] = whole - sum(v for k, v in parts.items() if k != "forward")
     return parts

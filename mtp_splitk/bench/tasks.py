@@ -258,8 +258,7 @@ def mtp_tasks(
                         repeats,
                         warmup=False,
                     )
-                    # Hybrid targets (Gated DeltaNet caches) run the synchronous
-                    # loop where the overlapped one is asked for: "overlapped"
+                    # A loop the caches refuse runs synchronously: "overlapped"
                     # False and "overlap_off" say so in the results.
                     if run["overlapped"]:
                         run.update(step_split_ms(model, prompt, drafter(), k))
@@ -285,14 +284,20 @@ def mtp_tasks(
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     results.put(name, "mtp", _run_key(label, f"k={k}", loop), _strip(run))
 
+    def parts(M):
+        model, _, _ = target()
+        for label, on in STATES:
+            with patch.enabled(on):
+                results.put(name, "breakdown", f"{label} M={M}", breakdown(model, M, 64, 5))
+
     grid = [(k, p) for k in mtp_draft_tokens for p in acceptances]
     grid.sort(key=lambda kp: kp != MTP_KEY)  # the headline first
+    headline = [(f"{name}: MTP steered p={p} k={k}", lambda k=k, p=p: steered(k, p)) for k, p in grid]
     return (
         [(f"{name}: plain decode", plain)]
-        + [
-            (f"{name}: MTP steered p={p} k={k}", lambda k=k, p=p: steered(k, p))
-            for k, p in grid
-        ]
+        + headline[:1]
+        + [(f"{name}: breakdown M={MTP_KEY[0] + 1}", lambda: parts(MTP_KEY[0] + 1))]
+        + headline[1:]
         + [
             (f"{name}: MTP k={k}", lambda k=k, i=i: speculate(k, warmup=i == 0))
             for i, k in enumerate(draft_tokens)

@@ -313,3 +313,36 @@ def test_deepseek_v3_verify_rows_take_the_one_row_path_only_within_a_generation(
     assert type(model.model.layers[0].self_attn) is verify_rows._AbsorbedDeepseekV3Attention
     steps.close()
     assert type(model.model.layers[0].self_attn) is attention is deepseek_v3.DeepseekV3Attention
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_the_swapped_gated_deltanet_call_is_mlx_lms(family, models):
+    """The swapped layer's call (recurrent.py's copy of mlx-lm's) computes
+    mlx-lm's outputs, and, committed at every row count, mlx-lm's states after
+    that many rows: a change to mlx-lm's method that the copy misses fails here."""
+    from mlx_lm.models.cache import ArraysCache
+
+    from mtp_splitk.speculative import recurrent
+
+    model, _ = models(family)
+    layer = next(l for l in model.layers if l.is_linear)
+    gdn = layer.linear_attn
+    dim = layer.input_layernorm.weight.shape[0]
+    prefix = (mx.random.normal((1, 3, dim)) * 0.5).astype(mx.bfloat16)
+    rows = (mx.random.normal((1, 5, dim)) * 0.5).astype(mx.bfloat16)
+    start = ArraysCache(2)
+    gdn(prefix, None, start)
+    for kept in range(1, 6):
+        theirs = ArraysCache(2)
+        theirs.cache = list(start.cache)
+        reference = gdn(rows[:, :kept], None, theirs)  # mlx-lm's call on the kept rows
+        ours = recurrent.DeviceArraysCache(start, 3)
+        undo = recurrent.swap_layers(model)
+        try:
+            out = gdn(rows, None, ours)
+        finally:
+            undo()
+        ours.commit(mx.array(kept, mx.int32))
+        assert mx.array_equal(out[:, :kept], reference).item(), kept
+        for a, b in zip(ours.cache, theirs.cache):
+            assert mx.array_equal(a, b).item(), kept

@@ -28,7 +28,7 @@ from mlx_lm.models import deepseek_v3, llama, mixtral, qwen3, qwen3_moe
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from . import launch, ops
+from . import launch, ops, routing
 from . import plan as planner
 from .kernel_op import mlx_quantized_matmul as _mlx_quantized_matmul
 from .kernel_op import with_derivatives_of
@@ -63,19 +63,12 @@ def _route(x, layers, plan):
     treats bfloat16 and float16 alike), plus the layers' identities. (A bias
     is looked up at each call; a layer's weights are assumed to keep their
     shapes and quantization, as mlx-lm's loading does.)"""
-    device, split, generation = planner.current_device(), planner.forced_split(), ops.generation
-    state = layers[0].__dict__.get(_ROUTES)
-    if state is None or state[0] is not device or state[1] != split or state[2] != generation:
-        state = (device, split, generation, {})
-        # Not Module.__setattr__, which would file a tuple among the parameters.
-        object.__setattr__(layers[0], _ROUTES, state)
+    remembered = routing.routes(layers[0], _ROUTES, _MAX_ROUTES)
     training = layers[0].training  # derivatives for training only (kernel_op.py)
     key = (plan, x.shape, x.itemsize, training, *map(id, layers))
-    run = state[3].get(key)
+    run = remembered.get(key)
     if run is None:
-        if len(state[3]) >= _MAX_ROUTES:
-            state[3].clear()
-        run = state[3][key] = plan(x, layers, device, training) or _UNFUSED
+        run = remembered[key] = plan(x, layers, planner.current_device(), training) or _UNFUSED
     return None if run is _UNFUSED else run
 
 

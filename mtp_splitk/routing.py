@@ -22,26 +22,34 @@ _ROUTES = "_mtp_splitk_routes"  # on a layer: (device, split, ops.generation, {i
 _MAX_ROUTES = 64  # inputs remembered per layer (prefill lengths vary)
 
 
-def _first_call(layer, key, copy, *args):
-    """Run the copy through the ops and remember whether MLX's op took the call."""
-    if ops._recording is not None:  # a recorded call goes through the ops, every time
-        return copy(layer, *args)
+def routes(layer, attribute: str, limit: int) -> dict:
+    """The decisions remembered on ``layer`` under ``attribute``: a dict,
+    emptied when the planner's inputs change (device, split policy,
+    ``ops.clear_cache()``) or when it holds ``limit`` entries."""
     device, split, generation = planner.current_device(), planner.forced_split(), ops.generation
-    state = layer.__dict__.get(_ROUTES)
+    state = layer.__dict__.get(attribute)
     if (
         state is None
         or state[0] is not device
         or state[1] != split
         or state[2] != generation
-        or len(state[3]) >= _MAX_ROUTES
+        or len(state[3]) >= limit
     ):
         state = (device, split, generation, {})
         # Not Module.__setattr__, which would file a tuple among the parameters.
-        object.__setattr__(layer, _ROUTES, state)
+        object.__setattr__(layer, attribute, state)
+    return state[3]
+
+
+def _first_call(layer, key, copy, *args):
+    """Run the copy through the ops and remember whether MLX's op took the call."""
+    if ops._recording is not None:  # a recorded call goes through the ops, every time
+        return copy(layer, *args)
+    remembered = routes(layer, _ROUTES, _MAX_ROUTES)
     with ops.recording() as calls:
         out = copy(layer, *args)
     if len(calls) == 1:  # another thread's calls in the block leave it unknown
-        state[3][key] = calls[0].plan is None
+        remembered[key] = calls[0].plan is None
     return out
 
 

@@ -78,7 +78,31 @@ class Family:
         raise NotImplementedError
 
 
-class DeepSeekFamily(Family):
+class _BlockFamily(Family):
+    """A head stored as its own tensors (``_own``) and one decoder block under
+    :meth:`prefix`; the head holds the block as ``block``."""
+
+    _own: tuple = ()
+    _skipped: tuple = ()  # stored tensors the head does not load
+
+    def head_key(self, rest):
+        if rest.startswith(self._skipped) or "rotary_emb.inv_freq" in rest:
+            return None
+        if rest.startswith(self._own):
+            return rest
+        return "block." + rest
+
+    def stored_key(self, head_path, args):
+        if head_path.startswith("block."):
+            head_path = head_path[len("block.") :]
+        return self.prefix(args) + head_path
+
+    def _renamed(self, weights):
+        """The tensors the head loads, under its own names."""
+        return {h: v for k, v in weights.items() if (h := self.head_key(k)) is not None}
+
+
+class DeepSeekFamily(_BlockFamily):
     """DeepSeek-V3 and GLM-4.5 (-Air): ``model.layers.{num_hidden_layers}.*``.
 
     The MTP block is the family's decoder layer at index ``num_hidden_layers``
@@ -94,7 +118,7 @@ class DeepSeekFamily(Family):
     _own = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
     # Copies of the target's embedding and LM head (DeepSeek-V3 stores them
     # again under the MTP layer; SGLang's deepseek_nextn.py skips them too).
-    _shared = ("embed_tokens.", "shared_head.head.")
+    _skipped = ("embed_tokens.", "shared_head.head.")
     _blocks = {"deepseek_v3": "DeepseekV3DecoderLayer", "glm4_moe": "DecoderLayer"}
 
     def prefix(self, args):
@@ -109,18 +133,6 @@ class DeepSeekFamily(Family):
             and parts[2].isdigit()
             and int(parts[2]) >= args.num_hidden_layers
         )
-
-    def head_key(self, rest):
-        if rest.startswith(self._shared) or "rotary_emb.inv_freq" in rest:
-            return None
-        if rest.startswith(self._own):
-            return rest
-        return "block." + rest
-
-    def stored_key(self, head_path, args):
-        if head_path.startswith("block."):
-            head_path = head_path[len("block.") :]
-        return self.prefix(args) + head_path
 
     def build(self, module, args):
         name = module.__name__.rsplit(".", 1)[-1]
@@ -264,7 +276,7 @@ class QwenFamily(Family):
         return out
 
 
-class MiMoFamily(Family):
+class MiMoFamily(_BlockFamily):
     """MiMo: ``model.mtp_layers.N.*``, the block's tensors directly under it."""
 
     modules = ("mimo",)
@@ -280,30 +292,13 @@ class MiMoFamily(Family):
     def is_mtp_key(self, key, args):
         return key.startswith("model.mtp_layers.")
 
-    def head_key(self, rest):
-        if "rotary_emb.inv_freq" in rest:
-            return None
-        if rest.startswith(self._own):
-            return rest
-        return "block." + rest
-
-    def stored_key(self, head_path, args):
-        if head_path.startswith("block."):
-            head_path = head_path[len("block.") :]
-        return self.prefix(args) + head_path
-
     def build(self, module, args):
         return MiMoMTP(
             module.TransformerBlock(args), args.hidden_size, args.rms_norm_eps
         )
 
     def sanitize(self, module, args, weights, raw):
-        out = {}
-        for k, v in weights.items():
-            head = self.head_key(k)
-            if head is not None:
-                out[head] = v
-        return out
+        return self._renamed(weights)
 
 
 class TrainedFamily(DeepSeekFamily):
@@ -324,7 +319,7 @@ class TrainedFamily(DeepSeekFamily):
         return DeepSeekMTP(block, args.hidden_size, args.rms_norm_eps, False)
 
     def sanitize(self, module, args, weights, raw):
-        return {h: v for k, v in weights.items() if (h := self.head_key(k)) is not None}
+        return self._renamed(weights)
 
 
 FAMILIES = (DeepSeekFamily(), QwenFamily(), MiMoFamily(), TrainedFamily())

@@ -46,6 +46,10 @@ def test_smoke_run_is_complete_and_written(smoke_doc):
     models = doc["models"]
     assert set(models) == {"tiny-llama", "qwen3_next-tiny-mtp"}
     assert set(models["tiny-llama"]["plain"]) == {"mlx", "patched"}
+    # The plain rows show every repeat behind the median, as recorded.
+    mlx = models["tiny-llama"]["plain"]["mlx"]
+    each = " / ".join(f"{t:.0f}" for t in mlx["tps_all"])
+    assert f"| mlx | {mlx['tps']:.1f} | {each} |" in md
     # 3 acceptances x 2 patch states x 2 loops (overlapped, synchronous).
     assert len(models["tiny-llama"]["acceptance"]) == 3 * 2 * 2
     assert set(models["tiny-llama"]["verify_ms"]["patched"]) == {"1", "3", "5"}

@@ -119,6 +119,13 @@ def test_llama_head_trains_resumes_and_loads(target, tmp_path):
     b = mx.load(str(tmp_path / "parted" / "train_state" / "head.safetensors"))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]) for k in a)
 
+    # --init-from: a run that starts from that head (no steps) exports it again.
+    again = run(path, tmp_path / "again", "--steps", "0", "--init-from", str(tmp_path / "whole"))
+    assert again["initial_eval"] == whole["eval"]
+    c = mx.load(str(tmp_path / "again" / MTP_SHARD))
+    d = mx.load(str(tmp_path / "whole" / MTP_SHARD))
+    assert set(c) == set(d) and all(mx.array_equal(c[k], d[k]) for k in c)
+
     # The output is a model directory: stock mlx-lm loads the target, the MTP
     # loader finds the head under DeepSeek-style names after the last layer.
     out = tmp_path / "whole"

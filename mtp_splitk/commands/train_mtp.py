@@ -9,7 +9,7 @@ Register with ``train_mtp.add_parser(subparsers)``; the parser's ``func`` is
 import argparse
 
 from ..mtp.train import TrainConfig, train
-from . import PROG, Parser
+from . import PROG, Parser, check_model_path
 
 DEFAULTS = TrainConfig(model="", out="")
 
@@ -108,6 +108,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="identity: start as the target's own next-token prediction (its last "
         "layer, silenced); last-layer: that layer as it is; random",
     )
+    fit.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="start from the head in this model directory's mtp.safetensors (e.g. an "
+        "earlier --out) instead of --init; the data and optimizer start afresh",
+    )
     fit.add_argument("--seed", type=int, default=d.seed)
     fit.add_argument("--log-every", type=int, default=d.log_every)
     fit.add_argument("--save-every", type=int, default=d.save_every)
@@ -137,6 +144,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if cfg.depth < 1 or cfg.steps < 0 or cfg.top_k < 0:
         raise ValueError("--depth must be at least 1, --steps and --top-k at least 0")
+    if cfg.init_from is not None:
+        check_model_path(cfg.init_from, "--init-from")
     train(cfg)
     print(cfg.out)
     return 0

@@ -28,6 +28,7 @@ class TrainConfig:
     top_k: int = 64  # teacher top-k, cached once (0: whole vocabulary, every step)
     hidden_weight: float = 1.0
     init: str = "identity"
+    init_from: Optional[str] = None  # a model directory whose trained head to start from
     log_every: int = 20
     save_every: int = 200
     stop_after: Optional[int] = None  # steps in this run, then checkpoint

@@ -20,6 +20,7 @@ the drafter's cache holds (exact for the entry itself); its terms weigh
 ``0.5 ** (d - 1)``.
 """
 
+from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import mlx.core as mx
@@ -28,6 +29,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..families import family_for, model_module, model_text_args
 from ..heads import DeepSeekMTP, MTPHead
+from ..loading import mtp_tensors, read_weights
 from ...speculative.target import TargetParts
 from .teacher import Teacher, run_target
 
@@ -65,6 +67,22 @@ def build_head(model: nn.Module, config: dict, init: str = "identity") -> MTPHea
         head.shared_head.norm.weight = text.model.norm.weight.astype(mx.float32)
     elif init != "random":
         raise ValueError(f"init must be identity, last-layer or random, not {init!r}")
+    mx.eval(head.parameters())
+    return head
+
+
+def head_from(model: nn.Module, config: dict, source) -> MTPHead:
+    """A float32 head (as :func:`build_head`) holding the head stored in the
+    model directory ``source`` (its ``mtp.safetensors``, as train-mtp writes
+    it): training that continues from a shipped head."""
+    module = model_module(config)
+    family, args = family_for(module), model_text_args(model)
+    stored = mtp_tensors(family, args, read_weights(Path(source)))
+    if not stored or any(k.endswith(".scales") for k in stored):
+        raise ValueError(f"--init-from {source}: no unquantized MTP head for this target there")
+    head = build_head(model, config, "random")
+    tensors = family.sanitize(module, args, stored, raw=False)
+    head.load_weights([(k, v.astype(mx.float32)) for k, v in tensors.items()], strict=True)
     mx.eval(head.parameters())
     return head
 

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .data import Batches, Sequences, generate_into
 from .evaluate import acceptance
 from .export import STATE_DIR, link_model, write_head
-from .objective import build_head, step_loss
+from .objective import build_head, head_from, step_loss
 from .prompts import encode, prompts
 from .teacher import TeacherCache
 
@@ -169,8 +169,11 @@ class _Run:
         """A fresh head and optimizer, or the saved ones."""
         mx.random.seed(self.cfg.seed)
         saved = (self.state_dir / "head.safetensors").exists()
-        init = "random" if saved else self.cfg.init
-        self.head = build_head(self.model, self.config, init)
+        if self.cfg.init_from and not saved:
+            self.head = head_from(self.model, self.config, self.cfg.init_from)
+        else:
+            init = "random" if saved else self.cfg.init
+            self.head = build_head(self.model, self.config, init)
         self.optimizer = optim.Adam(learning_rate=self.cfg.lr)
         if saved:
             self.head.load_weights(

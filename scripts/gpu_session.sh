@@ -163,9 +163,12 @@ for step in "$@"; do
     train)
       # mtp-splitk train-mtp on the demo model (q4, float16 on the GPU) within TRAIN_MINUTES;
       # the head and its record come back, then the real-model benchmark with it.
+      # TRAIN_FROM_SHIPPED=1: continue from the head the package ships (--init-from).
       demo=$(python3 -c "from mtp_splitk import demo_model as d; print(d.demo_model('q4'))")
+      shipped=$([ -n "${TRAIN_FROM_SHIPPED:-}" ] && python3 -c "from mtp_splitk import demo_model as d; print(d.demo_mtp('q4'))")
       timeout $(( ${TRAIN_MINUTES:-5} * 60 + 120 )) python3 -m mtp_splitk.cli train-mtp --model "$demo" \
-        --out /tmp/smol-mtp --minutes "${TRAIN_MINUTES:-5}" ${TRAIN_ARGS:-} 2>&1 | tee "$RES/train.log" | tail -6
+        --out /tmp/smol-mtp --minutes "${TRAIN_MINUTES:-5}" ${shipped:+--init-from "$shipped"} ${TRAIN_ARGS:-} 2>&1 \
+        | tee "$RES/train.log" | tail -6
       mkdir -p "$OUT/head"; cp /tmp/smol-mtp/mtp.safetensors /tmp/smol-mtp/train_state/state.json "$OUT/head/"
       timeout "${REAL_TIMEOUT:-150}" python3 -m scripts.bench_e2e --out "$OUT/e2e-smollm2" --model-path /tmp/smol-mtp \
         --mtp-path /tmp/smol-mtp --no-draft --repeats 3 --num-draft-tokens 1,2,3 --mtp-draft-tokens 2 \

@@ -118,6 +118,15 @@ def test_hybrid_models_greedy_output_is_plain_greedy(family, patched, models):
 
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_a_hybrids_attention_buckets_grow_in_the_middle_of_a_run(family, models, monkeypatch):
+    monkeypatch.setattr(DeviceKVCache, "step", 8)
+    model, _ = models(family)
+    expected = plain(model, 60)
+    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 60, 4)
+    assert out == expected and stats.steps > 10
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_a_hybrid_cache_left_mid_step_continues_as_plain_decoding(family, models):
     """Stopped inside a step, the caller's cache (recurrent states included)
     holds the prompt and every token handed out but the last: plain decoding

@@ -118,7 +118,7 @@ def test_the_switch_is_quiet_where_the_package_is_gone(site_dir, tmp_path):
     with MTP_SPLITK=1 then prints nothing and runs the program."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MTP_SPLITK"] = "1"
-    prelude = f"import site, sys; sys.path[:] = [p for p in sys.path if 'mtp_splitk' not in p]; "
+    prelude = "import site, sys; sys.path[:] = [p for p in sys.path if 'mtp_splitk' not in p]; "
     result = subprocess.run(
         [sys.executable, "-S", "-c", prelude + f"site.addsitedir({str(site_dir)!r}); print('ran')"],
         env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path,

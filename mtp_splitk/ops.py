@@ -197,8 +197,8 @@ def quantized_matmul(
     derivatives: bool = True,
 ) -> mx.array:
     """``mx.quantized_matmul`` with a split-K kernel for small M on the GPU;
-    ``derivatives=False`` (a patched layer in eval mode) leaves a kernel call
-    without MLX's derivatives, which costs time (kernel_op.py)."""
+    ``derivatives=False`` (a patched layer in eval mode) leaves out the wrapper
+    that gives a kernel call MLX's derivatives, which costs time (kernel_op.py)."""
     device, split = planner.current_device(), planner.forced_split()
     key = ("dense", x.shape, x.dtype, w.shape, w.dtype, scales.shape, scales.dtype, _signature(biases),
            transpose, group_size, bits, mode, split, derivatives)

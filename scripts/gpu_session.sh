@@ -58,6 +58,7 @@ for step in "$@"; do
       # GPU, each given every n-th test. TEST_SELECT narrows the run (pytest
       # arguments); -rA names every result.
       shards=${TEST_SHARDS:-1}
+      rm -f "$RES"/shard*.txt "$RES"/gpu_tests_shard*.txt  # an earlier call's on this machine
       python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider \
         ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_patch.py} 2>/dev/null \
         | grep "::" >"$RES/gpu_test_ids.txt"

@@ -186,11 +186,10 @@ def _moved(cache: List[DeviceKVCache], new):
 def advance(cache: List[DeviceKVCache], n):
     """Move every entry's offset by ``n`` (an int or a lazy array); recurrent
     entries keep their state after ``n`` rows of the last pass."""
-    recurrent = [c for c in cache if isinstance(c, DeviceArraysCache)]
-    for c in recurrent:
-        c.commit(n)
-    _moved([c for c in cache if not isinstance(c, DeviceArraysCache)] if recurrent else cache,
-           lambda offset: offset + n)
+    for c in cache:
+        if isinstance(c, DeviceArraysCache):
+            c.commit(n)  # moves its own offset
+    _moved([c for c in cache if not isinstance(c, DeviceArraysCache)], lambda offset: offset + n)
 
 
 def rewind(cache: List[DeviceKVCache], offset):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [attention] [serve] [tune]
+#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [census] [attention] [serve] [tune]
 #                               [train] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
@@ -40,13 +40,19 @@ for step in "$@"; do
       # One process per model directory: the writer is single-threaded numpy.
       # MODELS_DETACH=1: in their own session, so they outlive this call and a later call
       # on the warm machine finds them ($MODELS/.written when all are done).
+      # MODELS_EXTRA: names of MTP models (bench.models.MTP_MODELS) to write as well.
       write_models() {
         for spec in $(python3 -c "from mtp_splitk.bench import models as b; print(*(f'{f},{s},{int(m)}' for f, s, m in b.model_specs()))"); do
           IFS=, read -r family size mtp <<<"$spec"
           python3 -c "from mtp_splitk.bench import models as b; b.model_dir('$MODELS', '$family', '$size', mtp=bool($mtp))" \
             >>"$MODELS.log" 2>&1 &
         done
-        wait; touch "$MODELS/.written"
+        base=$(jobs -p)
+        for name in ${MODELS_EXTRA:-}; do
+          python3 -c "from mtp_splitk.bench import models as b; b.mtp_model_dir('$MODELS', '$name')" >>"$MODELS.log" 2>&1 &
+        done
+        wait $base; touch "$MODELS/.written"
+        wait; touch "$MODELS/.extra-written"
       }
       mkdir -p "$MODELS"
       if [ -n "${MODELS_DETACH:-}" ]; then
@@ -93,6 +99,8 @@ for step in "$@"; do
       python3 -m scripts.install_tuning "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
       log "waiting for the model writers"; wait
       until [ -e "$MODELS/.written" ]; do sleep 2; done; tail -3 "$MODELS.log"
+      # E2E_WAIT_EXTRA=1: also for the MODELS_EXTRA ones (runs of --mtp-model would write them again).
+      until [ -z "${E2E_WAIT_EXTRA:-}" ] || [ -e "$MODELS/.extra-written" ]; do sleep 2; done
       # E2E_RUNS: ';'-separated bench_e2e argument lists (e.g. "--models=, ;
       # --models qwen3-30b-a3b --no-draft"), one run each into $OUT/e2e<i>,
       # straight into $OUT so what it measured comes back even if the call is
@@ -115,6 +123,18 @@ for step in "$@"; do
       wait
       timeout "${CHAIN_TIMEOUT:-120}" python3 -m scripts.bench_chain --out "$RES/chain" 2>&1 \
         | tee "$RES/bench_chain.log" | tail -6 ;;
+    census)
+      # Ops and device time of a decode step, a verify pass and an overlapped step on the
+      # Llama-3-8B shape, unpatched and patched (scripts/count_ops.py, scripts/bench_step.py).
+      llama=$(python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', 'llama', 'llama3-8b'))")
+      until [ -e "$llama/config.json" ]; do sleep 2; done
+      for patched in "" --patched; do
+        tag=${patched:+patched}; tag=${tag:-unpatched}
+        timeout "${CENSUS_TIMEOUT:-90}" python3 -m scripts.count_ops --model "$llama" $patched --out "$RES/census/$tag" 2>&1 \
+          | tee -a "$RES/census.log" | tail -3
+        timeout "${CENSUS_TIMEOUT:-90}" python3 -m scripts.bench_step --model "$llama" $patched --out "$RES/step/$tag" 2>&1 \
+          | tee -a "$RES/step.log" | tail -7
+      done ;;
     attention)
       # One layer's attention as the synchronous verify runs it and as the overlapped step does.
       timeout "${ATTENTION_TIMEOUT:-60}" python3 -m scripts.bench_attention --out "$RES/attention" 2>&1 \

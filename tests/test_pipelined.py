@@ -74,6 +74,32 @@ def test_device_cache_mask_is_mlx_lms_causal_mask_over_the_live_rows():
     assert back.offset == 303 and mx.array_equal(back.keys[:, :, 300:], keys[:, :, :3])
 
 
+def test_an_additive_mask_is_the_bool_mask_as_mlx_converts_it():
+    kv = KVCache()
+    keys = mx.random.normal((1, 2, 300, 8)).astype(mx.bfloat16)
+    kv.update_and_fetch(keys, keys)
+    c = DeviceKVCache.from_cache(kv, 305)
+    visible = c.make_mask(5)
+    c.additive = True
+    mask = c.make_mask(5)
+    assert visible.dtype == mx.bool_ and mask.dtype == mx.bfloat16
+    assert mx.array_equal(mask == 0, visible) and mx.all(mx.isinf(mask) == ~visible).item()
+    q = mx.random.normal((1, 4, 5, 8)).astype(mx.bfloat16)
+    k, v = c.update_and_fetch(keys[:, :, :5], keys[:, :, :5])
+    attend = lambda m: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3, mask=m)
+    assert mx.array_equal(attend(mask), attend(visible))
+
+
+@pytest.mark.parametrize("family", KV_FAMILIES + HYBRID_FAMILIES)
+def test_only_attention_that_reads_the_mask_as_a_bool_keeps_it(family, models):
+    """DeepSeek-V3's MLA applies the mask with mx.where: an additive one would
+    invert it there. Every other family hands it to mlx-lm's attention."""
+    from mtp_splitk.speculative.device_cache import takes_additive_masks
+
+    model, _ = models(family)
+    assert takes_additive_masks(model) == (family != "deepseek_v3")
+
+
 def test_device_cache_grows_without_losing_rows():
     c = DeviceKVCache()
     c.reserve(4)

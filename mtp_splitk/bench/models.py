@@ -101,6 +101,11 @@ def check_disk(root, specs: List[Tuple], stream=None) -> int:
     return need
 
 
+def dir_path(root, family: str, size: str, mtp: bool = False, bits: int = 4) -> Path:
+    """Where :func:`model_dir` puts that model (complete once it holds config.json)."""
+    return Path(root) / _dir_name(family, size, mtp, bits)
+
+
 def model_dir(
     root,
     family: str,
@@ -111,13 +116,12 @@ def model_dir(
 ) -> Path:
     """A synthetic model directory under ``root`` (``bits``-bit affine g64),
     written once."""
-    name = _dir_name(family, size, mtp, bits)
     write_model = synthetic.write_mtp_model if mtp else synthetic.write_model
 
     def write(path):
         write_model(path, family, size, quantization(bits), progress=progress)
 
-    return cache.build_once(Path(root) / name, write)
+    return cache.build_once(dir_path(root, family, size, mtp, bits), write)
 
 
 def mtp_model_dir(root, name: str, progress=None) -> Path:

@@ -107,7 +107,7 @@ class MTPDrafter(Drafter):
         return stack_drafts(tokens, qs)
 
     def start(self, y, k, distribution):
-        device_cache.on_device(self.cache, getattr(self, "_room", 0))
+        device_cache.on_device(self.cache, getattr(self, "_room", 0), not self.head.mask_as_array)
         self._position = self.cache[0].offset + (self._last is not None)
         if self._last is None:  # a one-token prompt: no hidden state to draft from
             return mx.zeros((k,), mx.uint32), None

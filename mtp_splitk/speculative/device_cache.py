@@ -16,6 +16,11 @@ rarely; attention reads the whole buffer and the mask from
 :meth:`make_mask` hides every position past each row's own. MLX's dynamic
 slicing does not clamp, so the loop reserves ahead of the largest offset the
 device can have reached (:func:`reserve`).
+
+The mask is additive (0 / -inf in the keys' dtype) for the model types of
+:data:`ADDITIVE_MASK_TYPES`: MLX's CUDA attention takes no bool mask and
+converts one in every layer (two fills and a ``where``, three ops a layer);
+built once a forward here, it is the same numbers.
 """
 
 from typing import List, Optional
@@ -25,6 +30,17 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..compat import BaseCache
 from .recurrent import DeviceArraysCache
+
+# Model types whose attention hands the KV cache's mask to mlx-lm's
+# scaled_dot_product_attention and nothing else (DeepSeek-V3's MLA reads it
+# as a bool in mx.where: it keeps the bool mask).
+ADDITIVE_MASK_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "mimo", "qwen3_next", "qwen3_5", "qwen3_5_moe"}
+)
+
+
+def takes_additive_masks(model) -> bool:
+    return getattr(model, "model_type", None) in ADDITIVE_MASK_TYPES
 
 
 class DeviceKVCache(BaseCache):
@@ -36,6 +52,7 @@ class DeviceKVCache(BaseCache):
     """
 
     step = 256
+    additive = False  # make_mask's kind (module docstring); on_device sets it
 
     def __init__(self, offset: int = 0):
         self.keys: Optional[mx.array] = None
@@ -92,11 +109,16 @@ class DeviceKVCache(BaseCache):
         self.offset = self.offset + n
 
     def make_mask(self, N: int, return_array: bool = False, window_size=None):
-        """(N, capacity) bool: row i sees positions up to ``offset + i``."""
+        """(N, capacity): row i sees positions up to ``offset + i``; bool, or
+        0 / -inf in the keys' dtype where :attr:`additive`."""
         if window_size is not None:
             raise ValueError("DeviceKVCache does not support sliding windows.")
         positions = self.offset + mx.arange(N, dtype=mx.int32)
-        return mx.arange(self._capacity, dtype=mx.int32)[None] <= positions[:, None]
+        visible = mx.arange(self._capacity, dtype=mx.int32)[None] <= positions[:, None]
+        if not self.additive or self.keys is None:
+            return visible
+        dtype = self.keys.dtype
+        return mx.where(visible, mx.array(0, dtype), mx.array(-mx.inf, dtype))
 
     def to_kv_cache(self, length: int) -> KVCache:
         """A plain ``KVCache`` holding the first ``length`` rows."""
@@ -134,10 +156,11 @@ class DeviceKVCache(BaseCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
+def on_device(cache: List, positions: int = 0, additive: bool = False) -> List[DeviceKVCache]:
     """Replace every ``KVCache`` of a model's cache list, in place, by a
     :class:`DeviceKVCache` with the same contents and room for ``positions``
-    rows, and every ``ArraysCache`` by a :class:`~.recurrent.DeviceArraysCache`
+    rows (its masks additive with ``additive``: see :func:`takes_additive_masks`),
+    and every ``ArraysCache`` by a :class:`~.recurrent.DeviceArraysCache`
     at the same offset; returns the list. KV entries at one offset share one
     offset array, so moving them all costs one op (:func:`advance`)."""
     shared = {}
@@ -147,6 +170,7 @@ def on_device(cache: List, positions: int = 0) -> List[DeviceKVCache]:
             cache[i] = DeviceArraysCache(c, offset)
             continue
         cache[i] = DeviceKVCache.from_cache(c, positions)
+        cache[i].additive = additive
         cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
     return cache
 

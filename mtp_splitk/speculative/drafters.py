@@ -194,7 +194,9 @@ class DraftModelDrafter(Drafter):
         return drafts, q
 
     def start(self, y, k, distribution):
-        device_cache.on_device(self.cache, getattr(self, "_room", 0))
+        device_cache.on_device(
+            self.cache, getattr(self, "_room", 0), device_cache.takes_additive_masks(self.model)
+        )
         self._base = self.cache[0].offset  # where y goes
         return self._run(y, y, k, distribution)
 

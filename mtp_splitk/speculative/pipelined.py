@@ -142,7 +142,9 @@ class Pipeline:
         # went through mlx-lm's own path); close() puts it back.
         undo_rows, undo_recurrent = decode_arithmetic(self.model, self.drafter), recurrent.swap_layers(self.model)
         self.close = lambda: (undo_rows(), undo_recurrent())
-        device_cache.on_device(self.cache, offset + 3 * (self.k + 1))
+        device_cache.on_device(
+            self.cache, offset + 3 * (self.k + 1), device_cache.takes_additive_masks(self.model)
+        )
         self.drafter.reserve(offset + 3 * (self.k + 1))
         drafts, q = self.drafter.start(y, self.k, self.distribution)
         return offset, self._step(y, drafts, q)

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Where an overlapped step's time goes: the step with its parts left out, one at a time.
+
+Run 11 (Llama-3-8B shape, k = 4): an overlapped step took 11.3 ms of device time, a
+synchronous verify forward of the same 5 rows 7.4 ms. Each variant here is a chain of
+STEPS dependent passes built lazily and then evaluated at once (ms a pass: the GPU's
+time with MLX's dispatch of the ops, the host's graph building left out):
+
+  decode            mlx-lm's KVCache, 1 row (plain decode's forward)
+  verify            mlx-lm's KVCache, k+1 rows, "causal" mask, trimmed back after each
+  device-bool       the overlapped loop's DeviceKVCache, k+1 rows, bool mask, offset fixed
+  device-additive   the same with the additive mask (device_cache.py)
+  step-bool         the overlapped loop's whole step (verdict, drafter, offsets), bool mask
+  step-additive     the same with the additive mask (the default since this script)
+
+Usage: python -m scripts.bench_step --model DIR [--k 4] [--context 300] [--patched] [--out DIR]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+from mtp_splitk import patch, plan
+from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.speculative import device_cache
+from mtp_splitk.speculative.pipelined import Pipeline
+
+STEPS = 32
+
+
+def _warm(model, prompt):
+    cache = make_prompt_cache(model)
+    mx.eval(model(prompt[None], cache=cache), [c.state for c in cache])
+    return cache
+
+
+REPS = 5
+
+
+def _timed(build, first, outputs=lambda x: x):
+    """Median (host build ms, evaluation ms) a pass of a chain of STEPS passes."""
+    builds, evals = [], []
+    x = first
+    for _ in range(REPS + 1):  # the first chain warms up
+        tic = time.perf_counter()
+        for _ in range(STEPS):
+            x = build(x)
+        built = time.perf_counter()
+        mx.eval(outputs(x))
+        done = time.perf_counter()
+        builds.append((built - tic) / STEPS * 1e3)
+        evals.append((done - built) / STEPS * 1e3)
+    return statistics.median(builds[1:]), statistics.median(evals[1:])
+
+
+def forward_chain(model, prompt, rows: int, device: bool, additive: bool = False):
+    cache = _warm(model, prompt)
+    vocab = model.args.vocab_size
+    if device:  # the offset stays: every pass writes the same rows
+        device_cache.on_device(cache, prompt.size + rows, additive)
+
+    def build(tokens):
+        logits = model(tokens[None], cache=cache)
+        if not device:
+            trim_prompt_cache(cache, rows)  # the rows go again at the same place
+        return (mx.argmax(logits[0], axis=-1).astype(mx.uint32) + 1) % vocab
+
+    return _timed(build, prompt[-rows:].astype(mx.uint32))
+
+
+def step_chain(model, prompt, k: int, additive: bool):
+    vocab = model.args.vocab_size
+    drafter = AcceptanceControlledDrafter([int(t) * 7 % vocab for t in prompt.tolist()], 0.8, vocab)
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
+    offset, first = pipeline.begin(prompt)
+    for c in pipeline.cache:
+        c.additive = additive
+    pipeline.reserve(offset + (REPS + 1) * STEPS * (k + 1))  # as if every step accepted all
+    mx.eval(first[0].token, first[2])
+    try:
+        return _timed(pipeline.step, first, lambda s: [s[0].token, s[0].accepted, s[2]])
+    finally:
+        pipeline.close()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="an mlx-lm model directory")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--context", type=int, default=300, help="tokens in the cache first")
+    parser.add_argument("--patched", action="store_true")
+    parser.add_argument("--out", default=None, help="directory for bench_step.json")
+    args = parser.parse_args()
+    model, _ = load(args.model)
+    if args.patched:
+        patch.enable()
+    prompt = mx.arange(args.context) % model.args.vocab_size
+    rows = args.k + 1
+    variants = {
+        "decode": lambda: forward_chain(model, prompt, 1, False),
+        "verify": lambda: forward_chain(model, prompt, rows, False),
+        "device-bool": lambda: forward_chain(model, prompt, rows, True, False),
+        "device-additive": lambda: forward_chain(model, prompt, rows, True, True),
+        "step-bool": lambda: step_chain(model, prompt, args.k, False),
+        "step-additive": lambda: step_chain(model, prompt, args.k, True),
+    }
+    results = {}
+    print(f"{'variant':>16} {'host build ms':>14} {'evaluation ms':>14}")
+    for name, fn in variants.items():
+        build, evaluation = fn()
+        results[name] = {"host_build_ms": build, "evaluation_ms": evaluation}
+        print(f"{name:>16} {build:>14.2f} {evaluation:>14.2f}", flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        meta = {"device": plan.current_device().name, "mlx": mx.__version__, "model": args.model,
+                "patched": args.patched, "k": args.k, "context": args.context, "steps": STEPS}
+        with open(os.path.join(args.out, "bench_step.json"), "w") as f:
+            json.dump({"meta": meta, "variants": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

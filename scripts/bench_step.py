@@ -8,10 +8,12 @@ time with MLX's dispatch of the ops, the host's graph building left out):
 
   decode            mlx-lm's KVCache, 1 row (plain decode's forward)
   verify            mlx-lm's KVCache, k+1 rows, "causal" mask, trimmed back after each
-  device-bool       the overlapped loop's DeviceKVCache, k+1 rows, bool mask, offset fixed
-  device-additive   the same with the additive mask (device_cache.py)
-  step-bool         the overlapped loop's whole step (verdict, drafter, offsets), bool mask
-  step-additive     the same with the additive mask (the default since this script)
+  device-dynamic    DeviceKVCache (rows written at the device offset), k+1 rows, offset fixed
+  device-slotted    SlottedKVCache (rows at slots the host knows), k+1 rows, offset fixed
+  step-dynamic      the overlapped loop's whole step (verdict, drafter, offsets), DeviceKVCache
+  step-slotted      the same on SlottedKVCache (the loop's default)
+
+All with additive masks. Run 12 of benchmarks/h200/RUNS.md: bool against additive masks.
 
 Usage: python -m scripts.bench_step --model DIR [--k 4] [--context 300] [--patched] [--out DIR]
 """
@@ -39,7 +41,7 @@ def _warm(model, prompt):
     return cache
 
 
-REPS = 5
+REPS = 7
 
 
 def _timed(build, first, outputs=lambda x: x):
@@ -58,29 +60,33 @@ def _timed(build, first, outputs=lambda x: x):
     return statistics.median(builds[1:]), statistics.median(evals[1:])
 
 
-def forward_chain(model, prompt, rows: int, device: bool, additive: bool = False):
+def forward_chain(model, prompt, rows: int, cache_kind: str):
     cache = _warm(model, prompt)
     vocab = model.args.vocab_size
-    if device:  # the offset stays: every pass writes the same rows
-        device_cache.on_device(cache, prompt.size + rows, additive)
+    if cache_kind != "plain":  # the offset stays: every pass writes the same positions
+        slotted = cache_kind == "slotted"
+        device_cache.on_device(cache, prompt.size + rows, True, slotted)
+        device_cache.reserve_slots(cache, rows, prompt.size)
 
     def build(tokens):
+        device_cache.open_pass(cache, rows)
         logits = model(tokens[None], cache=cache)
-        if not device:
+        if cache_kind == "plain":
             trim_prompt_cache(cache, rows)  # the rows go again at the same place
+        elif cache_kind == "slotted":
+            device_cache.advance(cache, 0)  # the rows hidden again, their slots reused
+            cache[0].table.written -= rows
         return (mx.argmax(logits[0], axis=-1).astype(mx.uint32) + 1) % vocab
 
     return _timed(build, prompt[-rows:].astype(mx.uint32))
 
 
-def step_chain(model, prompt, k: int, additive: bool):
+def step_chain(model, prompt, k: int, slotted: bool):
     vocab = model.args.vocab_size
     drafter = AcceptanceControlledDrafter([int(t) * 7 % vocab for t in prompt.tolist()], 0.8, vocab)
-    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False, slotted=slotted)
     offset, first = pipeline.begin(prompt)
-    for c in pipeline.cache:
-        c.additive = additive
-    pipeline.reserve(offset + (REPS + 1) * STEPS * (k + 1))  # as if every step accepted all
+    pipeline.reserve(offset, (REPS + 1) * STEPS)  # as if every step accepted all
     mx.eval(first[0].token, first[2])
     try:
         return _timed(pipeline.step, first, lambda s: [s[0].token, s[0].accepted, s[2]])
@@ -102,12 +108,12 @@ def main():
     prompt = mx.arange(args.context) % model.args.vocab_size
     rows = args.k + 1
     variants = {
-        "decode": lambda: forward_chain(model, prompt, 1, False),
-        "verify": lambda: forward_chain(model, prompt, rows, False),
-        "device-bool": lambda: forward_chain(model, prompt, rows, True, False),
-        "device-additive": lambda: forward_chain(model, prompt, rows, True, True),
-        "step-bool": lambda: step_chain(model, prompt, args.k, False),
-        "step-additive": lambda: step_chain(model, prompt, args.k, True),
+        "decode": lambda: forward_chain(model, prompt, 1, "plain"),
+        "verify": lambda: forward_chain(model, prompt, rows, "plain"),
+        "device-dynamic": lambda: forward_chain(model, prompt, rows, "dynamic"),
+        "device-slotted": lambda: forward_chain(model, prompt, rows, "slotted"),
+        "step-dynamic": lambda: step_chain(model, prompt, args.k, False),
+        "step-slotted": lambda: step_chain(model, prompt, args.k, True),
     }
     results = {}
     print(f"{'variant':>16} {'host build ms':>14} {'evaluation ms':>14}")

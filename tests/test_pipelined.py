@@ -13,7 +13,9 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mtp_splitk import patch, synthetic
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
 from mtp_splitk.speculative import DraftModelDrafter, Stats, speculative_generate_step
+from mtp_splitk.speculative import slots
 from mtp_splitk.speculative.device_cache import DeviceKVCache
+from mtp_splitk.speculative.slots import SlottedKVCache
 from mtp_splitk.speculative.pipelined import pipelined_generate_step
 
 VOCAB = synthetic.TINY_VOCAB
@@ -49,6 +51,11 @@ def run(model, drafter, n, k, prompt=PROMPT, **kwargs):
         prompt, model, drafter, num_draft_tokens=k, max_tokens=n, stats=stats, **kwargs
     )
     return [t for t, _, _ in out], stats
+
+
+def small_buckets(monkeypatch, rows=8):
+    monkeypatch.setattr(DeviceKVCache, "step", rows)
+    monkeypatch.setattr(SlottedKVCache, "step", rows)
 
 
 # -- the cache ------------------------------------------------------------------------------
@@ -145,7 +152,7 @@ def test_hybrid_models_greedy_output_is_plain_greedy(family, patched, models):
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
 def test_a_hybrids_attention_buckets_grow_in_the_middle_of_a_run(family, models, monkeypatch):
-    monkeypatch.setattr(DeviceKVCache, "step", 8)
+    small_buckets(monkeypatch)
     model, _ = models(family)
     expected = plain(model, 60)
     out, stats = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 60, 4)
@@ -269,7 +276,7 @@ def test_buckets_grow_in_the_middle_of_a_run(k, models, monkeypatch, tmp_path):
     """Small buckets, so that the target's and the draft model's caches grow
     many times while steps are in flight (MLX's dynamic slicing does not
     clamp: a write past the buffer would corrupt memory, not raise)."""
-    monkeypatch.setattr(DeviceKVCache, "step", 8)
+    small_buckets(monkeypatch)
     model, _ = models("mixtral")
     expected = plain(model, 80)
     out, stats = run(model, AcceptanceControlledDrafter(expected, 0.7, VOCAB), 80, k)
@@ -280,6 +287,26 @@ def test_buckets_grow_in_the_middle_of_a_run(k, models, monkeypatch, tmp_path):
     expected = plain(target, 80)
     out, stats = run(target, DraftModelDrafter(draft), 80, k)
     assert out == expected and stats.steps > 10
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_the_targets_slots_are_compacted_when_they_run_out(family, models, monkeypatch):
+    """Every pass takes k+1 slots whatever was accepted: at a low acceptance
+    the slots run out long before the positions, and the live rows move to
+    the front (on the device) instead of the buffers growing each time."""
+    small_buckets(monkeypatch, 16)
+    compactions = []
+    compact = slots.SlotTable.compact
+    monkeypatch.setattr(slots.SlotTable, "compact", lambda self, n: (compactions.append(n), compact(self, n)))
+    model, _ = models(family)
+    expected = plain(model, 90)
+    cache = make_prompt_cache(model)
+    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.3, VOCAB), 90, 5, prompt_cache=cache)
+    assert out == expected and len(compactions) >= 3
+    # The caller's cache holds the prompt and every token but the last, in order.
+    assert {c.offset for c in cache if type(c) is KVCache} == {PROMPT.size + 89}
+    assert plain(model, 10, prompt=mx.array(out[-1:], mx.uint32), prompt_cache=cache) == plain(
+        model, 100)[90:]
 
 
 def test_a_one_token_prompt(models):

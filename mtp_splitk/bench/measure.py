@@ -108,7 +108,7 @@ def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32) -> 
     pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
     offset, current = pipeline.begin(prompt)
     mx.eval(current[0].token, current[2])
-    pipeline.reserve(offset + steps * (k + 1))  # as if every step accepted all
+    pipeline.reserve(offset, steps)
     tic = time.perf_counter()
     for _ in range(steps):
         current = pipeline.step(current)

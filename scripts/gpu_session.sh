@@ -128,12 +128,13 @@ for step in "$@"; do
       # Llama-3-8B shape, unpatched and patched (scripts/count_ops.py, scripts/bench_step.py).
       llama=$(python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', 'llama', 'llama3-8b'))")
       until [ -e "$llama/config.json" ]; do sleep 2; done
-      for patched in "" --patched; do
-        tag=${patched:+patched}; tag=${tag:-unpatched}
-        timeout "${CENSUS_TIMEOUT:-90}" python3 -m scripts.count_ops --model "$llama" $patched --out "$RES/census/$tag" 2>&1 \
-          | tee -a "$RES/census.log" | tail -3
-        timeout "${CENSUS_TIMEOUT:-90}" python3 -m scripts.bench_step --model "$llama" $patched --out "$RES/step/$tag" 2>&1 \
-          | tee -a "$RES/step.log" | tail -7
+      # CENSUS_SCRIPTS, CENSUS_STATES: which of the two scripts, and "unpatched patched" or one of them.
+      for state in ${CENSUS_STATES:-unpatched patched}; do
+        flag=$([ "$state" = patched ] && echo --patched)
+        for script in ${CENSUS_SCRIPTS:-count_ops bench_step}; do
+          timeout "${CENSUS_TIMEOUT:-90}" python3 -m "scripts.$script" --model "$llama" $flag --out "$RES/$script/$state" 2>&1 \
+            | tee -a "$RES/$script.log" | tail -7
+        done
       done ;;
     attention)
       # One layer's attention as the synchronous verify runs it and as the overlapped step does.

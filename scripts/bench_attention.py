@@ -6,8 +6,9 @@ synchronous verify of the same rows. The two passes differ in their attention: t
 synchronous one attends over exactly the live keys with mlx-lm's "causal" mask, the
 overlapped one (DeviceKVCache) over a 256-row bucket with a boolean array mask built from
 device positions (bool: MLX's CUDA attention converts it in every call; additive, 0 / -inf in
-bfloat16: as DeviceKVCache builds it since). This times one layer's
-`mx.fast.scaled_dot_product_attention` each way
+bfloat16, as an (M, capacity) array or copied for every head as MLX lays out its own converted
+mask). Each way is checked against the exact keys (max |difference|) and timed: one layer's
+`mx.fast.scaled_dot_product_attention`
 (Llama-3-8B heads: 32 query, 8 KV, dim 128; bfloat16) for M query rows at a context, in a
 chain of 32 dependent calls (a forward's layers), µs a call.
 Usage: python -m scripts.bench_attention [--out DIR]
@@ -44,14 +45,20 @@ def row(M, context):
     offset = mx.array(context, mx.int32)
     array_mask = mx.arange(capacity)[None] <= (offset + mx.arange(M))[:, None]
     additive = mx.where(array_mask, mx.array(0, mx.bfloat16), mx.array(-mx.inf, mx.bfloat16))
-    mx.eval(array_mask, additive)
-    exact = chain(q, k[:, :, :live], v[:, :, :live], "causal" if M > 1 else None)
-    return {
-        "M": M, "context": context, "capacity": capacity,
-        "causal_exact_us": median_call_us(exact, per=LAYERS),
-        "array_mask_bucket_us": median_call_us(chain(q, k, v, array_mask), per=LAYERS),
-        "additive_mask_bucket_us": median_call_us(chain(q, k, v, additive), per=LAYERS),
-    }
+    # The same numbers laid out as MLX lays out its own converted bool mask: every head's copy.
+    per_head = mx.contiguous(mx.broadcast_to(additive, (1, HEADS, M, capacity)))
+    mx.eval(array_mask, additive, per_head)
+    causal = "causal" if M > 1 else None
+    exact = mx.fast.scaled_dot_product_attention(q, k[:, :, :live], v[:, :, :live], scale=DIM**-0.5, mask=causal)
+    masks = {"array_mask": array_mask, "additive_mask": additive, "additive_per_head": per_head}
+    out = {"M": M, "context": context, "capacity": capacity,
+           "causal_exact_us": median_call_us(chain(q, k[:, :, :live], v[:, :, :live], causal), per=LAYERS)}
+    for name, mask in masks.items():
+        y = mx.fast.scaled_dot_product_attention(q, k, v, scale=DIM**-0.5, mask=mask)
+        # Against the exact keys: the same attention, so rounding apart (bf16) the same numbers.
+        out[f"{name}_max_error"] = mx.abs(y - exact).max().item()
+        out[f"{name}_bucket_us"] = median_call_us(chain(q, k, v, mask), per=LAYERS)
+    return out
 
 
 def main():
@@ -59,10 +66,11 @@ def main():
     parser.add_argument("--out", default=None, help="directory for bench_attention.json")
     args = parser.parse_args()
     rows = [row(M, context) for context in (64, 300, 1000) for M in (1, 2, 5, 8)]
-    print(f"{'M':>3} {'context':>8} {'causal, exact':>14} {'bool mask, bucket':>18} {'additive, bucket':>17}  (µs a layer)")
+    names = ("array_mask", "additive_mask", "additive_per_head")
+    print(f"{'M':>3} {'context':>8} {'causal, exact':>14} " + " ".join(f"{n + ' µs (error)':>28}" for n in names))
     for r in rows:
-        print(f"{r['M']:>3} {r['context']:>8} {r['causal_exact_us']:>14.1f} {r['array_mask_bucket_us']:>18.1f}"
-              f" {r['additive_mask_bucket_us']:>17.1f}")
+        cells = " ".join(f"{r[n + '_bucket_us']:>18.1f} ({r[n + '_max_error']:7.4f})" for n in names)
+        print(f"{r['M']:>3} {r['context']:>8} {r['causal_exact_us']:>14.1f} {cells}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         meta = {"device": plan.current_device().name, "mlx": mx.__version__}

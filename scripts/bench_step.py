@@ -8,12 +8,14 @@ time with MLX's dispatch of the ops, the host's graph building left out):
 
   decode            mlx-lm's KVCache, 1 row (plain decode's forward)
   verify            mlx-lm's KVCache, k+1 rows, "causal" mask, trimmed back after each
-  device-dynamic    DeviceKVCache (rows written at the device offset), k+1 rows, offset fixed
-  device-slotted    SlottedKVCache (rows at slots the host knows), k+1 rows, offset fixed
-  step-dynamic      the overlapped loop's whole step (verdict, drafter, offsets), DeviceKVCache
-  step-slotted      the same on SlottedKVCache (the loop's default)
+  device-dynamic    DeviceKVCache (rows written at the device offset by mx.slice_update,
+                    MLX's DynamicSliceUpdate), k+1 rows, offset fixed
+  device-scatter    the same, the rows written by mx.put_along_axis (a Scatter) instead
+  step-dynamic      the overlapped loop's whole step (verdict, drafter, offsets)
+  step-scatter      the same with the scatter writes
 
-All with additive masks. Run 12 of benchmarks/h200/RUNS.md: bool against additive masks.
+All with additive masks. Runs 12a/12b of benchmarks/h200/RUNS.md: bool against additive masks,
+and rows written at host-known slots (bf42ecf; not bit-exact on CUDA, since removed).
 
 Usage: python -m scripts.bench_step --model DIR [--k 4] [--context 300] [--patched] [--out DIR]
 """
@@ -30,6 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from mtp_splitk import patch, plan
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
 from mtp_splitk.speculative import device_cache
+from mtp_splitk.speculative.device_cache import DeviceKVCache
 from mtp_splitk.speculative.pipelined import Pipeline
 
 STEPS = 32
@@ -60,32 +63,54 @@ def _timed(build, first, outputs=lambda x: x):
     return statistics.median(builds[1:]), statistics.median(evals[1:])
 
 
+class ScatterKVCache(DeviceKVCache):
+    """DeviceKVCache writing its rows with a Scatter; the row indices are
+    made once a pass (every layer's cache shares the offset array)."""
+
+    _index = (None, None)  # (offset array, its row indices)
+
+    def update_and_fetch(self, keys, values):
+        if self.keys is None:
+            return super().update_and_fetch(keys, values)
+        offset, index = ScatterKVCache._index
+        if offset is not self.offset or index.shape[2] != keys.shape[2]:
+            index = (self.offset + mx.arange(keys.shape[2], dtype=mx.int32))[None, None, :, None]
+            ScatterKVCache._index = (self.offset, index)
+        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, index, values, axis=2)
+        return self.keys, self.values
+
+
+def _scatter(cache):
+    for c in cache:
+        if type(c) is DeviceKVCache:
+            c.__class__ = ScatterKVCache
+
+
 def forward_chain(model, prompt, rows: int, cache_kind: str):
     cache = _warm(model, prompt)
     vocab = model.args.vocab_size
     if cache_kind != "plain":  # the offset stays: every pass writes the same positions
-        slotted = cache_kind == "slotted"
-        device_cache.on_device(cache, prompt.size + rows, True, slotted)
-        device_cache.reserve_slots(cache, rows, prompt.size)
+        device_cache.on_device(cache, prompt.size + rows, True)
+        if cache_kind == "scatter":
+            _scatter(cache)
 
     def build(tokens):
-        device_cache.open_pass(cache, rows)
         logits = model(tokens[None], cache=cache)
         if cache_kind == "plain":
             trim_prompt_cache(cache, rows)  # the rows go again at the same place
-        elif cache_kind == "slotted":
-            device_cache.advance(cache, 0)  # the rows hidden again, their slots reused
-            cache[0].table.written -= rows
         return (mx.argmax(logits[0], axis=-1).astype(mx.uint32) + 1) % vocab
 
     return _timed(build, prompt[-rows:].astype(mx.uint32))
 
 
-def step_chain(model, prompt, k: int, slotted: bool):
+def step_chain(model, prompt, k: int, scatter: bool):
     vocab = model.args.vocab_size
     drafter = AcceptanceControlledDrafter([int(t) * 7 % vocab for t in prompt.tolist()], 0.8, vocab)
-    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False, slotted=slotted)
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
     offset, first = pipeline.begin(prompt)
+    if scatter:  # step 0 was built on the slice writes; the chain's steps scatter
+        _scatter(pipeline.cache)
     pipeline.reserve(offset, (REPS + 1) * STEPS)  # as if every step accepted all
     mx.eval(first[0].token, first[2])
     try:
@@ -111,9 +136,9 @@ def main():
         "decode": lambda: forward_chain(model, prompt, 1, "plain"),
         "verify": lambda: forward_chain(model, prompt, rows, "plain"),
         "device-dynamic": lambda: forward_chain(model, prompt, rows, "dynamic"),
-        "device-slotted": lambda: forward_chain(model, prompt, rows, "slotted"),
+        "device-scatter": lambda: forward_chain(model, prompt, rows, "scatter"),
         "step-dynamic": lambda: step_chain(model, prompt, args.k, False),
-        "step-slotted": lambda: step_chain(model, prompt, args.k, True),
+        "step-scatter": lambda: step_chain(model, prompt, args.k, True),
     }
     results = {}
     print(f"{'variant':>16} {'host build ms':>14} {'evaluation ms':>14}")

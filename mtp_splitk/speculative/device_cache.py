@@ -30,7 +30,6 @@ from mlx_lm.models.cache import ArraysCache, KVCache
 
 from ..compat import BaseCache
 from .recurrent import DeviceArraysCache
-from .slots import SlotTable, SlottedKVCache
 
 # Model types whose attention hands the KV cache's mask to mlx-lm's
 # scaled_dot_product_attention and nothing else (DeepSeek-V3's MLA reads it
@@ -157,48 +156,23 @@ class DeviceKVCache(BaseCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
-def on_device(
-    cache: List, positions: int = 0, additive: bool = False, slotted: bool = False
-) -> List[DeviceKVCache]:
+def on_device(cache: List, positions: int = 0, additive: bool = False) -> List[DeviceKVCache]:
     """Replace every ``KVCache`` of a model's cache list, in place, by a
     :class:`DeviceKVCache` with the same contents and room for ``positions``
     rows (its masks additive with ``additive``: see :func:`takes_additive_masks`),
-    or with ``slotted`` by a :class:`~.slots.SlottedKVCache` (one slot table for
-    all; the overlapped loop's target), and every ``ArraysCache`` by a
-    :class:`~.recurrent.DeviceArraysCache` at the same offset; returns the
-    list. KV entries at one offset share one offset array, so moving them all
-    costs one op (:func:`advance`)."""
+    and every ``ArraysCache`` by a :class:`~.recurrent.DeviceArraysCache`
+    at the same offset; returns the list. KV entries at one offset share one
+    offset array, so moving them all costs one op (:func:`advance`)."""
     shared = {}
     offset = max((c.offset for c in cache if type(c) is KVCache), default=0)
-    table = SlotTable(offset) if slotted else None
     for i, c in enumerate(cache):
         if type(c) is ArraysCache:
             cache[i] = DeviceArraysCache(c, offset)
-        elif slotted:
-            cache[i] = SlottedKVCache(c, table, shared.setdefault(c.offset, mx.array(c.offset, mx.int32)), additive)
-        else:
-            cache[i] = DeviceKVCache.from_cache(c, positions)
-            cache[i].additive = additive
-            cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
+            continue
+        cache[i] = DeviceKVCache.from_cache(c, positions)
+        cache[i].additive = additive
+        cache[i].offset = shared.setdefault(c.offset, cache[i].offset)
     return cache
-
-
-def _table(cache: List) -> Optional[SlotTable]:
-    return next((c.table for c in cache if isinstance(c, SlottedKVCache)), None)
-
-
-def open_pass(cache: List, rows: int):
-    """Before a forward of ``rows`` rows on slotted caches: their slots."""
-    table = _table(cache)
-    if table is not None:
-        table.open(rows, table.caches[0].offset)
-
-
-def reserve_slots(cache: List, slots: int, live_bound: int):
-    """Room for ``slots`` more slots in slotted caches (:meth:`SlotTable.reserve`)."""
-    table = _table(cache)
-    if table is not None:
-        table.reserve(slots, live_bound)
 
 
 def pipelinable(cache: List) -> bool:
@@ -214,21 +188,13 @@ def pipelinable(cache: List) -> bool:
 
 def to_plain(cache: List, length: int):
     """In place, the plain caches holding the first ``length`` rows."""
-    table = _table(cache)
-    slots = table.live_slots(length) if table is not None else None
     for i, c in enumerate(cache):
-        if isinstance(c, DeviceArraysCache):
-            cache[i] = c.to_arrays_cache(length)
-        else:
-            cache[i] = c.to_kv_cache(length if slots is None else slots)
+        cache[i] = c.to_arrays_cache(length) if isinstance(c, DeviceArraysCache) else c.to_kv_cache(length)
 
 
 def reserve(cache: List[DeviceKVCache], positions: int):
-    """Room for rows up to ``positions`` in DeviceKVCaches (a slotted cache's
-    room is in slots: :func:`reserve_slots`)."""
     for c in cache:
-        if isinstance(c, DeviceKVCache):
-            c.reserve(positions)
+        c.reserve(positions)
 
 
 def _moved(cache: List[DeviceKVCache], new):
@@ -247,9 +213,6 @@ def advance(cache: List[DeviceKVCache], n):
     for c in cache:
         if isinstance(c, DeviceArraysCache):
             c.commit(n)  # moves its own offset
-    table = _table(cache)
-    if table is not None:
-        table.commit(n)  # the pass's rows past n: hidden
     _moved([c for c in cache if not isinstance(c, DeviceArraysCache)], lambda offset: offset + n)
 
 

@@ -4,10 +4,9 @@
 reaches the host.
 
 Every step feeds the target exactly ``M = k+1`` rows, ``[y, d_1..d_k]``, so the
-graph's shapes do not depend on what was accepted. The target's caches are
-:class:`~.slots.SlottedKVCache` objects (rows at slots the host knows, the
-positions as device arrays), a drafter's :class:`~.device_cache.DeviceKVCache`
-ones (offsets as device arrays); the verdict (accepted count, the target's token) stays on the
+graph's shapes do not depend on what was accepted. The caches are
+:class:`~.device_cache.DeviceKVCache` objects whose offsets are device
+arrays; the verdict (accepted count, the target's token) stays on the
 device, moves the offsets and feeds the drafter (:meth:`Drafter.propose`),
 so the host builds and submits step n+1 from lazy arrays, then reads step n's
 tokens, which by then are computed, and hands them out: one step late, as
@@ -109,9 +108,8 @@ class Pipeline:
     reads each step one step late; a benchmark can chain steps unread.
     """
 
-    def __init__(self, model, drafter, cache, k, sampler=None, distribution=None, submit=True, slotted=True):
+    def __init__(self, model, drafter, cache, k, sampler=None, distribution=None, submit=True):
         self.model, self.drafter, self.cache, self.k = model, drafter, cache, k
-        self.slotted = slotted  # False: the target on DeviceKVCaches too (scripts/bench_step.py)
         self.sampler = sampler or greedy_sampler
         self.distribution = distribution
         self.submit = submit  # False: steps stay unevaluated until asked for
@@ -125,15 +123,13 @@ class Pipeline:
         return self.parts.logits(hidden)[0], hidden
 
     def reserve(self, offset: int, steps: int = 1):
-        """Before building the next ``steps`` steps, with ``offset`` the
-        position after the last step read (one step is in flight): the
-        target's slots for their rows (at most k+1 rows of the step in
-        flight are live), and a drafter's rows, which end within
-        (steps + 2)(k+1) of the offset."""
-        rows = self.k + 1
-        device_cache.reserve_slots(self.cache, steps * rows, offset + rows)
-        device_cache.reserve(self.cache, offset + (steps + 2) * rows)  # not slotted
-        self.drafter.reserve(offset + (steps + 2) * rows)
+        """Room for every row that the next ``steps`` steps and the one in
+        flight write, ``offset`` being the position after the last step read:
+        the target's rows end within (steps + 1)(k+1) of it, a drafter's rows
+        for the step after within (steps + 2)(k+1)."""
+        positions = offset + (steps + 2) * (self.k + 1)
+        device_cache.reserve(self.cache, positions)
+        self.drafter.reserve(positions)
 
     def begin(self, prompt: mx.array, prefill_step_size: int = 512, progress=None):
         """Prefill all prompt tokens but the last; returns (y's position, step 0)."""
@@ -149,8 +145,7 @@ class Pipeline:
         undo_rows, undo_recurrent = decode_arithmetic(self.model, self.drafter), recurrent.swap_layers(self.model)
         self.close = lambda: (undo_rows(), undo_recurrent())
         additive = device_cache.takes_additive_masks(self.model)
-        device_cache.on_device(self.cache, offset + 3 * (self.k + 1), additive, self.slotted)
-        device_cache.reserve_slots(self.cache, self.k + 1, offset)
+        device_cache.on_device(self.cache, offset + 3 * (self.k + 1), additive)
         self.drafter.reserve(offset + 3 * (self.k + 1))
         drafts, q = self.drafter.start(y, self.k, self.distribution)
         return offset, self._step(y, drafts, q)
@@ -163,7 +158,6 @@ class Pipeline:
     def _step(self, y, drafts, q):
         k = self.k
         inputs = mx.concatenate([y, drafts])
-        device_cache.open_pass(self.cache, k + 1)
         logits, hidden = self._forward(inputs)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if self.distribution is None:

@@ -7,8 +7,12 @@ with one burst, then sent ``--repeats`` bursts of ``--requests`` greedy
 completion requests, ``--concurrency`` at a time (batched decode: M = 2..8
 rows through every quantized matmul), and stopped. Reported per state: the
 median burst's requests/s, generated tokens/s and mean latency; whether
-every request completed, whether the patched answers equal the unpatched
-ones, and the error lines of each server's log.
+every request completed, and the error lines of each server's log. Answers:
+the share of prompts answered alike by every burst of a state (batches form
+by arrival, and a row's kernel, so its rounding, depends on the batch's
+size: the unpatched server need not reproduce itself either), and the
+share the patched server answers as the unpatched one (median bursts),
+with the mean shared prefix of the two answers.
 
 Writes <out>/bench_serve.json. Usage:
   python -m scripts.bench_serve [--model DIR] [--requests 32] [--concurrency 8] [--out DIR]
@@ -42,7 +46,20 @@ def measure(model, patched, args, logs):
     result = best.summary()
     result["tokens_per_s_all"] = [b.summary()["tokens_per_s"] for b in bursts]
     result["log_problems"] = serve.problems(server.log_text())[:20]
+    texts = [[a.text for a in b.answers] for b in bursts]
+    result["answers_alike_in_every_burst"] = _share(list(zip(*texts)), lambda t: len(set(t)) == 1)
     return result, [a.text for a in best.answers]
+
+
+def _share(items, keep) -> float:
+    return sum(map(keep, items)) / max(len(items), 1)
+
+
+def _shared_prefix(a, b) -> float:
+    """How much of the longer answer the two share from the start (0..1)."""
+    a, b = a or "", b or ""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return n / max(len(a), len(b), 1)
 
 
 def main():
@@ -72,10 +89,15 @@ def main():
                   f"{r['tokens_per_s']:.1f} tok/s, latency {r['mean_latency_s']:.2f} s, "
                   f"log problems: {len(r['log_problems'])}", flush=True)
     doc["greedy_answers_equal"] = texts["mlx"] == texts["patched"]
+    pairs = list(zip(texts["mlx"], texts["patched"]))
+    doc["answers_equal_to_mlx"] = _share(pairs, lambda ab: ab[0] == ab[1])
+    doc["shared_prefix_with_mlx"] = sum(_shared_prefix(*ab) for ab in pairs) / max(len(pairs), 1)
     doc["patched_over_mlx_tokens_per_s"] = (doc["states"]["patched"]["tokens_per_s"]
                                             / doc["states"]["mlx"]["tokens_per_s"])
     print(f"patched / mlx tokens/s: {doc['patched_over_mlx_tokens_per_s']:.2f}x; "
-          f"greedy answers equal: {doc['greedy_answers_equal']} (mlx {mx.__version__})")
+          f"answers equal to MLX's: {doc['answers_equal_to_mlx']:.0%} (shared prefix "
+          f"{doc['shared_prefix_with_mlx']:.0%}; MLX alike in every burst: "
+          f"{doc['states']['mlx']['answers_alike_in_every_burst']:.0%}) (mlx {mx.__version__})")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_serve.json"), "w") as f:

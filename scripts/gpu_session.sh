@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One sitting on the GPU machine (device tool), from the repo root, after
 # `. .whl/activate.sh`:
-#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [census] [attention] [serve] [tune]
+#   bash scripts/gpu_session.sh [models] [park] [demo-model] [tests] [bench] [moe] [e2e] [chain] [launch] [census] [profile-step] [attention] [serve] [tune]
 #                               [train] [profile]
 # Every step is time-boxed (seconds in the variables below) so that a slow one
 # cannot eat the others. "models" writes the synthetic real-shape models in
@@ -135,6 +135,17 @@ for step in "$@"; do
           timeout "${CENSUS_TIMEOUT:-90}" python3 -m "scripts.$script" --model "$llama" $flag --out "$RES/$script/$state" 2>&1 \
             | tee -a "$RES/$script.log" | tail -7
         done
+      done ;;
+    profile-step)
+      # Every kernel of a decode step, a synchronous verify pass and an overlapped step (patched,
+      # Llama-3-8B shape) under ncu, GPU time by kernel (scripts/profile_step.py).
+      llama=$(python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', 'llama', 'llama3-8b'))")
+      until [ -e "$llama/config.json" ]; do sleep 2; done
+      for what in ${PROFILE_STEPS:-decode verify step}; do
+        timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none \
+          --metrics gpu__time_duration.sum --csv --log-file "$RES/ncu_$what.csv" \
+          python3 -m scripts.profile_step --model "$llama" --what "$what" --patched >"$RES/profile_$what.log" 2>&1
+        python3 -m scripts.profile_step --summarize "$RES/ncu_$what.csv" 2>&1 | tee "$RES/profile_$what.txt" | head -12
       done ;;
     attention)
       # One layer's attention as the synchronous verify runs it and as the overlapped step does.

@@ -11,8 +11,10 @@ time with MLX's dispatch of the ops, the host's graph building left out):
   device-dynamic    DeviceKVCache (rows written at the device offset by mx.slice_update,
                     MLX's DynamicSliceUpdate), k+1 rows, offset fixed
   device-scatter    the same, the rows written by mx.put_along_axis (a Scatter) instead
+  device-packed     the same, keys and values in one buffer: one DynamicSliceUpdate a layer
   step-dynamic      the overlapped loop's whole step (verdict, drafter, offsets)
   step-scatter      the same with the scatter writes
+  step-packed       the same with keys and values in one buffer
 
 All with additive masks. Runs 12a/12b of benchmarks/h200/RUNS.md: bool against additive masks,
 and rows written at host-known slots (bf42ecf; not bit-exact on CUDA, since removed).
@@ -82,10 +84,37 @@ class ScatterKVCache(DeviceKVCache):
         return self.keys, self.values
 
 
-def _scatter(cache):
+class PackedKVCache(DeviceKVCache):
+    """DeviceKVCache with keys and values side by side in one buffer
+    (..., capacity, Dk + Dv): one write a layer; attention reads two views."""
+
+    def pack(self):
+        self.dk = self.keys.shape[3]
+        self.kv = mx.concatenate([self.keys, self.values], axis=3)
+
+    def reserve(self, positions):
+        if getattr(self, "kv", None) is None:
+            return super().reserve(positions)
+        size = -(-positions // self.step) * self.step
+        if size > self._capacity:
+            B, H, _, D = self.kv.shape
+            self.kv = mx.concatenate([self.kv, mx.zeros((B, H, size - self._capacity, D), self.kv.dtype)], axis=2)
+            self._capacity = size
+
+    def update_and_fetch(self, keys, values):
+        self.kv = mx.slice_update(self.kv, mx.concatenate([keys, values], axis=3), self.offset[None], axes=(2,))
+        self.keys, self.values = self.kv[..., : self.dk], self.kv[..., self.dk :]
+        return self.keys, self.values
+
+
+def _swap(cache, kind):
     for c in cache:
         if type(c) is DeviceKVCache:
-            c.__class__ = ScatterKVCache
+            c.__class__ = {"scatter": ScatterKVCache, "packed": PackedKVCache}[kind]
+            if kind == "packed":
+                c.pack()
+
+
 
 
 def forward_chain(model, prompt, rows: int, cache_kind: str):
@@ -93,8 +122,8 @@ def forward_chain(model, prompt, rows: int, cache_kind: str):
     vocab = model.args.vocab_size
     if cache_kind != "plain":  # the offset stays: every pass writes the same positions
         device_cache.on_device(cache, prompt.size + rows, True)
-        if cache_kind == "scatter":
-            _scatter(cache)
+        if cache_kind in ("scatter", "packed"):
+            _swap(cache, cache_kind)
 
     def build(tokens):
         logits = model(tokens[None], cache=cache)
@@ -106,7 +135,7 @@ def forward_chain(model, prompt, rows: int, cache_kind: str):
     return _timed(build, lambda: first)
 
 
-def step_chain(model, prompt, k: int, scatter: bool):
+def step_chain(model, prompt, k: int, kind: str):
     """Each chain from the prompt again: its caches hold what the loop's would
     (the prompt and up to STEPS (k+1) rows, in 256-row buckets)."""
     vocab = model.args.vocab_size
@@ -119,8 +148,8 @@ def step_chain(model, prompt, k: int, scatter: bool):
         drafter = AcceptanceControlledDrafter(reference, 0.8, vocab)
         pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
         offset, first = pipeline.begin(prompt)
-        if scatter:  # step 0 was built on the slice writes; the chain's steps scatter
-            _scatter(pipeline.cache)
+        if kind != "dynamic":  # step 0 was built on the plain writes; the chain's steps not
+            _swap(pipeline.cache, kind)
         pipeline.reserve(offset, STEPS)  # as if every step accepted all
         mx.eval(first[0].token, first[2])
         pipelines.append(pipeline)
@@ -151,8 +180,10 @@ def main():
         "verify": lambda: forward_chain(model, prompt, rows, "plain"),
         "device-dynamic": lambda: forward_chain(model, prompt, rows, "dynamic"),
         "device-scatter": lambda: forward_chain(model, prompt, rows, "scatter"),
-        "step-dynamic": lambda: step_chain(model, prompt, args.k, False),
-        "step-scatter": lambda: step_chain(model, prompt, args.k, True),
+        "device-packed": lambda: forward_chain(model, prompt, rows, "packed"),
+        "step-dynamic": lambda: step_chain(model, prompt, args.k, "dynamic"),
+        "step-scatter": lambda: step_chain(model, prompt, args.k, "scatter"),
+        "step-packed": lambda: step_chain(model, prompt, args.k, "packed"),
     }
     results = {}
     print(f"{'variant':>16} {'host build ms':>14} {'evaluation ms':>14}")

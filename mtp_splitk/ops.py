@@ -12,7 +12,7 @@ see ``kernel_op``). A call the kernel takes keeps MLX's derivatives
 import contextlib
 import math
 import threading
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import mlx.core as mx
 
@@ -33,13 +33,16 @@ FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 class Call(NamedTuple):
     """One op call seen by :func:`recording`: rows M of the result, its
-    columns N, the reduction K, and the kernel's Plan (None: MLX's op)."""
+    columns N, the reduction K, the kernel's Plan (None: MLX's op) and, for
+    a dense call that took the kernel, the op it called
+    (``kernel(x, w, scales[, biases])``: routing.py calls it directly)."""
 
     op: str  # "quantized_matmul" or "gather_qmm"
     M: int
     N: int
     K: int
     plan: Optional[Plan]
+    kernel: Optional[Callable] = None
 
 
 _recording = None  # the lists of the open recording() blocks, or None
@@ -214,7 +217,7 @@ def quantized_matmul(
     else:
         y = kernel(x, w, scales) if biases is None else kernel(x, w, scales, biases)
     if _recording is not None:
-        record(Call("quantized_matmul", M, N, K, plan))
+        record(Call("quantized_matmul", M, N, K, plan, kernel if plan is not None else None))
     return y
 
 

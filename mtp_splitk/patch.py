@@ -58,6 +58,25 @@ def _quantized_linear_call(self, x):
     return x
 
 
+def _direct_quantized_linear(layer, call, x):
+    """After a call the kernel took: the same call for that input without the
+    ops (the kernel op itself), while the layer keeps its mode and x its dtype
+    (the kernel op was built for both: else the copy, which asks the ops)."""
+    kernel, training, dtype = call.kernel, layer.training, x.dtype
+    affine = "biases" in layer
+
+    def run(self, x):
+        if self.training is not training or x.dtype != dtype:
+            return _quantized_linear_call(self, x)
+        if affine:
+            y = kernel(x, self["weight"], self["scales"], self["biases"])
+        else:
+            y = kernel(x, self["weight"], self["scales"])
+        return y + self["bias"] if "bias" in self else y
+
+    return run
+
+
 def _quantized_embedding_as_linear(self, x):
     # mlx.nn.QuantizedEmbedding.as_linear: the LM head of tied-embedding models
     return ops.quantized_matmul(
@@ -207,7 +226,11 @@ def enable() -> None:
                 )
         for cls, name, replacement in PATCHES:
             original = _originals[(cls, name)] = vars(cls)[name]
-            setattr(cls, name, _ROUTERS.get(replacement, routing.router)(original, replacement))
+            if replacement is _quantized_linear_call:
+                routed = routing.router(original, replacement, direct=_direct_quantized_linear)
+            else:
+                routed = _ROUTERS.get(replacement, routing.router)(original, replacement)
+            setattr(cls, name, routed)
         fused.enable()  # attention and MLP blocks: q/k/v and gate/up in one launch each
 
 

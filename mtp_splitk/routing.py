@@ -3,12 +3,14 @@
 """The methods ``patch.enable()`` installs: a router around each copy.
 
 A layer's first call with a given input runs the copy (through
-``mtp_splitk.ops``) and remembers on the layer whether MLX's op took it.
+``mtp_splitk.ops``) and remembers on the layer what the ops did with it.
 Later calls of that input that MLX takes go straight to the original method
-(MLX's own code: the same computation, without the ops' host cost); the
-others run the copy. The routes are forgotten when the planner's inputs
-change (its device, the split policy, ``ops.clear_cache()``), and inside
-``ops.recording()`` every call runs the copy.
+(MLX's own code: the same computation, without the ops' host cost); those
+the kernel takes go straight to the kernel op where the router has a
+``direct`` builder (QuantizedLinear's), else run the copy. The routes are
+forgotten when the planner's inputs change (its device, the split policy,
+``ops.clear_cache()``), and inside ``ops.recording()`` every call runs the
+copy.
 """
 
 import functools
@@ -41,42 +43,51 @@ def routes(layer, attribute: str, limit: int) -> dict:
     return state[3]
 
 
-def _first_call(layer, key, copy, *args):
-    """Run the copy through the ops and remember whether MLX's op took the call."""
+def _first_call(layer, key, copy, *args, direct=None):
+    """Run the copy through the ops and remember what took the call: True
+    (MLX's op), a direct call of the kernel op (``direct(layer, call, *args)``),
+    or False (the copy)."""
     if ops._recording is not None:  # a recorded call goes through the ops, every time
         return copy(layer, *args)
     remembered = routes(layer, _ROUTES, _MAX_ROUTES)
     with ops.recording() as calls:
         out = copy(layer, *args)
     if len(calls) == 1:  # another thread's calls in the block leave it unknown
-        remembered[key] = calls[0].plan is None
+        call = calls[0]
+        fast = direct(layer, call, *args) if direct is not None and call.kernel is not None else None
+        remembered[key] = call.plan is None or fast or False
     return out
 
 
-def router(original, copy):
+def router(original, copy, direct=None):
     """The installed method for ``copy(self, x)``: the original method for the
     inputs MLX's op took before (the same computation, minus the ops' host
-    cost), else the copy. Only the planner's inputs are checked: a stale route
-    costs speed, never a result, since the original is MLX's own code."""
+    cost), the direct kernel call ``direct`` built for those the kernel took
+    (:func:`_first_call`), else the copy. Only the planner's inputs are
+    checked: a stale route costs speed, never a result, since the original
+    is MLX's own code and a direct call checks what its kernel op was built
+    for."""
 
     @functools.wraps(copy)
     def routed(self, x):
         try:
             device, split, generation, routes = self._mtp_splitk_routes
         except AttributeError:
-            return _first_call(self, (x.shape, x.itemsize), copy, x)
+            return _first_call(self, (x.shape, x.itemsize), copy, x, direct=direct)
         if (
             ops._recording is None
             and device is planner.current_device()
             and split == planner.forced_split()
             and generation == ops.generation
         ):
-            mlx = routes.get((x.shape, x.itemsize))
-            if mlx:
+            route = routes.get((x.shape, x.itemsize))
+            if route is True:
                 return original(self, x)
-            if mlx is not None:
+            if route is False:
                 return copy(self, x)
-        return _first_call(self, (x.shape, x.itemsize), copy, x)
+            if route is not None:
+                return route(self, x)
+        return _first_call(self, (x.shape, x.itemsize), copy, x, direct=direct)
 
     routed.original = original
     return routed

@@ -40,7 +40,7 @@ def layer(N, K):
     half = {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in q.parameters().items()}
     q.update(half)
     mx.eval(q.parameters())
-    return q
+    return q.eval()  # as mlx_lm.load returns a model: no derivatives' wrapper round a kernel call
 
 
 def main():

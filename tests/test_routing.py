@@ -47,7 +47,7 @@ def _half_linear(N, K, dtype=mx.bfloat16):
 def test_routes_follow_the_planner(monkeypatch, spy):
     """A layer remembers the planner's answer for an input, for the current
     split policy, device and decisions (ops.clear_cache): a change of any of
-    them asks again; MLX's calls skip the ops, the kernel's go through them."""
+    them asks again; later calls skip the ops, to MLX's op or the kernel's."""
     pretend_gpu(monkeypatch, "NVIDIA H200")  # its table: MLX's op for 4096 x 4096 at M = 1
     launched = []
     stand_in_kernels(monkeypatch, launched)
@@ -63,14 +63,42 @@ def test_routes_follow_the_planner(monkeypatch, spy):
     with mtp_splitk.enabled():
         assert calls() == (1, 0)  # asked once; then the original method
         with plan.split(4):
-            assert calls() == (3, 2)  # the forced split: the kernel, through the ops each time
-        assert calls() == (4, 2)  # back to MLX's op: asked again, once
+            assert calls() == (2, 2)  # the forced split: the kernel, asked once, then called directly
+        assert calls() == (3, 2)  # back to MLX's op: asked again, once
         ops.clear_cache()
-        assert calls() == (5, 2)
+        assert calls() == (4, 2)
         cpu = plan.Device("cpu", "cpu", 0)
         monkeypatch.setattr(plan, "current_device", lambda: cpu)
-        assert calls() == (6, 2)
-        assert calls(1) == (6, 2)
+        assert calls() == (5, 2)
+        assert calls(1) == (5, 2)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_direct_kernel_call_is_the_ops_call(monkeypatch, spy, bias):
+    """The route straight to the kernel op gives what the ops give, and hands
+    the call back to them when what the op was built for changes: the
+    layer's mode (derivatives) or x's dtype (bfloat16 and float16 share a route)."""
+    pretend_gpu(monkeypatch, "NVIDIA H200")
+    launched = []
+    stand_in_kernels(monkeypatch, launched)
+    layer = _half_linear(4096, 4096)
+    if bias:
+        layer.bias = mx.random.normal((4096,)).astype(mx.bfloat16)
+    layer.eval()
+    x = mx.random.normal((1, 5, 4096)).astype(mx.bfloat16)  # M = 5: the H200 table's kernel
+    half = x.astype(mx.float16)
+    unpatched_half = layer(half)  # float16 x, bfloat16 scales: MLX's op promotes
+    with mtp_splitk.enabled():
+        with ops.recording() as recorded:
+            expected = layer(x)  # through the ops: recorded calls never route
+        assert recorded[0].plan is not None and len(spy) == 1
+        assert mx.array_equal(layer(x), expected) and len(spy) == 2  # the route is made
+        assert mx.array_equal(layer(x), expected) and len(spy) == 2 and len(launched) == 3
+        assert mx.array_equal(layer(half), unpatched_half) and len(spy) == 3
+        layer.train()
+        assert mx.array_equal(layer(x), expected)
+        assert len(spy) == 4  # training mode: the ops again (a kernel op with derivatives)
+    assert mx.array_equal(layer(x), expected)  # unpatched: MLX's op (the stand-in computes it)
 
 
 def test_routes_key_on_item_size_because_the_planner_does():

@@ -7,6 +7,7 @@ plain decoding, the MTP head steered to known acceptances and the head on its
 own. Each task measures unpatched and patched (:data:`.measure.STATES`) and
 records both in the results."""
 
+import sys
 from typing import Callable, Dict, List, Tuple
 
 from mlx_lm import load
@@ -132,6 +133,9 @@ def model_tasks(
                     run["matmuls"] = census
                     # The loop reproduced the reference, so p is the acceptance it ran at.
                     run["matches_reference"] = run["tokens"] == tokens
+                    if not run["matches_reference"]:
+                        print(f"warning: {name} {label} p={p} k={k} {loop} did not reproduce its p = 1 "
+                              "reference: it ran at another acceptance than p", file=sys.stderr, flush=True)
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     run["reference_passes"] = passes
                     results.put(
@@ -264,6 +268,9 @@ def mtp_tasks(
                         run.update(step_split_ms(model, prompt, drafter(), k))
                     run["matmuls"] = census
                     run["matches_reference"] = run["tokens"] == tokens
+                    if not run["matches_reference"]:
+                        print(f"warning: {name} {label} p={p} k={k} {loop} did not reproduce its p = 1 "
+                              "reference: it ran at another acceptance than p", file=sys.stderr, flush=True)
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     run["reference_passes"] = passes
                     key = _run_key(label, f"mtp p={p} k={k}", loop)

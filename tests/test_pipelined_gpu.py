@@ -8,8 +8,8 @@ other M), so the loop is held to what the benchmark holds it to: at every
 acceptance it emits the tokens it emits when every draft is right (p = 1).
 Which rows a step rejects must not change how any position is computed;
 run 12b's slotted cache broke that (rejected rows moved the live keys to
-other slots, and cuDNN's attention rounded them differently), which only a
-GPU run shows.
+other slots; likely cause, not isolated: cuDNN's attention rounds by key
+tile), which only a GPU run showed.
 """
 
 import mlx.core as mx

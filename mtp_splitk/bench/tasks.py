@@ -58,6 +58,15 @@ def _run_key(label: str, run: str, loop: str) -> str:
     return f"{label} {run} {loop}"
 
 
+def _as_recorded(run: Dict, reference: List[int], where: str):
+    """Whether the run emitted its reference (then p is the acceptance it
+    ran at); a warning line where it did not."""
+    run["matches_reference"] = run["tokens"] == reference
+    if not run["matches_reference"]:
+        print(f"warning: {where} did not reproduce its p = 1 reference: it ran at another "
+              "acceptance than p", file=sys.stderr, flush=True)
+
+
 def model_tasks(
     name,
     path,
@@ -131,11 +140,7 @@ def model_tasks(
                     if loop == "overlap":
                         run.update(step_split_ms(model, prompt, drafter, k))
                     run["matmuls"] = census
-                    # The loop reproduced the reference, so p is the acceptance it ran at.
-                    run["matches_reference"] = run["tokens"] == tokens
-                    if not run["matches_reference"]:
-                        print(f"warning: {name} {label} p={p} k={k} {loop} did not reproduce its p = 1 "
-                              "reference: it ran at another acceptance than p", file=sys.stderr, flush=True)
+                    _as_recorded(run, tokens, f"{name} {label} p={p} k={k} {loop}")
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     run["reference_passes"] = passes
                     results.put(
@@ -267,10 +272,7 @@ def mtp_tasks(
                     if run["overlapped"]:
                         run.update(step_split_ms(model, prompt, drafter(), k))
                     run["matmuls"] = census
-                    run["matches_reference"] = run["tokens"] == tokens
-                    if not run["matches_reference"]:
-                        print(f"warning: {name} {label} p={p} k={k} {loop} did not reproduce its p = 1 "
-                              "reference: it ran at another acceptance than p", file=sys.stderr, flush=True)
+                    _as_recorded(run, tokens, f"{name} {label} p={p} k={k} {loop}")
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
                     run["reference_passes"] = passes
                     key = _run_key(label, f"mtp p={p} k={k}", loop)

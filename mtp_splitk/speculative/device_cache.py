@@ -156,6 +156,12 @@ class DeviceKVCache(BaseCache):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
 
+def position(cache: List) -> int:
+    """The rows a list of plain caches holds: its attention entries' offset
+    (a hybrid's recurrent entries keep none)."""
+    return max((c.offset for c in cache if type(c) is KVCache), default=0)
+
+
 def on_device(cache: List, positions: int = 0, additive: bool = False) -> List[DeviceKVCache]:
     """Replace every ``KVCache`` of a model's cache list, in place, by a
     :class:`DeviceKVCache` with the same contents and room for ``positions``
@@ -164,7 +170,7 @@ def on_device(cache: List, positions: int = 0, additive: bool = False) -> List[D
     at the same offset; returns the list. KV entries at one offset share one
     offset array, so moving them all costs one op (:func:`advance`)."""
     shared = {}
-    offset = max((c.offset for c in cache if type(c) is KVCache), default=0)
+    offset = position(cache)
     for i, c in enumerate(cache):
         if type(c) is ArraysCache:
             cache[i] = DeviceArraysCache(c, offset)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Generator, List, Optional, Tuple, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import Sampler, greedy_sampler
 
 from . import device_cache, recurrent
@@ -127,9 +127,12 @@ class Pipeline:
         flight write, ``offset`` being the position after the last step read:
         the target's rows end within (steps + 1)(k+1) of it, a drafter's rows
         for the step after within (steps + 2)(k+1)."""
-        positions = offset + (steps + 2) * (self.k + 1)
+        positions = self._room(offset, steps)
         device_cache.reserve(self.cache, positions)
         self.drafter.reserve(positions)
+
+    def _room(self, offset: int, steps: int = 1) -> int:
+        return offset + (steps + 2) * (self.k + 1)
 
     def begin(self, prompt: mx.array, prefill_step_size: int = 512, progress=None):
         """Prefill all prompt tokens but the last; returns (y's position, step 0)."""
@@ -139,14 +142,14 @@ class Pipeline:
             prefill_step_size, progress or (lambda *_: None),
         )
         # The position of y: a reused prompt cache holds rows before the prompt.
-        offset = max((c.offset for c in self.cache if type(c) is KVCache), default=0)
+        offset = device_cache.position(self.cache)
         # From here verify rows take the decode rows' arithmetic (the prompt
         # went through mlx-lm's own path); close() puts it back.
         undo_rows, undo_recurrent = decode_arithmetic(self.model, self.drafter), recurrent.swap_layers(self.model)
         self.close = lambda: (undo_rows(), undo_recurrent())
         additive = device_cache.takes_additive_masks(self.model)
-        device_cache.on_device(self.cache, offset + 3 * (self.k + 1), additive)
-        self.drafter.reserve(offset + 3 * (self.k + 1))
+        device_cache.on_device(self.cache, self._room(offset), additive)  # grown once
+        self.drafter.reserve(self._room(offset))
         drafts, q = self.drafter.start(y, self.k, self.distribution)
         return offset, self._step(y, drafts, q)
 

@@ -29,21 +29,15 @@ import time
 
 import mlx.core as mx
 from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import trim_prompt_cache
 
 from mtp_splitk import patch, plan
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+from mtp_splitk.bench.measure import lazy_pipeline, warm_cache
 from mtp_splitk.speculative import device_cache
 from mtp_splitk.speculative.device_cache import DeviceKVCache
-from mtp_splitk.speculative.pipelined import Pipeline
 
 STEPS = 32
-
-
-def _warm(model, prompt):
-    cache = make_prompt_cache(model)
-    mx.eval(model(prompt[None], cache=cache), [c.state for c in cache])
-    return cache
 
 
 REPS = 7
@@ -118,7 +112,7 @@ def _swap(cache, kind):
 
 
 def forward_chain(model, prompt, rows: int, cache_kind: str):
-    cache = _warm(model, prompt)
+    cache = warm_cache(model, prompt.size)
     vocab = model.args.vocab_size
     if cache_kind != "plain":  # the offset stays: every pass writes the same positions
         device_cache.on_device(cache, prompt.size + rows, True)
@@ -146,12 +140,9 @@ def step_chain(model, prompt, k: int, kind: str):
         if pipelines:
             pipelines.pop().close()
         drafter = AcceptanceControlledDrafter(reference, 0.8, vocab)
-        pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
-        offset, first = pipeline.begin(prompt)
+        pipeline, first = lazy_pipeline(model, prompt, drafter, k, STEPS)
         if kind != "dynamic":  # step 0 was built on the plain writes; the chain's steps not
             _swap(pipeline.cache, kind)
-        pipeline.reserve(offset, STEPS)  # as if every step accepted all
-        mx.eval(first[0].token, first[2])
         pipelines.append(pipeline)
         return first
 

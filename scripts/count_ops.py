@@ -21,11 +21,10 @@ import tempfile
 
 import mlx.core as mx
 from mlx_lm import load
-from mlx_lm.models.cache import make_prompt_cache
 
 from mtp_splitk import patch, plan
 from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
-from mtp_splitk.speculative.pipelined import Pipeline
+from mtp_splitk.bench.measure import lazy_pipeline, warm_cache
 
 # Primitives that make a view or nothing on the GPU (no kernel launch).
 VIEWS = {"Reshape", "Broadcast", "Squeeze", "ExpandDims", "Transpose", "Slice", "AsStrided",
@@ -53,26 +52,23 @@ def _state(cache):
 def count(model, k: int, context: int):
     vocab = getattr(model, "language_model", model).args.vocab_size
     prompt = mx.arange(context + 1) % vocab
+    mx.eval(prompt)  # the steps' own ops only
     out = {}
 
-    cache = make_prompt_cache(model)
-    mx.eval(model(prompt[None, :-1], cache=cache), _state(cache))
+    cache = warm_cache(model, context)
     logits = model(prompt[None, -1:], cache=cache)[:, -1, :]  # mlx-lm's generate_step
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     out["decode"] = summary(census(mx.argmax(logprobs, axis=-1), logprobs, *_state(cache)))
 
-    cache = make_prompt_cache(model)
-    mx.eval(model(prompt[None, :-1], cache=cache), _state(cache))
+    cache = warm_cache(model, context)
     verify = model(prompt[None, -(k + 1):], cache=cache)
     out[f"verify M={k + 1}"] = summary(census(verify, *_state(cache)))
 
     reference = [int(t) for t in (prompt * 7 % vocab).tolist()]
     drafter = AcceptanceControlledDrafter(reference, 0.8, vocab)
-    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
-    offset, current = pipeline.begin(prompt)
-    pipeline.reserve(offset + 4 * (k + 1))
-    mx.eval(current[0].token, current[0].accepted, current[2], _state(pipeline.cache))
-    verdict, logprobs, drafts, _ = step = pipeline.step(current)
+    pipeline, current = lazy_pipeline(model, prompt, drafter, k, 1)
+    mx.eval(current[0].accepted, _state(pipeline.cache))
+    verdict, logprobs, drafts, _ = pipeline.step(current)
     out[f"overlapped step k={k}"] = summary(
         census(verdict.inputs, verdict.accepted, verdict.token, drafts, *_state(pipeline.cache))
     )

@@ -31,11 +31,11 @@ def _profiler(on: bool):
 def run(model_dir: str, what: str, patched: bool, k: int, context: int):
     import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.models.cache import trim_prompt_cache
 
     from mtp_splitk import patch
     from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
-    from mtp_splitk.speculative.pipelined import Pipeline
+    from mtp_splitk.bench.measure import lazy_pipeline, warm_cache
 
     model, _ = load(model_dir)
     if patched:
@@ -44,9 +44,7 @@ def run(model_dir: str, what: str, patched: bool, k: int, context: int):
     prompt = mx.arange(context) % vocab
     if what == "step":
         drafter = AcceptanceControlledDrafter([int(t) * 7 % vocab for t in prompt.tolist()], 0.8, vocab)
-        pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
-        offset, current = pipeline.begin(prompt)
-        pipeline.reserve(offset, WARMUP + STEPS)
+        pipeline, current = lazy_pipeline(model, prompt, drafter, k, WARMUP + STEPS)
         state = {"current": current}
 
         def one():
@@ -55,8 +53,7 @@ def run(model_dir: str, what: str, patched: bool, k: int, context: int):
             mx.eval(verdict.token, verdict.accepted, drafts)
     else:
         rows = 1 if what == "decode" else k + 1
-        cache = make_prompt_cache(model)
-        mx.eval(model(prompt[None], cache=cache), [c.state for c in cache])
+        cache = warm_cache(model, context)
         tokens = prompt[-rows:]
 
         def one():

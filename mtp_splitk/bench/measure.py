@@ -100,15 +100,23 @@ def speculative_decode(
     }
 
 
+def lazy_pipeline(model, prompt: mx.array, drafter, k: int, steps: int):
+    """(pipeline, step 0): the overlapped loop's Pipeline with its steps left
+    unevaluated until asked for, begun on ``prompt`` (step 0 evaluated), with
+    room for ``steps`` more steps as if every one accepted all."""
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
+    offset, first = pipeline.begin(prompt)
+    pipeline.reserve(offset, steps)
+    mx.eval(first[0].token, first[2])
+    return pipeline, first
+
+
 def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32) -> Dict:
     """Where an overlapped step's time goes: ``steps`` steps are built
     lazily first (host build, ms per step), then evaluated at once (device
     time with the host's dispatch of the ops, ms per step). The overlapped
     loop's wall time per step is about the larger of the two."""
-    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
-    offset, current = pipeline.begin(prompt)
-    mx.eval(current[0].token, current[2])
-    pipeline.reserve(offset, steps)
+    pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps)
     tic = time.perf_counter()
     for _ in range(steps):
         current = pipeline.step(current)
@@ -132,7 +140,7 @@ def _text(model):
     return getattr(model, "language_model", model)
 
 
-def _warm_cache(model, context: int):
+def warm_cache(model, context: int):
     """A prompt cache holding ``context`` tokens."""
     cache = make_prompt_cache(model)
     mx.eval(model(mx.arange(context)[None] % _text(model).args.vocab_size, cache=cache))
@@ -150,7 +158,7 @@ def _forward_trim(model, cache, M: int):
 def verify_latency(model, Ms, context: int, reps: int) -> Dict[int, float]:
     """Median ms of one synchronous forward of M rows after ``context`` tokens,
     the cache trimmed back after each call (the verify step's shape)."""
-    cache = _warm_cache(model, context)
+    cache = warm_cache(model, context)
     return {M: _ms(lambda: _forward_trim(model, cache, M), reps) for M in Ms}
 
 
@@ -162,7 +170,7 @@ def breakdown(model, M: int, context: int, reps: int) -> Dict[str, float]:
     block, the LM head, and the whole forward for comparison."""
     layers = model.layers
     dim = layers[0].input_layernorm.weight.shape[0]
-    cache = _warm_cache(model, context)
+    cache = warm_cache(model, context)
     x = (mx.random.normal((1, M, dim)) * 0.5).astype(mx.bfloat16)
     mx.eval(x)
     mask = "causal" if M > 1 else None

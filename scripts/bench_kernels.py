@@ -28,11 +28,13 @@ from mtp_splitk import launch, plan as planner
 from mtp_splitk.bench.kernels import dense_plan, time_dense, tuning_table, weight_sets
 from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048)]
+SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048),
+          (128256, 4096)]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
+DEPTHS = (1, 2, 3)  # K chunks in flight per warp the sweep tries
 # (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.
 CONFIGS = [("affine", 4, 64, SHAPES)] + [
-    (m, b, g, SHAPES[:2]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
+    (m, b, g, [SHAPES[0], SHAPES[2]]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
 ]
 
 
@@ -104,8 +106,8 @@ def main():
             if args.tune and key not in warps_k:
                 # Split chosen from the shape alone (batch invariance): best worst case over M.
                 cands = {}
-                for wk in planner.WARP_CHOICES[1:]:
-                    for depth in (1, 2):
+                for wk in planner.WARP_CHOICES:
+                    for depth in DEPTHS:
                         for rt in (1, 2):
                             if wk > -(-K // planner.K_PER_CHUNK):
                                 continue

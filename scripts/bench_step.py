@@ -8,16 +8,16 @@ time with MLX's dispatch of the ops, the host's graph building left out):
 
   decode            mlx-lm's KVCache, 1 row (plain decode's forward)
   verify            mlx-lm's KVCache, k+1 rows, "causal" mask, trimmed back after each
-  device-dynamic    DeviceKVCache (rows written at the device offset by mx.slice_update,
-                    MLX's DynamicSliceUpdate), k+1 rows, offset fixed
-  device-scatter    the same, the rows written by mx.put_along_axis (a Scatter) instead
-  device-packed     the same, keys and values in one buffer: one DynamicSliceUpdate a layer
-  step-dynamic      the overlapped loop's whole step (verdict, drafter, offsets)
-  step-scatter      the same with the scatter writes
-  step-packed       the same with keys and values in one buffer
+  device            DeviceKVCache (rows written at the device offset by a Scatter,
+                    mx.put_along_axis), k+1 rows, offset fixed
+  device-dynamic    the same, the rows written by mx.slice_update (MLX's
+                    DynamicSliceUpdate), as before run 13
+  step              the overlapped loop's whole step (verdict, drafter, offsets)
+  step-dynamic      the same with the slice_update writes
 
-All with additive masks. Runs 12a/12b of benchmarks/h200/RUNS.md: bool against additive masks,
-and rows written at host-known slots (bf42ecf; not bit-exact on CUDA, since removed).
+All with additive masks. Runs 12a/12b/13 of benchmarks/h200/RUNS.md: bool against additive masks,
+rows written at host-known slots (bf42ecf; not bit-exact on CUDA, since removed), keys and values
+packed in one buffer (slower than the scatter, since removed).
 
 Usage: python -m scripts.bench_step --model DIR [--k 4] [--context 300] [--patched] [--out DIR]
 """
@@ -60,55 +60,22 @@ def _timed(build, start, outputs=lambda x: x):
     return statistics.median(builds[1:]), statistics.median(evals[1:])
 
 
-class ScatterKVCache(DeviceKVCache):
-    """DeviceKVCache writing its rows with a Scatter; the row indices are
-    made once a pass (every layer's cache shares the offset array)."""
-
-    _index = (None, None)  # (offset array, its row indices)
+class SliceKVCache(DeviceKVCache):
+    """DeviceKVCache writing its rows with mx.slice_update at the offset array
+    (MLX's DynamicSliceUpdate), as the loop did before run 13."""
 
     def update_and_fetch(self, keys, values):
         if self.keys is None:
             return super().update_and_fetch(keys, values)
-        offset, index = ScatterKVCache._index
-        if offset is not self.offset or index.shape[2] != keys.shape[2]:
-            index = (self.offset + mx.arange(keys.shape[2], dtype=mx.int32))[None, None, :, None]
-            ScatterKVCache._index = (self.offset, index)
-        self.keys = mx.put_along_axis(self.keys, index, keys, axis=2)
-        self.values = mx.put_along_axis(self.values, index, values, axis=2)
-        return self.keys, self.values
-
-
-class PackedKVCache(DeviceKVCache):
-    """DeviceKVCache with keys and values side by side in one buffer
-    (..., capacity, Dk + Dv): one write a layer; attention reads two views."""
-
-    def pack(self):
-        self.dk = self.keys.shape[3]
-        self.kv = mx.concatenate([self.keys, self.values], axis=3)
-
-    def reserve(self, positions):
-        if getattr(self, "kv", None) is None:
-            return super().reserve(positions)
-        size = -(-positions // self.step) * self.step
-        if size > self._capacity:
-            B, H, _, D = self.kv.shape
-            self.kv = mx.concatenate([self.kv, mx.zeros((B, H, size - self._capacity, D), self.kv.dtype)], axis=2)
-            self._capacity = size
-
-    def update_and_fetch(self, keys, values):
-        self.kv = mx.slice_update(self.kv, mx.concatenate([keys, values], axis=3), self.offset[None], axes=(2,))
-        self.keys, self.values = self.kv[..., : self.dk], self.kv[..., self.dk :]
+        self.keys = mx.slice_update(self.keys, keys, self.offset[None], axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.offset[None], axes=(2,))
         return self.keys, self.values
 
 
 def _swap(cache, kind):
     for c in cache:
-        if type(c) is DeviceKVCache:
-            c.__class__ = {"scatter": ScatterKVCache, "packed": PackedKVCache}[kind]
-            if kind == "packed":
-                c.pack()
-
-
+        if type(c) is DeviceKVCache and kind == "dynamic":
+            c.__class__ = SliceKVCache
 
 
 def forward_chain(model, prompt, rows: int, cache_kind: str):
@@ -116,8 +83,7 @@ def forward_chain(model, prompt, rows: int, cache_kind: str):
     vocab = model.args.vocab_size
     if cache_kind != "plain":  # the offset stays: every pass writes the same positions
         device_cache.on_device(cache, prompt.size + rows, True)
-        if cache_kind in ("scatter", "packed"):
-            _swap(cache, cache_kind)
+        _swap(cache, cache_kind)
 
     def build(tokens):
         logits = model(tokens[None], cache=cache)
@@ -141,8 +107,7 @@ def step_chain(model, prompt, k: int, kind: str):
             pipelines.pop().close()
         drafter = AcceptanceControlledDrafter(reference, 0.8, vocab)
         pipeline, first = lazy_pipeline(model, prompt, drafter, k, STEPS)
-        if kind != "dynamic":  # step 0 was built on the plain writes; the chain's steps not
-            _swap(pipeline.cache, kind)
+        _swap(pipeline.cache, kind)  # step 0 was built on the scatter writes; the chain's steps not
         pipelines.append(pipeline)
         return first
 
@@ -169,12 +134,10 @@ def main():
     variants = {
         "decode": lambda: forward_chain(model, prompt, 1, "plain"),
         "verify": lambda: forward_chain(model, prompt, rows, "plain"),
+        "device": lambda: forward_chain(model, prompt, rows, "scatter"),
         "device-dynamic": lambda: forward_chain(model, prompt, rows, "dynamic"),
-        "device-scatter": lambda: forward_chain(model, prompt, rows, "scatter"),
-        "device-packed": lambda: forward_chain(model, prompt, rows, "packed"),
+        "step": lambda: step_chain(model, prompt, args.k, "scatter"),
         "step-dynamic": lambda: step_chain(model, prompt, args.k, "dynamic"),
-        "step-scatter": lambda: step_chain(model, prompt, args.k, "scatter"),
-        "step-packed": lambda: step_chain(model, prompt, args.k, "packed"),
     }
     results = {}
     print(f"{'variant':>16} {'host build ms':>14} {'evaluation ms':>14}")

@@ -85,10 +85,11 @@ for step in "$@"; do
     bench)
       # Timings wait for the model writers: a busy host skews per-op times.
       wait
-      # Split, depth and row tiles as the H100 sweep chose them (no sweep: the
-      # lease is short); the M ranges where the kernel wins are measured here.
+      # Split, depth and row tiles as the H100 sweep chose them (BENCH_SPLITS, a table;
+      # empty: swept here, a few minutes); the M ranges where the kernel wins are measured here.
+      splits=${BENCH_SPLITS-mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json}
       timeout "${BENCH_TIMEOUT:-110}" python3 -m scripts.bench_kernels --out "$RES/kernels" --tune --quick \
-        --splits-from mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json ${BENCH_ARGS:-} 2>&1 \
+        ${splits:+--splits-from "$splits"} ${BENCH_ARGS:-} 2>&1 \
         | tee "$RES/bench_kernels.log" | tail -8 ;;
     moe)
       wait

@@ -79,7 +79,7 @@ def summarize(path: str, steps: int):
     for r in csv.DictReader(lines):
         if r.get("Metric Name") != "gpu__time_duration.sum":
             continue
-        scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}[r["Metric Unit"]]
+        scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3, "msecond": 1e3}[r["Metric Unit"]]
         name = r["Kernel Name"].split("(")[0][:70]
         times[name] += float(r["Metric Value"].replace(",", "")) * scale
         counts[name] += 1

@@ -7,8 +7,10 @@ must read each verdict on the host before it can build the next verify pass.
 :class:`DeviceKVCache` keeps the offset as a scalar ``mx.array``: the loop
 advances it by the accepted count while that count is still a lazy array, and
 builds step n+1 before step n has run. Every pass writes its rows at the
-offset with ``mx.slice_update``; rows of rejected drafts lie past the new
-offset and are overwritten by the next pass.
+offset with a scatter (``mx.put_along_axis``); rows of rejected drafts lie
+past the new offset and are overwritten by the next pass. (``mx.slice_update``
+at an array start is MLX's DynamicSliceUpdate: on CUDA two kernels a write,
+~27 µs for 5 rows against a scatter's few: benchmarks/h200/RUNS.md, run 13.)
 
 The buffer has a fixed capacity, grown on the host in steps of
 :attr:`step` positions (:meth:`reserve`), so the graph's shapes change
@@ -53,6 +55,9 @@ class DeviceKVCache(BaseCache):
 
     step = 256
     additive = False  # make_mask's kind (module docstring); on_device sets it
+    # The last pass's row indices, (offset array, rows, indices): the entries
+    # that share an offset array make them once a forward, not once a layer.
+    _rows = (None, 0, None)
 
     def __init__(self, offset: int = 0):
         self.keys: Optional[mx.array] = None
@@ -99,10 +104,17 @@ class DeviceKVCache(BaseCache):
             self.reserve(L)
             self.keys = mx.zeros((B, H, self._capacity, Dk), keys.dtype)
             self.values = mx.zeros((B, H, self._capacity, values.shape[3]), values.dtype)
-        start = self.offset[None]
-        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
-        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        rows = self._row_indices(keys.shape[2])
+        self.keys = mx.put_along_axis(self.keys, rows, keys, axis=2)
+        self.values = mx.put_along_axis(self.values, rows, values, axis=2)
         return self.keys, self.values
+
+    def _row_indices(self, n: int) -> mx.array:
+        offset, count, rows = DeviceKVCache._rows
+        if offset is not self.offset or count != n:
+            rows = (self.offset + mx.arange(n, dtype=mx.int32))[None, None, :, None]
+            DeviceKVCache._rows = (self.offset, n, rows)
+        return rows
 
     def advance(self, n):
         """Move the offset by ``n`` rows (an int or a lazy array)."""

@@ -72,6 +72,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = _log) -> dict:
     return run.finish(data, eval_data)
 
 
+TEACHER_ROWS = 128
+
+
 class _Run:
     """One invocation: the target, the output directory and the saved state."""
 
@@ -202,7 +205,9 @@ class _Run:
         cache = None
         if cfg.top_k > 0 and state["step"] < cfg.steps:
             t = time.monotonic()
-            cache = TeacherCache(self.parts, data, cfg.top_k, batch_size=cfg.gen_batch)
+            # Rows a teacher forward takes: its logits are rows x length x vocabulary, and 512
+            # rows of SmolLM2's overflowed a CUDA launch (run 13b).
+            cache = TeacherCache(self.parts, data, cfg.top_k, batch_size=min(cfg.gen_batch, TEACHER_ROWS))
             log(
                 f"target outputs cached (hidden states, top-{cfg.top_k} logits) in "
                 f"{time.monotonic() - t:.1f} s"

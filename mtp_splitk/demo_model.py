@@ -176,8 +176,13 @@ def demo_model(variant: str = "q4", dtype=None) -> Path:
 
 
 #: The demo model's MTP head (DeepSeek-V3 layout, float16), trained for it with
-#: ``mtp-splitk train-mtp`` on the H200 (benchmarks/h200/RUNS.md, run 11).
+#: ``mtp-splitk train-mtp`` on the H200 (benchmarks/h200/RUNS.md, runs 11 and 13b).
 HEAD = Path(__file__).parent / "assets" / f"{NAME}.mtp.safetensors"
+
+
+def _head_tag() -> str:
+    # The built directory's name carries the head's digest: a new head builds anew.
+    return hashlib.sha256(HEAD.read_bytes()).hexdigest()[:10]
 
 
 def demo_mtp(variant: str = "q4", dtype=None) -> Path:
@@ -190,7 +195,7 @@ def demo_mtp(variant: str = "q4", dtype=None) -> Path:
         link_model(target, tmp)
         shutil.copy2(HEAD, tmp / "mtp.safetensors")
 
-    return write_once(target.with_name(f"{target.name}-mtp"), build)
+    return write_once(target.with_name(f"{target.name}-mtp-{_head_tag()}"), build)
 
 
 def demo_draft(layers: int = 8, variant: str = "q4", dtype=None) -> Path:

@@ -109,8 +109,6 @@ def _e2e(key, data):
         return patched["tokens_per_step"]
     if m["metric"] == "async_over_sync":
         return patched["tps"] / runs[f"patched {run} sync"]["tps"]
-    if m["metric"] == "step_over_gpu_time":
-        return patched["step_ms"] / patched["device_ms"]
     if m["metric"] == "matmul_calls_on_kernel_fraction":
         calls = patched["matmuls"]
         return calls["splitk"] / (calls["splitk"] + calls["mlx"])

@@ -323,7 +323,7 @@ def test_the_main_job_answers_in_real_words_speculatively(plain_answer):
     rejected = re.search(r"every count 0\.\.k=\d+\): 0:(\d+)", stats)
     assert steps and rejected, stats
     first_draft = 1 - int(rejected[1]) / int(steps[1])
-    assert first_draft >= 0.1, stats  # 20% here on the CPU; 44% on held-out prompts
+    assert first_draft >= 0.1, stats  # 22% here on the CPU (run 13b's head); 65% on held-out prompts
 
 
 def test_the_demo_with_a_draft_model_is_plain_greedy(plain_answer):

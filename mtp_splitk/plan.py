@@ -145,8 +145,9 @@ def choose_warps_k(N: int, K: int, sm_count: int, target_warps_per_sm: int = 4) 
 # Above 1.0: per-op timing omits host cost and dependent-op overlap (benchmarks/h200/RUNS.md).
 MIN_SPEEDUP = 1.2
 
-# Higher at M = 1: MLX's GEMV is good there, per-op timing flatters ours (benchmarks/h200/RUNS.md).
-DECODE_MIN_SPEEDUP = 1.8
+# M = 1 is judged in a dependent chain (bench.tune.judged_speedup): decode is one, and independent
+# ops flattered ours there; tables measured before run 13 judged it by independent ops at 1.8.
+DECODE_MIN_SPEEDUP = 1.1
 
 
 def required_speedup(M: int) -> float:

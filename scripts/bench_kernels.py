@@ -4,7 +4,9 @@
 Method (see README, "Benchmarks"):
   * one op's time = wall time of building and evaluating a batch of R
     independent ops / R, median over repeats after warm-up: this includes
-    MLX's per-op cost the way a model's forward pays it;
+    MLX's per-op cost the way a model's forward pays it; beside it, the time
+    a call in a chain of dependent calls (how a forward runs them), by which
+    --tune sweeps the split and judges M = 1 (mtp_splitk.bench.tune);
   * the weights rotate through >= 3 x 50 MB (the H100's L2) of distinct
     copies, so every op streams its weights from HBM; x stays one array,
     as a layer's input is L2-resident in a real forward;
@@ -25,13 +27,13 @@ import sys
 import mlx.core as mx
 
 from mtp_splitk import launch, plan as planner
-from mtp_splitk.bench.kernels import dense_plan, time_dense, tuning_table, weight_sets
+from mtp_splitk.bench import tune
+from mtp_splitk.bench.kernels import chain_us, dense_plan, time_dense, tuning_table, weight_sets
 from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048),
           (128256, 4096)]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
-DEPTHS = (1, 2, 3)  # K chunks in flight per warp the sweep tries
 # (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.
 CONFIGS = [("affine", 4, 64, SHAPES)] + [
     (m, b, g, [SHAPES[0], SHAPES[2]]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
@@ -104,33 +106,29 @@ def main():
             sets, nbytes = weight_sets(N, K, mode, bits, group_size)
             key = f"{N}x{K}"
             if args.tune and key not in warps_k:
-                # Split chosen from the shape alone (batch invariance): best worst case over M.
-                cands = {}
-                for wk in planner.WARP_CHOICES:
-                    for depth in DEPTHS:
-                        for rt in (1, 2):
-                            if wk > -(-K // planner.K_PER_CHUNK):
-                                continue
-                            ts = [run_ours(sets, mx.random.normal((m, K)).astype(mx.bfloat16), mode, bits,
-                                           group_size, wk, depth, rt) for m in (1, 16)]
-                            cands[(wk, depth, rt)] = max(ts)
-                warps_k[key], depths[key], row_tiles[key] = min(cands, key=cands.get)
-                print(f"  split,depth,rows {key}: " + ", ".join(f"{k}:{v * 1e6:.1f}us" for k, v in cands.items()),
-                      flush=True)
+                # Split chosen from the shape alone (batch invariance), in dependent chains.
+                variant = tune.Variant("dense", mode, bits, group_size, N, K)
+                warps_k[key], depths[key], row_tiles[key] = tune.sweep_split(
+                    variant, device, log=lambda line: print(line, flush=True))
             wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
             depth, rt = depths.get(key, 2), row_tiles.get(key, 2)
             for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
                 t_mlx = run_mlx(sets, x, mode, bits, group_size)
                 t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth, rt)
+                plan = dense_plan("cuda", mode, bits, group_size, N, K, M, wk, depth, rt)
+                c_mlx, c_ours = (chain_us(p, x, sets, mode, bits, group_size) for p in (None, plan))
                 row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk, depth=depth,
                            weight_bytes=nbytes, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,
-                           speedup=t_mlx / t_ours, gbps_ours=nbytes / t_ours / 1e9,
+                           chain_us_ours=c_ours, chain_us_mlx=c_mlx,
+                           speedup=tune.judged_speedup(M, t_mlx / t_ours, c_mlx / c_ours),
+                           gbps_ours=nbytes / t_ours / 1e9,
                            pct_copy_bw=100 * nbytes / t_ours / bw,
                            floor_us=max(nbytes / bw, floor) * 1e6)
                 rows.append(row)
                 print(f"{mode}{bits} g{group_size} {N}x{K} M={M:2d} wk={wk:2d} d={depth}: ours {row['us_ours']:7.1f} us  "
-                      f"mlx {row['us_mlx']:7.1f} us  x{row['speedup']:.2f}  {row['pct_copy_bw']:.0f}% bw", flush=True)
+                      f"mlx {row['us_mlx']:7.1f} us; chain ours {c_ours:7.1f} mlx {c_mlx:7.1f}  x{row['speedup']:.2f}  "
+                      f"{row['pct_copy_bw']:.0f}% bw", flush=True)
             del sets
 
     meta = dict(device=device.name, sm_count=device.sm_count, mlx=mx.__version__, copy_gbps=bw / 1e9,

@@ -86,7 +86,7 @@ for step in "$@"; do
       # Timings wait for the model writers: a busy host skews per-op times.
       wait
       # Split, depth and row tiles as the H100 sweep chose them (BENCH_SPLITS, a table;
-      # empty: swept here, a few minutes); the M ranges where the kernel wins are measured here.
+      # empty: swept here in dependent chains, a few minutes); the M ranges where the kernel wins are measured here.
       splits=${BENCH_SPLITS-mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json}
       timeout "${BENCH_TIMEOUT:-110}" python3 -m scripts.bench_kernels --out "$RES/kernels" --tune --quick \
         ${splits:+--splits-from "$splits"} ${BENCH_ARGS:-} 2>&1 \

@@ -57,7 +57,7 @@ def test_unmeasured_shape_takes_the_nearest_measured_range():
 
 
 def test_winning_range_needs_the_margin_and_takes_the_longest_run():
-    points = [(M, s, M) for M, s in [(1, 1.1), (2, 1.3), (3, 2.0), (4, 0.9), (5, 1.5), (6, 1.6), (7, 1.7), (8, 0.5)]]
+    points = [(M, s, M) for M, s in [(1, 1.05), (2, 1.3), (3, 2.0), (4, 0.9), (5, 1.5), (6, 1.6), (7, 1.7), (8, 0.5)]]
     assert planner.winning_range(points) == (5, 7)
     assert planner.winning_range([(2, 1.19, 2)]) == (0, 0)
     assert planner.winning_range([(2, 1.2, 2)]) == (2, 2)
@@ -65,11 +65,12 @@ def test_winning_range_needs_the_margin_and_takes_the_longest_run():
 
 
 def test_a_single_row_needs_the_decode_margin():
-    # M = 1 must clear DECODE_MIN_SPEEDUP, the rest MIN_SPEEDUP.
-    assert planner.winning_range([(1, 1.5, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (2, 3)
-    assert planner.winning_range([(1, 1.9, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (1, 3)
-    # MoE: sizes are pairs; a single token's pairs need the decode margin.
-    assert planner.winning_range([(8, 1.3, 1), (16, 1.3, 2)]) == (16, 16)
+    # M = 1 must clear DECODE_MIN_SPEEDUP (1.1, a chain's), the rest MIN_SPEEDUP (1.2).
+    assert planner.winning_range([(1, 1.05, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (2, 3)
+    assert planner.winning_range([(1, 1.15, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (1, 3)
+    # MoE: sizes are pairs; a single token's pairs need the decode margin, the others 1.2.
+    assert planner.winning_range([(8, 1.05, 1), (16, 1.3, 2)]) == (16, 16)
+    assert planner.winning_range([(8, 1.15, 1), (16, 1.15, 2)]) == (8, 8)
 
 
 def test_committed_tables_keep_the_margin():

@@ -99,8 +99,8 @@ def test_tune_writes_a_table_the_planner_uses(user_cache, monkeypatch):
     a = tune.Variant("dense", "affine", 4, 64, 1024, 2048)
     b = tune.Variant("dense", "mxfp4", 4, 32, 512, 1024)
     c = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=4)
-    # M = 1 misses the 1.8x decode bar; M = 2..5 clear 1.2x; M = 6 does not.
-    speedups = {1: 1.5, 2: 2.0, 3: 1.9, 4: 1.6, 5: 1.3, 6: 1.1, 8: 1.4}
+    # M = 1 misses the 1.1x decode bar (a chain's); M = 2..5 clear 1.2x; M = 6 does not.
+    speedups = {1: 1.05, 2: 2.0, 3: 1.9, 4: 1.6, 5: 1.3, 6: 1.1, 8: 1.4}
     calls = stand_ins(monkeypatch, speedups, failing={b})
     stream = io.StringIO()
     path, table, outcome = tune.tune([a, b, c], gpu, True, "mtp-splitk tune --quick",
@@ -158,3 +158,34 @@ def test_the_variants_are_the_calls_a_forward_makes(tmp_path):
         else:
             assert not moe
     assert all(tune.runnable(v) for v in tune.default_variants())
+
+
+def test_the_sweep_takes_the_split_with_the_best_worst_chain(monkeypatch):
+    """sweep_split times every (split, depth, row tiles) in dependent chains at each of
+    SPLIT_MS and keeps the lowest worst case; splits wider than K's chunks are not tried."""
+    seen = []
+
+    def chain_us(plan, x, sets, mode, bits, group_size):
+        seen.append((plan.warps_k, plan.depth, plan.row_tiles, x.shape[0]))
+        if (plan.warps_k, plan.depth, plan.row_tiles) == (2, 3, 1):  # best at M = 1 only
+            return 10.0 if x.shape[0] == 1 else 90.0
+        if (plan.warps_k, plan.depth, plan.row_tiles) == (4, 2, 1):  # good at both: the pick
+            return 30.0
+        return 50.0
+
+    monkeypatch.setattr(tune.kernels, "chain_us", chain_us)
+    monkeypatch.setattr(tune, "_weights", lambda v, copies_for_l2: [None])
+    variant = tune.Variant("dense", "affine", 4, 64, 256, 512)  # K = 512: 4 chunks of 128
+    lines = []
+    assert tune.sweep_split(variant, H200, log=lines.append) == (4, 2, 1)
+    tried = {s[:3] for s in seen}
+    assert max(w for w, _, _ in tried) == 4  # 8 warps would exceed 4 chunks
+    assert len(tried) == 3 * len(tune.SPLIT_DEPTHS) * 2  # warps 1, 2, 4
+    assert {s[3] for s in seen} == set(tune.SPLIT_MS)
+    assert len(lines) == 1 and "(4, 2, 1):30.0" in lines[0]
+
+
+def test_m1_is_judged_by_the_chain_alone():
+    assert tune.judged_speedup(1, independent=3.0, chain=1.05) == 1.05
+    assert tune.judged_speedup(5, independent=3.0, chain=1.4) == 1.4
+    assert tune.judged_speedup(5, independent=1.3, chain=1.4) == 1.3

@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import launch
 from .. import plan as planner
-from .timing import median_time
+from .timing import median_call_us, median_time
 
 L2_BYTES = 50 * 2**20  # the H100's; rotations cover 3x this (the H200 has 60 MB)
 CHAIN_LENGTH = 64
@@ -70,6 +70,17 @@ def time_dense(sets, x, mode, bits, group_size, plan=None, **timer) -> float:
     return median_time(
         lambda i: dense_call(plan, x, sets[i % len(sets)], mode, bits, group_size), **timer
     )
+
+
+def chain_us(plan, x, sets, mode, bits, group_size, reps: int = 7) -> float:
+    """µs a call of ``x`` through a dependent chain of dense calls over the
+    rotated weights (ours for a plan, MLX's for ``None``)."""
+
+    def op(y, parts):
+        return dense_call(plan, y, parts, mode, bits, group_size)
+
+    return median_call_us(lambda: mx.eval(chain(op, x, sets, fit=True)), reps=reps, warmup=2,
+                          per=CHAIN_LENGTH)
 
 
 def chain(

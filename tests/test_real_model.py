@@ -375,3 +375,23 @@ def test_gpu_patched_logits_on_real_weights(q4_model, rows, monkeypatch):
     assert error < 1e-2, error
     assert mx.array_equal(patched.argmax(-1), expected.argmax(-1))
     assert "Paris" in answer, answer
+
+
+def test_a_new_shipped_head_builds_a_new_mtp_directory(tmp_path, monkeypatch):
+    """demo_mtp's directory is named by the head's digest: a head shipped with a
+    new version is not shadowed by the directory an older one built."""
+    target = tmp_path / "SmolLM2-135M-Instruct-q4-float32-v1"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"weights")
+    monkeypatch.setattr(dm, "demo_model", lambda variant="q4", dtype=None: target)
+    head = tmp_path / "head.safetensors"
+    monkeypatch.setattr(dm, "HEAD", head)
+    head.write_bytes(b"old head")
+    old = dm.demo_mtp()
+    head.write_bytes(b"new head")
+    new = dm.demo_mtp()
+    assert old != new and old.parent == new.parent == tmp_path
+    assert (old / "mtp.safetensors").read_bytes() == b"old head"
+    assert (new / "mtp.safetensors").read_bytes() == b"new head"
+    assert (new / "model.safetensors").read_bytes() == b"weights"

@@ -112,9 +112,11 @@ for step in "$@"; do
       for extra in "${runs[@]}"; do
         left=$(( ${SESSION_SECONDS:-570} - ($(date +%s) - start) - 30 ))
         log "e2e run $i ($extra) within ${left}s"
-        # A run spec beginning "tuned:" reads the table the tune step wrote.
+        # A run spec beginning "tuned:" reads the table the tune step wrote; one beginning
+        # "env:A=1,B=2 " runs with those variables (e.g. MLX's MLX_MAX_OPS_PER_BUFFER).
         cache=$MTP_SPLITK_CACHE; [ "${extra#tuned:}" != "$extra" ] && extra=${extra#tuned:} && cache=/tmp/tune-cache
-        MTP_SPLITK_CACHE=$cache timeout $(( left + 25 )) python3 -m scripts.bench_e2e --out "$OUT/e2e$i" --model-dir "$MODELS" \
+        vars=""; if [ "${extra#env:}" != "$extra" ]; then vars=${extra#env:}; vars=${vars%% *}; extra=${extra#env:$vars}; vars=${vars//,/ }; fi
+        env $vars MTP_SPLITK_CACHE=$cache timeout $(( left + 25 )) python3 -m scripts.bench_e2e --out "$OUT/e2e$i" --model-dir "$MODELS" \
           --repeats "${E2E_REPEATS:-1}" --deadline "$left" $extra 2>&1 | tee "$RES/bench_e2e$i.log" | tail -4
         i=$(( i + 1 ))
       done

@@ -34,6 +34,8 @@ from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048),
           (128256, 4096)]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
+# Shapes one fused launch takes (Llama-3-8B's q/k/v; 4096x4096 is o's too): shape -> calls a layer.
+FUSED_GROUPS = [{"4096x4096": 2, "1024x4096": 2}]
 # (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.
 CONFIGS = [("affine", 4, 64, SHAPES)] + [
     (m, b, g, [SHAPES[0], SHAPES[2]]) for m, b, g in (("affine", 3, 64), ("affine", 8, 64), ("mxfp4", 4, 32))
@@ -101,17 +103,14 @@ def main():
         warps_k, depths, row_tiles = dict(given["warps_k"]), dict(given["depth"]), dict(given["row_tiles"])
     print(f"graph-building host time per call: ours {host_us('ours'):.1f} us, "
           f"mx.quantized_matmul {host_us('mlx'):.1f} us", flush=True)
+    if args.tune:
+        sweep(configs[0], device, warps_k, depths, row_tiles)
     for mode, bits, group_size, shapes in configs:
         for N, K in shapes:
             sets, nbytes = weight_sets(N, K, mode, bits, group_size)
             key = f"{N}x{K}"
-            if args.tune and key not in warps_k:
-                # Split chosen from the shape alone (batch invariance), in dependent chains.
-                variant = tune.Variant("dense", mode, bits, group_size, N, K)
-                warps_k[key], depths[key], row_tiles[key] = tune.sweep_split(
-                    variant, device, log=lambda line: print(line, flush=True))
             wk = warps_k.get(key) or planner.choose_warps_k(N, K, device.sm_count)
-            depth, rt = depths.get(key, 2), row_tiles.get(key, 2)
+            depth, rt = depths.get(key, 1), row_tiles.get(key, 1)
             for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
                 t_mlx = run_mlx(sets, x, mode, bits, group_size)
@@ -142,6 +141,27 @@ def main():
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print("tuning table:", json.dumps(table["m_range"]))
+
+
+def sweep(config, device, warps_k, depths, row_tiles):
+    """Each shape's split (the shape alone decides it: batch invariance) swept in
+    dependent chains, then one split for the shapes of a fused launch where
+    sharing it costs little (tune.shared_splits); into the three dicts."""
+    mode, bits, group_size, shapes = config
+    scores = {}
+    for N, K in shapes:
+        key = f"{N}x{K}"
+        if key not in warps_k:
+            scores[key] = tune.sweep_scores(tune.Variant("dense", mode, bits, group_size, N, K), device,
+                                            log=lambda line: print(line, flush=True))
+            warps_k[key], depths[key], row_tiles[key] = min(scores[key], key=scores[key].get)
+    for calls in FUSED_GROUPS:
+        if all(shape in scores for shape in calls):
+            shared = tune.shared_splits(scores, calls)
+            print(f"  one split for {', '.join(calls)}: {shared or 'no (costs more than the fusion saves)'}",
+                  flush=True)
+            for shape, split in (shared or {}).items():
+                warps_k[shape], depths[shape], row_tiles[shape] = split
 
 
 def retune(src, out):

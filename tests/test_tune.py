@@ -189,3 +189,17 @@ def test_m1_is_judged_by_the_chain_alone():
     assert tune.judged_speedup(1, independent=3.0, chain=1.05) == 1.05
     assert tune.judged_speedup(5, independent=3.0, chain=1.4) == 1.4
     assert tune.judged_speedup(5, independent=1.3, chain=1.4) == 1.3
+
+
+def test_fused_shapes_share_a_split_only_where_it_costs_little():
+    """q/k/v fuse only at one warps-along-K value: shared_splits picks the value
+    cheapest over the calls, each shape keeping its best depth and row tiles
+    there, and declines when sharing costs more than the tolerance."""
+    q = {(2, 1, 1): 12.0, (2, 3, 1): 11.0, (4, 1, 1): 10.0, (8, 1, 1): 14.0}
+    kv = {(2, 1, 1): 9.0, (4, 1, 1): 8.5, (4, 2, 2): 8.2, (8, 1, 1): 7.8}
+    shared = tune.shared_splits({"q": q, "kv": kv}, {"q": 2, "kv": 2})
+    # warps 4: 2*10 + 2*8.2 = 36.4, against 2*10 + 2*7.8 = 35.6 apart (within 10%).
+    assert shared == {"q": (4, 1, 1), "kv": (4, 2, 2)}
+    far = {(2, 1, 1): 30.0, (8, 1, 1): 5.0}
+    assert tune.shared_splits({"q": q, "kv": far}, {"q": 2, "kv": 2}) is None
+    assert tune.shared_splits({"q": {(1, 1, 1): 1.0}, "kv": {(2, 1, 1): 1.0}}, {"q": 1, "kv": 1}) is None

@@ -170,9 +170,16 @@ SPLIT_MS = (1, 8)  # decode and the widest one-tile verify: what a split is judg
 
 def sweep_split(variant: Variant, device, log=None) -> Tuple[int, int, int]:
     """The dense split with the lowest worst time over :data:`SPLIT_MS` in a
-    dependent chain (batch invariance: one split for every M). Chains, since
-    a forward is one: independent ops may overlap on the GPU and rank grids
-    that leave SMs idle first (benchmarks/h200/RUNS.md, run 13b)."""
+    dependent chain (batch invariance: one split for every M)."""
+    scores = sweep_scores(variant, device, log)
+    return min(scores, key=scores.get)
+
+
+def sweep_scores(variant: Variant, device, log=None) -> Dict[Tuple[int, int, int], float]:
+    """{(warps along K, depth, row tiles): worst µs a call over :data:`SPLIT_MS`}
+    in dependent chains. Chains, since a forward is one: independent ops may
+    overlap on the GPU and rank grids that leave SMs idle first
+    (benchmarks/h200/RUNS.md, run 13b)."""
     v = variant
     sets = _weights(v, copies_for_l2=True)
     chunks = -(-v.K // planner.K_PER_CHUNK)
@@ -189,7 +196,33 @@ def sweep_split(variant: Variant, device, log=None) -> Tuple[int, int, int]:
     if log is not None:
         log(f"  split,depth,rows {v.N}x{v.K} (chain µs a call, worst of M = {SPLIT_MS}): "
             + ", ".join(f"{k}:{t:.1f}" for k, t in worst.items()))
-    return min(worst, key=worst.get)
+    return worst
+
+
+# A fused launch (q/k/v) needs its weights at one split; one shared costs the
+# members at most this much more, apart, than their own best splits.
+SHARED_SPLIT_TOLERANCE = 1.1
+
+
+def shared_splits(scores: Dict[str, Dict], calls: Dict[str, int]):
+    """For shapes one fused launch takes together (``calls``: shape -> calls a
+    layer, e.g. q/o's 2 and k/v's 2), {shape: split} at one warps-along-K
+    value, each shape with its best depth and row tiles there; None where
+    the best shared value costs the calls more than SHARED_SPLIT_TOLERANCE
+    times their own best splits. ``scores``: shape -> :func:`sweep_scores`."""
+
+    def cost(shape, warps):
+        return min(t for (w, _, _), t in scores[shape].items() if w == warps)
+
+    common = set.intersection(*({w for w, _, _ in scores[shape]} for shape in calls))
+    if not common:
+        return None
+    total = {w: sum(n * cost(shape, w) for shape, n in calls.items()) for w in common}
+    warps = min(total, key=total.get)
+    apart = sum(n * min(scores[shape].values()) for shape, n in calls.items())
+    if total[warps] > SHARED_SPLIT_TOLERANCE * apart:
+        return None
+    return {shape: min((k for k in scores[shape] if k[0] == warps), key=scores[shape].get) for shape in calls}
 
 
 def judged_speedup(M: int, independent: float, chain: float) -> float:

@@ -33,6 +33,12 @@ mkdir -p "$MLX_PTX_CACHE_DIR"
 device_key=$(python3 -c 'from mtp_splitk import plan; print(plan.tuning_key(plan.current_device().name))')
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$RES/session.log"
 
+# The model directory of the census and profile steps: STEP_MODEL=family,size (default Llama-3-8B's).
+step_model() {
+  IFS=, read -r family size <<<"${STEP_MODEL:-llama,llama3-8b}"
+  python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', '$family', '$size'))"
+}
+
 for step in "$@"; do
   log "$step"
   case "$step" in
@@ -128,8 +134,9 @@ for step in "$@"; do
         | tee "$RES/bench_chain.log" | tail -6 ;;
     census)
       # Ops and device time of a decode step, a verify pass and an overlapped step on the
-      # Llama-3-8B shape, unpatched and patched (scripts/count_ops.py, scripts/bench_step.py).
-      llama=$(python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', 'llama', 'llama3-8b'))")
+      # Llama-3-8B shape (STEP_MODEL=family,size: another), unpatched and patched
+      # (scripts/count_ops.py, scripts/bench_step.py).
+      llama=$(step_model)
       until [ -e "$llama/config.json" ]; do sleep 2; done
       # CENSUS_SCRIPTS, CENSUS_STATES: which of the two scripts, and "unpatched patched" or one of them.
       for state in ${CENSUS_STATES:-unpatched patched}; do
@@ -141,8 +148,8 @@ for step in "$@"; do
       done ;;
     profile-step)
       # Every kernel of a decode step, a synchronous verify pass and an overlapped step (patched,
-      # Llama-3-8B shape) under ncu, GPU time by kernel (scripts/profile_step.py).
-      llama=$(python3 -c "from mtp_splitk.bench import models as b; print(b.dir_path('$MODELS', 'llama', 'llama3-8b'))")
+      # Llama-3-8B shape or STEP_MODEL's) under ncu, GPU time by kernel (scripts/profile_step.py).
+      llama=$(step_model)
       until [ -e "$llama/config.json" ]; do sleep 2; done
       for what in ${PROFILE_STEPS:-decode verify step}; do
         timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none \

@@ -39,6 +39,7 @@ def _enable():
     from mtp_splitk.mtp.loading import drop_mtp_keys_on_load
     from mtp_splitk.patch import enable
 
+    _force_split()
     enable()
     # The stock tools then load a checkpoint with MTP tensors in its shards
     # as the target alone (their strict load would refuse the extra keys).
@@ -46,15 +47,38 @@ def _enable():
     print(describe(), file=sys.stderr)
 
 
+SPLIT_VAR = "MTP_SPLITK_SPLIT"  # auto | off | N: the split policy, as generate's --split-k
+
+
+def _force_split():
+    from mtp_splitk import plan
+
+    text = os.environ.get(SPLIT_VAR)
+    if text is None:
+        return
+    try:
+        plan.set_split(plan.parse_split(text))
+    except ValueError as e:
+        print(f"mtp_splitk: {SPLIT_VAR} ignored: {e}", file=sys.stderr)
+
+
 def describe() -> str:
-    """The stderr line: the device the planner sees and its tuning table."""
+    """The stderr line: the device the planner sees, the tuning table it reads
+    (the user's from ``mtp-splitk tune`` before the shipped one) and a forced split."""
     from mtp_splitk import plan
 
     # Uncached: asked during `import mlx_lm`, before the program may change its
     # default device, which the planner must then see.
     device = getattr(plan.current_device, "__wrapped__", plan.current_device)()
-    path = os.path.join(plan.TUNING_DIR, plan.tuning_key(device.name) + ".json")
-    table = f"tuning table {path}" if os.path.exists(path) else "no table: kernels off"
+    paths = [plan.user_tuning_path(device.name),
+             os.path.join(plan.TUNING_DIR, plan.tuning_key(device.name) + ".json")]
+    path = next((p for p in paths if os.path.exists(p)), None)
+    table = f"tuning table {path}" if path else "no table: kernels off"
+    forced = plan.forced_split()
+    if forced == 0:
+        table = f"kernels off ({SPLIT_VAR}=off)"
+    elif forced is not None:
+        table = f"split-K forced to {forced} warps for M <= 64 ({SPLIT_VAR})"
     device = f"{device.name} ({device.backend})"
     return f"mtp_splitk: {ENV_VAR}=1, mlx-lm patched; device {device}, {table}"
 

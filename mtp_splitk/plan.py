@@ -359,6 +359,21 @@ def forced_split() -> Optional[int]:
     return _forced
 
 
+def parse_split(text: str) -> Optional[int]:
+    """``auto`` -> None, ``off`` -> 0, ``N`` -> N (what :func:`set_split` takes);
+    ValueError for anything else."""
+    value = text.strip().lower()
+    if value in ("auto", "off"):
+        return None if value == "auto" else 0
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n != 0 and n not in WARP_CHOICES:
+        raise ValueError(f"expected auto, off or one of {', '.join(map(str, WARP_CHOICES))}; got {text!r}")
+    return n
+
+
 def set_split(value: Optional[int]) -> None:
     """Set the split policy: None = auto, 0 = always MLX, n > 0 = n warps along K."""
     global _forced

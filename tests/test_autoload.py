@@ -26,7 +26,8 @@ from mtp_splitk._autoload_build import PTH_LINE, PTH_NAME
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LINE = re.compile(
-    r"^mtp_splitk: MTP_SPLITK=1, .*device .+, (tuning table \S+\.json|no table: kernels off)$"
+    r"^mtp_splitk: MTP_SPLITK=1, .*device .+, (tuning table \S+\.json|no table: kernels off"
+    r"|kernels off \(MTP_SPLITK_SPLIT=off\)|split-K forced to \d warps for M <= 64 \(MTP_SPLITK_SPLIT\))$"
 )
 
 PROBE = """
@@ -248,3 +249,41 @@ def test_enable_or_patch_import_before_mlx_lm_with_the_switch_on(probe_dir, code
     assert rc == 0, said
     assert stdout.split() == ["mtp_splitk.patch", "True"] and enabled
     assert len(said) == 1 and LINE.match(said[0])
+
+
+@pytest.mark.parametrize("split,forced,said", [
+    ("4", "4", "split-K forced to 4 warps for M <= 64 (MTP_SPLITK_SPLIT)"),
+    ("off", "0", "kernels off (MTP_SPLITK_SPLIT=off)"),
+    ("7", "None", "MTP_SPLITK_SPLIT ignored: expected auto, off or one of 1, 2, 4, 8; got '7'"),
+])
+def test_split_variable_sets_the_policy_of_the_stock_tools(site_dir, tmp_path, split, forced, said):
+    """MTP_SPLITK_SPLIT is generate's --split-k for the stock tools (e.g. kernels on a GPU
+    without a table); a bad value is one stderr line and the planner's own policy."""
+    env = _env("1", [REPO])
+    env.update(MTP_SPLITK_SPLIT=split, MTP_SPLITK_CACHE=str(tmp_path / "cache"))
+    prelude = f"import site, sys; site.addsitedir({str(site_dir)!r})\n"
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + "import mlx_lm\nfrom mtp_splitk import plan\nprint(plan.forced_split())"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.split() == [forced], result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mtp_splitk:")]
+    assert any(said in line for line in lines), lines
+    assert sum(bool(LINE.match(line)) for line in lines) == 1
+
+
+def test_the_line_names_the_users_own_table_first(site_dir, tmp_path):
+    """A table `mtp-splitk tune` wrote is the one the planner reads: the line names it."""
+    from mtp_splitk import plan
+
+    cache_dir = tmp_path / "cache"
+    env = _env("1", [REPO])
+    env.update(MTP_SPLITK_CACHE=str(cache_dir))
+    prelude = f"import site, sys; site.addsitedir({str(site_dir)!r})\n"
+    table = cache_dir / "tuning" / (plan.tuning_key(plan.current_device().name) + ".json")
+    table.parent.mkdir(parents=True)
+    table.write_text("{}")
+    result = subprocess.run([sys.executable, "-c", prelude + "import mlx_lm"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("mtp_splitk:")]
+    assert len(lines) == 1 and lines[0].endswith(f"tuning table {table}"), lines

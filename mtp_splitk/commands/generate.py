@@ -51,19 +51,10 @@ MTP_FAMILY = "qwen3_next"
 
 def parse_split_k(value: str) -> Optional[int]:
     """``auto`` -> None, ``off`` -> 0, ``N`` -> N (the values plan.set_split takes)."""
-    text = value.strip().lower()
-    if text == "auto":
-        return None
-    if text == "off":
-        return 0
-    choices = ", ".join(map(str, plan.WARP_CHOICES))
     try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n != 0 and n not in plan.WARP_CHOICES:
-        raise argparse.ArgumentTypeError(f"expected auto, off or one of {choices}; got {value!r}")
-    return n
+        return plan.parse_split(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 # -- the demo models ------------------------------------------------------------------------

@@ -152,7 +152,7 @@ for step in "$@"; do
       llama=$(step_model)
       until [ -e "$llama/config.json" ]; do sleep 2; done
       for what in ${PROFILE_STEPS:-decode verify step}; do
-        timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none \
+        timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none --cache-control none \
           --metrics gpu__time_duration.sum --csv --log-file "$RES/ncu_$what.csv" \
           python3 -m scripts.profile_step --model "$llama" --what "$what" --patched >"$RES/profile_$what.log" 2>&1
         python3 -m scripts.profile_step --summarize "$RES/ncu_$what.csv" 2>&1 | tee "$RES/profile_$what.txt" | head -12

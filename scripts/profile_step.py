@@ -4,12 +4,14 @@
 The step is warmed up, then STEPS more are run between cuProfilerStart / cuProfilerStop, each
 evaluated on its own, so ncu (started with --profile-from-start off) sees only their kernels:
 
-  ncu --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv \\
+  ncu --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \\
       --log-file step.csv python -m scripts.profile_step --model DIR --what step [--patched]
   python -m scripts.profile_step --summarize step.csv [--steps 2]
 
 The summary: kernels a step, their GPU time a step, and the kernels that take it, by name.
-Each kind of step runs in its own process (ncu cannot tell them apart inside one).
+Each kind of step runs in its own process (ncu cannot tell them apart inside one). ncu runs
+the kernels one at a time; with --cache-control none it leaves the L2 as the kernel before
+left it (run 13a's profiles flushed it before every kernel: an upper bound).
 """
 import argparse
 import collections

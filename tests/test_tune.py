@@ -203,3 +203,19 @@ def test_fused_shapes_share_a_split_only_where_it_costs_little():
     far = {(2, 1, 1): 30.0, (8, 1, 1): 5.0}
     assert tune.shared_splits({"q": q, "kv": far}, {"q": 2, "kv": 2}) is None
     assert tune.shared_splits({"q": {(1, 1, 1): 1.0}, "kv": {(2, 1, 1): 1.0}}, {"q": 1, "kv": 1}) is None
+
+
+def test_a_row_without_a_chain_cannot_admit_m1():
+    """M = 1's margin is a chain's: a table built from rows of independent ops alone
+    (bench_moe's, the records before run 13) starts at M = 2."""
+    from mtp_splitk.bench import kernels
+
+    def rows(chain):
+        extra = {"chain_us_ours": 1.0} if chain else {}
+        return [dict(mode="affine", bits=4, N=64, K=128, M=M, speedup=2.0, **extra) for M in (1, 2, 3)]
+
+    meta = dict(device="d", command="c", mlx="m")
+    assert kernels.tuning_table(rows(False), {}, {}, {}, meta)["m_range"] == {"affine4:64x128": (2, 3)}
+    assert kernels.tuning_table(rows(True), {}, {}, {}, meta)["m_range"] == {"affine4:64x128": (1, 3)}
+    moe = [dict(E=8, N=64, K=128, pairs=8 * M, M=M, speedup=2.0) for M in (1, 2)]
+    assert kernels.moe_ranges(moe) == {"affine4:512x128": [16, 16]}

@@ -182,13 +182,20 @@ def time_gather(sets, calls, top_k, plan=None, mode="affine", bits=4, group_size
     )
 
 
+def judgeable(row: Dict) -> bool:
+    """Whether a measured row may admit its M: M = 1 only with a chain timing
+    (plan.DECODE_MIN_SPEEDUP is a chain's margin; rows of independent ops
+    alone, as bench_moe and the records before run 13 have, cannot admit it)."""
+    return row["M"] != 1 or "chain_us_ours" in row
+
+
 def tuning_table(rows, warps_k, depths, row_tiles, meta) -> Dict:
     """Per mode and shape, the M range where the kernel measured at least
     plan.required_speedup(M) times faster than MLX (the planner sends every other M
     to MLX), plus the split, prefetch depth and row tiles the sweep chose.
     ``rows``: dicts with mode, bits, N, K, M and speedup."""
     by_key = {}
-    for r in rows:
+    for r in filter(judgeable, rows):
         by_key.setdefault(f"{r['mode']}{r['bits']}:{r['N']}x{r['K']}", []).append(r)
     m_range = {key: planner.winning_range((r["M"], r["speedup"], r["M"]) for r in rs)
                for key, rs in by_key.items()}
@@ -204,7 +211,7 @@ def moe_ranges(rows, mode_key: Optional[Callable[[Dict], str]] = None) -> Dict[s
     ``mode_key`` is not given: the key's prefix, default affine4)."""
     mode_key = mode_key or (lambda r: f"{r.get('mode', 'affine')}{r.get('bits', 4)}")
     groups = {}
-    for r in rows:
+    for r in filter(judgeable, rows):
         groups.setdefault(f"{mode_key(r)}:{r['E'] * r['N']}x{r['K']}", []).append(r)
     return {key: list(planner.winning_range((r["pairs"], r["speedup"], r["M"]) for r in rs))
             for key, rs in sorted(groups.items())}

@@ -160,7 +160,7 @@ def sweep(config, device, warps_k, depths, row_tiles):
     for calls in FUSED_GROUPS:
         if all(shape in scores for shape in calls):
             shared = tune.shared_splits(scores, calls)
-            print(f"  one split for {', '.join(calls)}: {shared or 'no (costs more than the fusion saves)'}",
+            print(f"  one split for {', '.join(calls)}: {shared or 'none (one costs over 10% more than apart)'}",
                   flush=True)
             for shape, split in (shared or {}).items():
                 warps_k[shape], depths[shape], row_tiles[shape] = split

@@ -328,9 +328,8 @@ def plan_gather(
     """A Plan for the grouped MoE kernel over P (token, expert) pairs of E
     experts of shape (N, K), or None for mx.gather_qmm.
 
-    The split comes from the expert shape alone (as if 8 experts were active,
-    decode with top-8), never from P, so a pair's result does not depend on
-    the batch. Each active expert takes its pairs 8 at a time (one token
+    The split comes from the expert shape alone (:func:`moe_split`), never
+    from P, so a pair's result does not depend on the batch. Each active expert takes its pairs 8 at a time (one token
     tile): a verify batch rarely routes more than 8 tokens to one expert.
     """
     device = device or current_device()
@@ -346,9 +345,18 @@ def plan_gather(
         lo, hi = m_range({"m_range": tuning.get("moe_p_range", {})}, mode, bits, E * N, K)
         if not lo <= P <= hi:
             return None
-    warps = override or choose_warps_k(8 * N, K, device.sm_count)
+    warps, depth = moe_split(tuning, E, N, K, device.sm_count)
     return Plan(backend=device.backend, mode=mode, bits=bits, group_size=group_size, N=N, K=K,
-                warps_k=int(warps), token_tiles=1)
+                warps_k=int(override or warps), token_tiles=1, depth=int(depth))
+
+
+def moe_split(tuning: dict, E: int, N: int, K: int, sm_count: int) -> tuple:
+    """(warps along K, depth) of the grouped kernel for E experts of (N, K): the
+    table's (``moe_warps_k``, ``moe_depth``, swept by scripts/bench_moe.py --tune),
+    else the rule for 8 active experts and one chunk in flight."""
+    shape = f"{E}x{N}x{K}"
+    warps = tuning.get("moe_warps_k", {}).get(shape) or choose_warps_k(8 * N, K, sm_count)
+    return warps, tuning.get("moe_depth", {}).get(shape, 1)
 
 
 # --split-k from the CLI: None = auto (tuning table), 0 = off, n = force n warps along K.

@@ -10,8 +10,10 @@ otherwise. Columns: µs per op (timing as in scripts/bench_kernels.py),
 unique experts per call, % of the unique experts' bytes over the copy
 bandwidth, and MLX / ours in the same run.
 
-Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune the pair
-ranges where the kernel won (by plan.required_speedup) go into
+Writes <out>/bench_moe.json and <out>/bench_moe.md; with --tune each shape's
+split and prefetch depth are swept first in dependent chains, and they and the
+pair ranges where the kernel won (by plan.required_speedup: the chain's at
+M = 1, the lower of independent and chain elsewhere) go into
 <out>/<device>_moe.json, which scripts/install_tuning.py merges into the
 planner's table.
 Usage: python -m scripts.bench_moe --out benchmarks/moe [--tune] [--shapes 0,1] [--ms 1,2,4]
@@ -26,7 +28,9 @@ import mlx.core as mx
 import numpy as np
 
 from mtp_splitk import plan as planner
-from mtp_splitk.bench.kernels import CALLS, moe_ranges, packed_experts, prepared_calls, routings, time_gather
+from mtp_splitk.bench import tune
+from mtp_splitk.bench.kernels import (CALLS, gather_chain_us, moe_ranges, packed_experts, prepared_calls,
+                                      routings, time_gather)
 from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
 # (name, E, N, K, top_k)
@@ -43,6 +47,7 @@ SHAPES = [
     ("qwen3.5-122b-a10b down", 256, 3072, 1024, 8),
 ]
 MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32]
+SPLIT_MS = (5, 16)  # a k = 4 verify and a wide one: what --tune judges a split at
 
 
 def main():
@@ -64,28 +69,36 @@ def main():
     print(f"device {device.name}; copy {bw / 1e9:.0f} GB/s; trivial op {floor * 1e6:.1f} us", flush=True)
     rng = np.random.default_rng(0)
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
-    rows = []
+    rows, splits = [], {}
     for name, E, N, K, top_k in shapes:
         expert_bytes = E * N * K // 2
         copies = max(1, min(3, int(3 * 50e6 // expert_bytes) + 1))
         sets, bytes_per_expert = packed_experts(E, N, K, copies=copies)
+        shape = f"{E}x{N}x{K}"
+        if args.tune:
+            splits[shape] = sweep(name, E, N, K, top_k, sets, rng)
+        warps, depth = splits.get(shape) or planner.moe_split(planner.load_tuning(device.name), E, N, K,
+                                                              device.sm_count)
         for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
             x = mx.random.normal((M, K)).astype(mx.bfloat16)
             idxs = routings(M, E, top_k, CALLS, rng)
             calls = prepared_calls(x, idxs, top_k)
             unique = float(np.mean([len(np.unique(i)) for i in idxs]))
             P = M * top_k
-            plan = planner.Plan("cuda", "affine", 4, 64, N, K, planner.choose_warps_k(8 * N, K, device.sm_count), 1)
+            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth)
             t_mlx, t_ours = time_gather(sets, calls, top_k), time_gather(sets, calls, top_k, plan)
+            c_mlx, c_ours = (gather_chain_us(p, x, idxs[0], sets, top_k) for p in (None, plan))
             min_time = unique * bytes_per_expert / bw
             row = dict(shape=name, E=E, N=N, K=K, top_k=top_k, M=M, pairs=P, unique_experts=unique,
-                       warps_k=plan.warps_k, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6, speedup=t_mlx / t_ours,
+                       warps_k=plan.warps_k, depth=depth, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,
+                       chain_us_ours=c_ours, chain_us_mlx=c_mlx,
+                       speedup=tune.judged_speedup(M, t_mlx / t_ours, c_mlx / c_ours),
                        pct_unique_bytes_bw=100 * min_time / t_ours,
                        floor_us=max(min_time, floor) * 1e6)
             rows.append(row)
             print(f"{name:22s} M={M:2d} P={P:3d} uniq={unique:5.1f}: ours {row['us_ours']:7.1f} us  "
-                  f"mlx {row['us_mlx']:7.1f} us  x{row['speedup']:.2f}  {row['pct_unique_bytes_bw']:.0f}% "
-                  f"floor {row['floor_us']:.1f}", flush=True)
+                  f"mlx {row['us_mlx']:7.1f} us; chain ours {c_ours:7.1f} mlx {c_mlx:7.1f}  x{row['speedup']:.2f}  "
+                  f"{row['pct_unique_bytes_bw']:.0f}% floor {row['floor_us']:.1f}", flush=True)
         del sets
     meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
                 command=" ".join(sys.argv))
@@ -102,15 +115,34 @@ def main():
                      f"{r['pct_unique_bytes_bw']:.0f} | {r['floor_us']:.1f} |")
     open(os.path.join(args.out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
     if args.tune:
-        write_ranges(rows, meta, args.out)
+        write_ranges(rows, meta, args.out, splits)
 
 
-def write_ranges(rows, meta, out):
+def sweep(name, E, N, K, top_k, sets, rng):
+    """(warps along K, depth) of the grouped kernel for this expert shape: the
+    lowest worst time over SPLIT_MS in dependent chains (the shape alone
+    decides it: batch invariance)."""
+    inputs = [(mx.random.normal((M, K)).astype(mx.bfloat16), routings(M, E, top_k, 1, rng)[0]) for M in SPLIT_MS]
+    worst = {}
+    for warps in (w for w in planner.WARP_CHOICES if w <= -(-K // planner.K_PER_CHUNK)):
+        for depth in tune.SPLIT_DEPTHS:
+            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth)
+            worst[(warps, depth)] = max(gather_chain_us(plan, x, idx, sets, top_k) for x, idx in inputs)
+    print(f"  {name}: split,depth (chain µs a call, worst of M = {SPLIT_MS}): "
+          + ", ".join(f"{k}:{t:.1f}" for k, t in worst.items()), flush=True)
+    return min(worst, key=worst.get)
+
+
+def write_ranges(rows, meta, out, splits=None):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
-    kernel measured at least plan.required_speedup(M) times faster than MLX."""
+    kernel measured at least plan.required_speedup(M) times faster than MLX,
+    and the swept (warps along K, depth) of each shape (``splits``)."""
     ranges = moe_ranges(rows)  # the rows are affine 4-bit
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
+    if splits:
+        table["moe_warps_k"] = {shape: w for shape, (w, _) in splits.items()}
+        table["moe_depth"] = {shape: d for shape, (_, d) in splits.items()}
     with open(os.path.join(out, planner.tuning_key(meta["device"]) + "_moe.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print("moe pair ranges:", ranges)

@@ -3,14 +3,15 @@
 
 Merges <kernels_dir>/<device>.json (scripts/bench_kernels.py --tune: splits
 and dense M ranges) with <moe_dir>/<device>_moe.json (scripts/bench_moe.py
---tune: MoE pair ranges), if present (else the installed table's MoE ranges stay),
-into mtp_splitk/tuning/<device>.json.
+--tune: MoE pair ranges, split and depth), if present (else the installed table's
+MoE entries stay), into mtp_splitk/tuning/<device>.json.
 Usage: python -m scripts.install_tuning DEVICE_KEY KERNELS_DIR [MOE_DIR]
 """
 import json
 import os
 import sys
 
+MOE_KEYS = ("moe_p_range", "moe_warps_k", "moe_depth")
 TUNING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtp_splitk", "tuning")
 
 
@@ -24,10 +25,11 @@ def main(key, kernels_dir, moe_dir=None):
     table = json.load(open(dense))
     moe = os.path.join(moe_dir, f"{key}_moe.json") if moe_dir else None
     path = os.path.join(TUNING, f"{key}.json")
-    if moe and os.path.exists(moe):
-        table["moe_p_range"] = json.load(open(moe))["moe_p_range"]
-    elif os.path.exists(path) and "moe_p_range" in json.load(open(path)):
-        table["moe_p_range"] = json.load(open(path))["moe_p_range"]  # no MoE run this time: keep the installed ranges
+    # The MoE entries from this run's bench_moe, else (no MoE run this time) the installed table's.
+    source = moe if moe and os.path.exists(moe) else path if os.path.exists(path) else None
+    if source:
+        given = json.load(open(source))
+        table.update({name: given[name] for name in MOE_KEYS if name in given})
     with open(path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print(f"installed {path}: m_range {table['m_range']}, moe_p_range {table.get('moe_p_range')}")

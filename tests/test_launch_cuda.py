@@ -99,9 +99,13 @@ def test_generated_kernels_compile_with_nvcc(recorder, tmp_path):
     x = mx.random.normal((5, 256)).astype(mx.bfloat16)
     launch.dense(cuda_plan(5, 40, 256), x, wq, s, b)
     launch.gather(cuda_plan(6, 40, 256), x, wq[None], s[None], b[None], mx.zeros((6,), mx.uint32), 2)
-    dense, gather = recorder.kernels
+    # The prefetch depths the sweeps try (bench.tune.SPLIT_DEPTHS), the grouped kernel's too.
+    launch.dense(cuda_plan(5, 40, 256, warps=8, depth=3, row_tiles=2), x, wq, s, b)
+    launch.gather(cuda_plan(6, 40, 256, warps=2, depth=3), x, wq[None], s[None], b[None],
+                  mx.zeros((6,), mx.uint32), 2)
+    dense = recorder.kernels[0]
     src = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n" + dense["header"]
-    for i, k in enumerate((dense, gather)):
+    for i, k in enumerate(recorder.kernels):
         params = ", ".join(
             f"const {t}* {n}, const int* {n}_shape"
             for n, t in zip(k["input_names"], ["__nv_bfloat16", "uint32_t", "__nv_bfloat16", "__nv_bfloat16",

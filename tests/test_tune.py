@@ -219,3 +219,41 @@ def test_a_row_without_a_chain_cannot_admit_m1():
     assert kernels.tuning_table(rows(True), {}, {}, {}, meta)["m_range"] == {"affine4:64x128": (1, 3)}
     moe = [dict(E=8, N=64, K=128, pairs=8 * M, M=M, speedup=2.0) for M in (1, 2)]
     assert kernels.moe_ranges(moe) == {"affine4:512x128": [16, 16]}
+
+
+def test_the_grouped_kernel_takes_its_split_and_depth_from_the_table(user_cache):
+    """moe_warps_k / moe_depth (bench_moe --tune) fix the grouped kernel's split and
+    prefetch depth per expert shape, for every pair count; unlisted shapes keep the rule."""
+    table = {"moe_p_range": {"affine4:98304x2048": [8, 256], "affine4:262144x768": [8, 256]},
+             "moe_warps_k": {"128x768x2048": 2}, "moe_depth": {"128x768x2048": 3}}
+    path = planner.user_tuning_path(H200.name)
+    tune.write_table(path, table)
+    planner.load_tuning.cache_clear()
+    plans = [planner.plan_gather(P, 128, 768, 2048, 4, 64, "affine", mx.bfloat16, H200) for P in (8, 40, 128)]
+    assert {(p.warps_k, p.depth) for p in plans} == {(2, 3)}
+    other = planner.plan_gather(40, 128, 2048, 768, 4, 64, "affine", mx.bfloat16, H200)
+    assert (other.warps_k, other.depth) == (planner.choose_warps_k(8 * 2048, 768, H200.sm_count), 1)
+
+
+def test_install_tuning_merges_the_moe_run_or_keeps_the_installed_entries(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("install_tuning", tune.__file__.replace(
+        "mtp_splitk/bench/tune.py", "scripts/install_tuning.py"))
+    install = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(install)
+    monkeypatch.setattr(install, "TUNING", str(tmp_path / "tuning"))
+    (tmp_path / "tuning").mkdir()
+    kernels, moe = tmp_path / "kernels", tmp_path / "moe"
+    kernels.mkdir(), moe.mkdir()
+    (kernels / "gpu.json").write_text(json.dumps({"m_range": {"a": [2, 7]}}))
+    (moe / "gpu_moe.json").write_text(json.dumps({"moe_p_range": {"b": [8, 64]}, "moe_warps_k": {"s": 2},
+                                                  "moe_depth": {"s": 3}, "device": "x"}))
+    assert install.main("gpu", str(kernels), str(moe)) == 0
+    installed = json.loads((tmp_path / "tuning" / "gpu.json").read_text())
+    assert installed == {"m_range": {"a": [2, 7]}, "moe_p_range": {"b": [8, 64]}, "moe_warps_k": {"s": 2},
+                         "moe_depth": {"s": 3}}
+    (kernels / "gpu.json").write_text(json.dumps({"m_range": {"a": [3, 5]}}))
+    assert install.main("gpu", str(kernels)) == 0  # no MoE run: the installed MoE entries stay
+    installed = json.loads((tmp_path / "tuning" / "gpu.json").read_text())
+    assert installed["m_range"] == {"a": [3, 5]} and installed["moe_depth"] == {"s": 3}

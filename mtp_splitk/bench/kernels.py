@@ -182,6 +182,20 @@ def time_gather(sets, calls, top_k, plan=None, mode="affine", bits=4, group_size
     )
 
 
+def gather_chain_us(plan, x, idx: np.ndarray, sets, top_k: int, mode="affine", bits=4, group_size=64,
+                    reps: int = 7) -> float:
+    """µs a call of ``x`` (M, K) through a dependent chain of MoE calls with the
+    routing ``idx``, each link's (M, top_k * N) output fitted to K (ours for a
+    plan, ``mx.gather_qmm`` for ``None``; x re-sorted each link as mlx-lm does)."""
+    M = x.shape[0]
+
+    def op(y, parts):
+        return gather_call(plan, moe_call(y, idx, top_k), parts, top_k, mode, bits, group_size).reshape(M, -1)
+
+    return median_call_us(lambda: mx.eval(chain(op, x, sets, fit=True)), reps=reps, warmup=2,
+                          per=CHAIN_LENGTH)
+
+
 def judgeable(row: Dict) -> bool:
     """Whether a measured row may admit its M: M = 1 only with a chain timing
     (plan.DECODE_MIN_SPEEDUP is a chain's margin; rows of independent ops

@@ -38,7 +38,6 @@ from mlx.utils import tree_flatten
 from .. import plan as planner
 from . import kernels
 from .harness import Deadline, Progress
-from .timing import median_call_us
 
 QUICK_MS, FULL_MS = (1, 2, 3, 4, 5, 6, 8), (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 QUICK_MOE_MS, FULL_MOE_MS = (1, 2, 4, 8), (1, 2, 3, 4, 5, 6, 8, 12, 16, 17, 24, 32)
@@ -130,7 +129,7 @@ def _plan(variant: Variant, device, M: int, split: Tuple[int, int, int]):
     if v.op == "dense":
         return kernels.dense_plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, M,
                                   warps, depth, row_tiles)
-    return planner.Plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, warps, 1)
+    return planner.Plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, warps, 1, depth)
 
 
 def _weights(variant: Variant, copies_for_l2: bool):
@@ -149,12 +148,13 @@ def _moe_calls(variant: Variant, M: int, count: int):
 
 
 def choose_split(variant: Variant, device, table: Dict, quick: bool) -> Tuple[int, int, int]:
-    """(warps along K, depth, row tiles). MoE: the planner's own rule. Dense:
+    """(warps along K, depth, row tiles). MoE: the table's or the planner's rule. Dense:
     the table's for the shape or the planner's rule (quick), else
     :func:`sweep_split`."""
     v = variant
     if v.op == "moe":
-        return planner.choose_warps_k(8 * v.N, v.K, device.sm_count), 1, 1
+        warps, depth = planner.moe_split(table, v.E, v.N, v.K, device.sm_count)
+        return int(warps), int(depth), 1
     shape = f"{v.N}x{v.K}"
     if quick or shape in table.get("warps_k", {}):
         warps = table.get("warps_k", {}).get(shape)
@@ -273,29 +273,19 @@ def measure(variant: Variant, device, split, quick: bool) -> List[Dict]:
         QUICK_MOE_MS if quick else FULL_MOE_MS
     ):
         plan = _plan(v, device, M, split)
+        pair = (("mlx", None), ("ours", plan))
+        x = mx.random.normal((M, v.K)).astype(DTYPES[v.dtype])
+        mx.eval(x)
         if v.op == "dense":
-            x = mx.random.normal((M, v.K)).astype(DTYPES[v.dtype])
-            mx.eval(x)
-            t = {k: kernels.time_dense(sets, x, v.mode, v.bits, v.group_size, p, **timer)
-                 for k, p in (("mlx", None), ("ours", plan))}
-
-            def op(p):
-                return lambda y, w: kernels.dense_call(p, y, w, v.mode, v.bits, v.group_size)
+            t = {k: kernels.time_dense(sets, x, v.mode, v.bits, v.group_size, p, **timer) for k, p in pair}
+            c = {k: kernels.chain_us(p, x, sets, v.mode, v.bits, v.group_size, reps) for k, p in pair}
         else:
             calls = _moe_calls(v, M, kernels.CALLS)
-            t = {k: kernels.time_gather(sets, calls, v.top_k, p, v.mode, v.bits, v.group_size,
-                                        **timer)
-                 for k, p in (("mlx", None), ("ours", plan))}
-            x = mx.random.normal((M, v.K)).astype(DTYPES[v.dtype])
-            idx = kernels.routings(M, v.E, v.top_k, 1, np.random.default_rng())[0]
-
-            def op(p):  # one routing; x re-sorted each link as mlx-lm does (both sides)
-                return lambda y, parts: kernels.gather_call(
-                    p, kernels.moe_call(y, idx, v.top_k), parts, v.top_k, v.mode, v.bits,
-                    v.group_size).reshape(M, -1)
-        c = {k: median_call_us(lambda p=p: mx.eval(kernels.chain(op(p), x, sets, fit=True)),
-                               reps=reps, warmup=2, per=kernels.CHAIN_LENGTH)
-             for k, p in (("mlx", None), ("ours", plan))}
+            t = {k: kernels.time_gather(sets, calls, v.top_k, p, v.mode, v.bits, v.group_size, **timer)
+                 for k, p in pair}
+            idx = kernels.routings(M, v.E, v.top_k, 1, np.random.default_rng())[0]  # the chain's, both sides
+            c = {k: kernels.gather_chain_us(p, x, idx, sets, v.top_k, v.mode, v.bits, v.group_size, reps)
+                 for k, p in pair}
         row = dict(op=v.op, mode=v.mode, bits=v.bits, N=v.N, K=v.K, E=v.E, M=M,
                    pairs=M * v.top_k, us_mlx=1e6 * t["mlx"], us_ours=1e6 * t["ours"],
                    chain_us_mlx=c["mlx"], chain_us_ours=c["ours"])

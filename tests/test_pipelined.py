@@ -407,3 +407,70 @@ def test_the_swapped_gated_deltanet_call_is_mlx_lms(family, models):
         assert mx.array_equal(out[:, :kept], reference).item(), kept
         for a, b in zip(ours.cache, theirs.cache):
             assert mx.array_equal(a, b).item(), kept
+
+
+# -- one-row passes on CUDA (one_row.py) --------------------------------------------------
+
+
+def test_a_one_row_pass_over_the_device_cache_goes_as_two_rows(monkeypatch):
+    """Where it applies (CUDA; FORCE here), a one-row call over a DeviceKVCache with a
+    mask reaches MLX's attention as that row twice with the mask's row twice, and
+    returns the first: the one-row result; other calls reach it as they are."""
+    from mtp_splitk.speculative import one_row
+
+    cache = DeviceKVCache()
+    cache.additive = True
+    keys = mx.random.normal((1, 2, 5, 8)).astype(mx.bfloat16)
+    cache.update_and_fetch(keys, keys)
+    cache.advance(5)
+    k, v = cache.update_and_fetch(keys[:, :, :1], keys[:, :, :1])
+    mask = cache.make_mask(1)
+    q = mx.random.normal((1, 4, 1, 8)).astype(mx.bfloat16)
+    expected = one_row._original(q, k, v, cache=cache, scale=0.3, mask=mask)
+    rows = []
+
+    def spy(queries, keys, values, cache, scale, mask, sinks=None):
+        rows.append((queries.shape[2], None if mask is None else mask.shape[-2]))
+        return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+
+    monkeypatch.setattr(one_row, "_original", spy)
+    monkeypatch.setattr(one_row, "FORCE", True)
+    out = one_row.scaled_dot_product_attention(q, k, v, cache, 0.3, mask)
+    assert rows == [(2, 2)] and out.shape == expected.shape
+    assert mx.allclose(out.astype(mx.float32), expected.astype(mx.float32), atol=1e-2).item()
+    one_row.scaled_dot_product_attention(mx.concatenate([q, q], axis=2), k, v, cache, 0.3, mask)
+    one_row.scaled_dot_product_attention(q, k, v, KVCache(), 0.3, None)
+    assert rows[1:] == [(2, 1), (1, None)]  # several rows, or another cache: unchanged
+    monkeypatch.setattr(one_row, "FORCE", False)
+    one_row.scaled_dot_product_attention(q, k, v, cache, 0.3, mask)
+    assert rows[3:] == [(1, 1)]  # the CPU: mlx-lm's call
+
+
+def test_a_draft_model_through_the_two_row_path_is_plain_greedy(tmp_path, monkeypatch):
+    """The draft model's one-row passes take the two-row path (FORCE); the output is
+    plain greedy, and the model modules get mlx-lm's attention back on uninstall."""
+    from mlx_lm.models import base, llama
+
+    from mtp_splitk.speculative import one_row
+
+    target_path, draft_path = synthetic.write_pair(tmp_path / "pair")
+    model, _ = load(str(target_path))
+    draft, _ = load(str(draft_path))
+    expected = plain(model, 40)
+    baseline, base_stats = run(model, DraftModelDrafter(draft), 40, 3)
+    calls = []
+    original = one_row._original
+
+    def counting(queries, *args, **kwargs):
+        calls.append(queries.shape[2])
+        return original(queries, *args, **kwargs)
+
+    monkeypatch.setattr(one_row, "_original", counting)
+    monkeypatch.setattr(one_row, "FORCE", True)
+    out, stats = run(model, DraftModelDrafter(draft), 40, 3)
+    assert out == expected == baseline and stats.overlapped
+    assert llama.scaled_dot_product_attention is one_row.scaled_dot_product_attention
+    assert calls.count(2) >= 3 * stats.steps  # every draft pass of every layer, as two rows
+    monkeypatch.setattr(one_row, "_original", original)
+    one_row.uninstall()
+    assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention is original

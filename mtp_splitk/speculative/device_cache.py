@@ -181,6 +181,9 @@ def on_device(cache: List, positions: int = 0, additive: bool = False) -> List[D
     and every ``ArraysCache`` by a :class:`~.recurrent.DeviceArraysCache`
     at the same offset; returns the list. KV entries at one offset share one
     offset array, so moving them all costs one op (:func:`advance`)."""
+    from . import one_row  # its attention imports this module
+
+    one_row.install()  # one-row passes over these caches through cuDNN on CUDA
     shared = {}
     offset = position(cache)
     for i, c in enumerate(cache):

@@ -94,12 +94,12 @@ for step in "$@"; do
       # Split, depth and row tiles as the H100 sweep chose them (BENCH_SPLITS, a table;
       # empty: swept here in dependent chains, a few minutes); the M ranges where the kernel wins are measured here.
       splits=${BENCH_SPLITS-mtp_splitk/tuning/nvidia_h100_80gb_hbm3.json}
-      timeout "${BENCH_TIMEOUT:-110}" python3 -m scripts.bench_kernels --out "$RES/kernels" --tune --quick \
+      timeout "${BENCH_TIMEOUT:-300}" python3 -m scripts.bench_kernels --out "$RES/kernels" --tune --quick \
         ${splits:+--splits-from "$splits"} ${BENCH_ARGS:-} 2>&1 \
         | tee "$RES/bench_kernels.log" | tail -8 ;;
     moe)
       wait
-      timeout "${MOE_TIMEOUT:-100}" python3 -m scripts.bench_moe --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
+      timeout "${MOE_TIMEOUT:-240}" python3 -m scripts.bench_moe --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
         | tee "$RES/bench_moe.log" | tail -8 ;;
     e2e)
       # This GPU's table (dense M ranges + MoE pair ranges) for the planner.

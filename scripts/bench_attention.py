@@ -10,7 +10,8 @@ bfloat16, as an (M, capacity) array or copied for every head as MLX lays out its
 mask). Each way is checked against the exact keys (max |difference|) and timed: one layer's
 `mx.fast.scaled_dot_product_attention`
 (Llama-3-8B heads: 32 query, 8 KV, dim 128; bfloat16) for M query rows at a context, in a
-chain of 32 dependent calls (a forward's layers), µs a call.
+chain of 32 dependent calls (a forward's layers), µs a call. At M = 1 also the two-row way
+of speculative/one_row.py (the row twice, so that cuDNN's masked kernel takes it).
 Usage: python -m scripts.bench_attention [--out DIR]
 """
 import argparse
@@ -25,14 +26,24 @@ from mtp_splitk.bench.timing import median_call_us
 HEADS, KV_HEADS, DIM, LAYERS, BUCKET = 32, 8, 128, 32, 256
 
 
-def chain(q, k, v, mask):
+def chain(q, k, v, mask, twice=False):
+    """``twice``: each call as speculative/one_row.py makes a one-row pass, the row
+    and the (doubled) mask's row twice, the first copy kept."""
     def run():
         x = q
         for _ in range(LAYERS):
-            x = mx.fast.scaled_dot_product_attention(x, k, v, scale=DIM**-0.5, mask=mask)
+            if twice:
+                x = two_rows(x, k, v, mask)
+            else:
+                x = mx.fast.scaled_dot_product_attention(x, k, v, scale=DIM**-0.5, mask=mask)
         mx.eval(x)
 
     return run
+
+
+def two_rows(q, k, v, doubled_mask):
+    both = mx.concatenate([q, q], axis=2)
+    return mx.fast.scaled_dot_product_attention(both, k, v, scale=DIM**-0.5, mask=doubled_mask)[:, :, :1]
 
 
 def row(M, context):
@@ -58,6 +69,10 @@ def row(M, context):
         # Against the exact keys: the same attention, so rounding apart (bf16) the same numbers.
         out[f"{name}_max_error"] = mx.abs(y - exact).max().item()
         out[f"{name}_bucket_us"] = median_call_us(chain(q, k, v, mask), per=LAYERS)
+    if M == 1:  # one_row.py's way past MLX's missing one-query masked kernel
+        doubled = mx.concatenate([additive, additive], axis=-2)
+        out["two_rows_max_error"] = mx.abs(two_rows(q, k, v, doubled) - exact).max().item()
+        out["two_rows_bucket_us"] = median_call_us(chain(q, k, v, doubled, twice=True), per=LAYERS)
     return out
 
 
@@ -67,9 +82,11 @@ def main():
     args = parser.parse_args()
     rows = [row(M, context) for context in (64, 300, 1000) for M in (1, 2, 5, 8)]
     names = ("array_mask", "additive_mask", "additive_per_head")
-    print(f"{'M':>3} {'context':>8} {'causal, exact':>14} " + " ".join(f"{n + ' µs (error)':>28}" for n in names))
+    print(f"{'M':>3} {'context':>8} {'causal, exact':>14} "
+          + " ".join(f"{n + ' µs (error)':>28}" for n in names + ("two_rows",)))
     for r in rows:
-        cells = " ".join(f"{r[n + '_bucket_us']:>18.1f} ({r[n + '_max_error']:7.4f})" for n in names)
+        cells = " ".join(f"{r[n + '_bucket_us']:>18.1f} ({r[n + '_max_error']:7.4f})" for n in names
+                         + (("two_rows",) if "two_rows_bucket_us" in r else ()))
         print(f"{r['M']:>3} {r['context']:>8} {r['causal_exact_us']:>14.1f} {cells}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -19,9 +19,10 @@
 // whatever the other rows of the call are.
 //
 // Entries: splitk_qmm (dense), splitk_gather_qmm (MoE), and the fused
-// projections splitk_qmm_multi (q/k/v: 2 or 3 weights of one x in one launch)
-// and splitk_qmm_glu (gate/up with the activation), which run the dense
-// kernel's code per row tile, so their outputs are the dense kernel's bits.
+// projections splitk_qmm_multi (q/k/v: 2 or 3 weights of one x in one launch),
+// splitk_qmm_glu and splitk_gather_qmm_glu (gate/up with the activation, dense
+// and MoE), which run the plain kernels' code per row tile, so their outputs
+// are the plain kernels' bits.
 //
 // The K labels inside an MMA are free as long as A and B agree: lane c's four
 // K slots of each k16 step are filled with its own codes, paired as
@@ -467,26 +468,23 @@ __device__ void splitk_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, con
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxPairs = 1024;
 
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
-__device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
-                                  const uint32_t* idx, T* y, int P, int E, int N, int K, int x_div) {
+// Block-wide, NW warps: the u-th active expert of idx[0 .. P) in ascending id,
+// from a bitmap of idx in shared memory (no sort, no host sync), or -1 when
+// fewer are active (block-uniform); its pairs in ascending p into pairs[0 ..
+// count), by ballots per warp and warp totals in order, so the list is the
+// same whatever the block's timing. Ids >= E (invalid input) mark nothing:
+// their pairs are never computed, and never written out of bounds.
+template <int NW>
+__device__ __forceinline__ int active_expert(const uint32_t* idx, int P, int E, int u, int* pairs, int& count_out) {
   __shared__ uint32_t active[kMaxExperts / 32];
-  __shared__ int pairs[kMaxPairs];
   __shared__ int count;
   __shared__ int expert;
-  __shared__ int warp_counts[WK];
+  __shared__ int warp_counts[NW];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2;
-  const int tiles = (N + 16 * RT - 1) / (16 * RT);
-  const int u = blockIdx.x / tiles;
-  const int row0 = (blockIdx.x % tiles) * 16 * RT;
-
-  for (int i = threadIdx.x; i < kMaxExperts / 32; i += WK * 32) active[i] = 0;
+  for (int i = threadIdx.x; i < kMaxExperts / 32; i += NW * 32) active[i] = 0;
   __syncthreads();
-  // Ids >= E (invalid input) mark nothing: their pairs are never computed,
-  // and never written out of bounds.
-  for (int p = threadIdx.x; p < P; p += WK * 32)
+  for (int p = threadIdx.x; p < P; p += NW * 32)
     if (idx[p] < (uint32_t)E) atomicOr(&active[idx[p] >> 5], 1u << (idx[p] & 31));
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -506,11 +504,8 @@ __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scale
   }
   __syncthreads();
   const int e = expert;
-  if (e < 0) return;  // fewer active experts than u: nothing to do (block-uniform)
-
-  // The expert's pairs in ascending p: ballots per warp, warp totals in
-  // order, so the list is the same whatever the block's timing.
-  for (int base = 0; base < P; base += WK * 32) {
+  if (e < 0) return -1;
+  for (int base = 0; base < P; base += NW * 32) {
     const int p = base + threadIdx.x;
     const bool mine = p < P && (int)idx[p] == e;
     const uint32_t ballot = __ballot_sync(0xffffffffu, mine);
@@ -522,26 +517,94 @@ __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scale
     __syncthreads();
     if (threadIdx.x == 0) {
       int total = 0;
-      for (int j = 0; j < WK; ++j) total += warp_counts[j];
+      for (int j = 0; j < NW; ++j) total += warp_counts[j];
       count += total;
     }
     __syncthreads();
   }
+  count_out = count;
+  return e;
+}
 
-  const size_t words_row = (size_t)K / 32 * BITS;
-  const uint32_t* we = w + (size_t)e * N * words_row;
-  const TS* se = scales + (size_t)e * N * (K / G);
-  const TS* be = MODE == QC_AFFINE ? biases + (size_t)e * N * (K / G) : biases;
+// Expert e's slice of a stacked (E, N, K) weight.
+template <int MODE, int BITS, int G, typename TS>
+struct ExpertWeights {
+  const uint32_t* w;
+  const TS* scales;
+  const TS* biases;
+  __device__ __forceinline__ ExpertWeights(const uint32_t* w_all, const TS* s_all, const TS* b_all, int e, int N,
+                                           int K)
+      : w(w_all + (size_t)e * N * ((size_t)K / 32 * BITS)),
+        scales(s_all + (size_t)e * N * (K / G)),
+        biases(MODE == QC_AFFINE ? b_all + (size_t)e * N * (K / G) : b_all) {}
+};
+
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+__device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
+                                  const uint32_t* idx, T* y, int P, int E, int N, int K, int x_div) {
+  __shared__ int pairs[kMaxPairs];
+  const int g = (threadIdx.x & 31) >> 2;
+  const int tiles = (N + 16 * RT - 1) / (16 * RT);
+  const int row0 = (blockIdx.x % tiles) * 16 * RT;
+  int count;
+  const int e = active_expert<WK>(idx, P, E, blockIdx.x / tiles, pairs, count);
+  if (e < 0) return;  // fewer active experts than this block's slot (block-uniform)
+  const ExpertWeights<MODE, BITS, G, TS> we(w, scales, biases, e, N, K);
   int rows[RT][2];
   lane_rows<RT>(rows, row0, N);
   for (int b0 = 0; b0 < count; b0 += 8 * NT) {
     const int n = min(8 * NT, count - b0);
     float acc[NT][RT][2][4];
     accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
-        acc, x, we, se, be, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; }, warp);
+        acc, x, we.w, we.scales, we.biases, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; },
+        threadIdx.x >> 5);
     reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
       const int row = row0 + roff;
       if (slot < n && row < N) y[(size_t)pairs[b0 + slot] * N + row] = static_cast<T>(v);
     });
+  }
+}
+
+// MoE gate/up with the activation fused (SwitchGLU): y[p, N] = act(g, u) for
+// pair p's g and u of expert idx[p] (wg, wu: (E, N, K) each), each rounded to
+// T first. As splitk_qmm_glu over splitk_gather_qmm: a block of 2 * WK warps
+// owns one row tile of its expert's gate and up rows (warps 0..WK-1 the gate,
+// WK..2WK-1 the up), each set with the grouped kernel's K split and
+// reduction order, so g and u are bit for bit splitk_gather_qmm's outputs.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename Act>
+__device__ void splitk_gather_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, const TS* bg, const uint32_t* wu,
+                                      const TS* su, const TS* bu, const uint32_t* idx, T* y, int P, int E, int N,
+                                      int K, int x_div, Act act) {
+  __shared__ int pairs[kMaxPairs];
+  const int g = (threadIdx.x & 31) >> 2;
+  const bool up = (threadIdx.x >> 5) >= WK;  // warp-uniform
+  const int tiles = (N + 16 * RT - 1) / (16 * RT);
+  const int row0 = (blockIdx.x % tiles) * 16 * RT;
+  int count;
+  const int e = active_expert<2 * WK>(idx, P, E, blockIdx.x / tiles, pairs, count);
+  if (e < 0) return;
+  const ExpertWeights<MODE, BITS, G, TS> we(up ? wu : wg, up ? su : sg, up ? bu : bg, e, N, K);
+  int rows[RT][2];
+  lane_rows<RT>(rows, row0, N);
+  extern __shared__ float4 partial[];  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
+  const float* flat = reinterpret_cast<const float*>(partial);
+  for (int b0 = 0; b0 < count; b0 += 8 * NT) {
+    const int n = min(8 * NT, count - b0);
+    float acc[NT][RT][2][4];
+    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+        acc, x, we.w, we.scales, we.biases, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; },
+        (threadIdx.x >> 5) - (up ? WK : 0));
+    write_partials<NT, RT>(partial, acc);
+    __syncthreads();
+    for (int i = threadIdx.x; i < NT * RT * 128; i += 2 * WK * 32) {
+      const int slot = tile_slot<RT>(i), row = row0 + tile_row<RT>(i);
+      if (slot < n && row < N) {
+        const T gv = static_cast<T>(warp_sum<WK, NT, RT>(flat, 0, i));
+        const T uv = static_cast<T>(warp_sum<WK, NT, RT>(flat, WK, i));
+        y[(size_t)pairs[b0 + slot] * N + row] = act(gv, uv);
+      }
+    }
+    __syncthreads();  // the next batch writes the partials again
   }
 }

@@ -350,6 +350,28 @@ def plan_gather(
                 warps_k=int(override or warps), token_tiles=1, depth=int(depth))
 
 
+def plan_gather_glu(
+    P: int,
+    E: int,
+    N: int,
+    K: int,
+    bits: int,
+    group_size: int,
+    mode: str,
+    dtype,
+    device: Optional[Device] = None,
+) -> Optional[Plan]:
+    """The Plan of SwitchGLU's gate and up (both E experts of (N, K)) in one
+    grouped launch with the activation (``launch.gather_glu``), or None: only
+    where :func:`plan_gather` plans the kernel for them (so the fused and the
+    unfused path agree on which kernel takes a call), on CUDA, and at splits of
+    at most half of ``max(WARP_CHOICES)`` (a block holds both weights' warps)."""
+    plan = plan_gather(P, E, N, K, bits, group_size, mode, dtype, device)
+    if plan is None or plan.backend != "cuda" or 2 * plan.warps_k > max(WARP_CHOICES):
+        return None
+    return plan
+
+
 def moe_split(tuning: dict, E: int, N: int, K: int, sm_count: int) -> tuple:
     """(warps along K, depth) of the grouped kernel for E experts of (N, K): the
     table's (``moe_warps_k``, ``moe_depth``, swept by scripts/bench_moe.py --tune),

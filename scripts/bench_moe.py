@@ -30,7 +30,7 @@ import numpy as np
 from mtp_splitk import plan as planner
 from mtp_splitk.bench import tune
 from mtp_splitk.bench.kernels import (CALLS, gather_chain_us, moe_ranges, packed_experts, prepared_calls,
-                                      routings, time_gather)
+                                      routings, time_gather, time_gather_glu)
 from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 
 # (name, E, N, K, top_k)
@@ -95,10 +95,16 @@ def main():
                        speedup=tune.judged_speedup(M, t_mlx / t_ours, c_mlx / c_ours),
                        pct_unique_bytes_bw=100 * min_time / t_ours,
                        floor_us=max(min_time, floor) * 1e6)
+            if name.endswith("gate/up") and 2 * warps <= max(planner.WARP_CHOICES):
+                # SwitchGLU's gate, up and swiglu: one fused launch against MLX's three ops.
+                row["us_glu_mlx"], row["us_glu_ours"] = (
+                    1e6 * time_gather_glu(sets, calls, top_k, p) for p in (None, plan))
             rows.append(row)
             print(f"{name:22s} M={M:2d} P={P:3d} uniq={unique:5.1f}: ours {row['us_ours']:7.1f} us  "
                   f"mlx {row['us_mlx']:7.1f} us; chain ours {c_ours:7.1f} mlx {c_mlx:7.1f}  x{row['speedup']:.2f}  "
-                  f"{row['pct_unique_bytes_bw']:.0f}% floor {row['floor_us']:.1f}", flush=True)
+                  f"{row['pct_unique_bytes_bw']:.0f}% floor {row['floor_us']:.1f}"
+                  + (f"; gate/up+swiglu fused {row['us_glu_ours']:.1f} us, mlx {row['us_glu_mlx']:.1f}"
+                     if "us_glu_ours" in row else ""), flush=True)
         del sets
     meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
                 command=" ".join(sys.argv))
@@ -113,6 +119,13 @@ def main():
         lines.append(f"| {r['shape']} | {r['E']} | {r['N']}×{r['K']} | {r['top_k']} | {r['M']} | {r['pairs']} | "
                      f"{r['unique_experts']:.1f} | {r['us_ours']:.1f} | {r['us_mlx']:.1f} | {r['speedup']:.2f} | "
                      f"{r['pct_unique_bytes_bw']:.0f} | {r['floor_us']:.1f} |")
+    glu = [r for r in rows if "us_glu_ours" in r]
+    if glu:
+        lines += ["", "SwitchGLU's gate, up and swiglu: one fused grouped launch against MLX's two gather_qmm "
+                  "and mlx-lm's swiglu (µs, independent calls):", "",
+                  "| shape | M | pairs | fused µs | MLX µs | MLX/fused |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['M']} | {r['pairs']} | {r['us_glu_ours']:.1f} | {r['us_glu_mlx']:.1f} | "
+                  f"{r['us_glu_mlx'] / r['us_glu_ours']:.2f} |" for r in glu]
     open(os.path.join(args.out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
     if args.tune:
         write_ranges(rows, meta, args.out, splits)

@@ -111,10 +111,10 @@ def test_plan_glu_declines_what_its_block_cannot_hold():
 def cuda_recorder(monkeypatch):
     rec = KernelRecorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", rec)
-    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch):
+    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch, cuda.gather_glu_launch):
         f.cache_clear()
     yield rec
-    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch):
+    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch, cuda.gather_glu_launch):
         f.cache_clear()
 
 
@@ -211,7 +211,8 @@ struct Multiply {
 def test_fused_kernels_compile_with_nvcc(cuda_recorder, tmp_path):
     """The bodies and headers as the launcher writes them, inside a wrapper
     shaped like mx.fast.cuda_kernel's (in MLX's namespace), for 1 and 8 token
-    tiles of an affine and an fp mode: they compile for sm_90 without spills."""
+    tiles of an affine and an fp mode, and the grouped gate/up launch: they
+    compile for sm_90 without spills."""
     K = 256
     for mode, bits, group_size in (("affine", 4, 64), ("mxfp4", 4, 32)):
         layers = [qlinear(K, N, mode, bits, group_size, seed=i) for i, N in enumerate((40, 24, 24))]
@@ -221,6 +222,11 @@ def test_fused_kernels_compile_with_nvcc(cuda_recorder, tmp_path):
             launch.dense_multi(fp, x, [triple(l) for l in layers])
             glu = FusedPlan((plan("cuda", M, 40, K, mode, bits, group_size),) * 2)
             launch.dense_glu(glu, x, triple(layers[0]), triple(layers[0]))
+        # The grouped gate/up launch (SwitchGLU's), its depth-3 variant too: experts stacked.
+        experts = tuple(None if a is None else a[None] for a in triple(layers[0]))
+        for depth in (1, 3):
+            moe = Plan("cuda", mode, bits, group_size, 40, K, 2, 1, depth)
+            launch.gather_glu(moe, mx.zeros((5, K), mx.bfloat16), experts, experts, mx.zeros((10,), mx.uint32), 2)
     include = tmp_path / "mlx" / "backend" / "cuda" / "device"
     include.mkdir(parents=True)
     for name, text in _MLX_STANDIN.items():
@@ -229,7 +235,7 @@ def test_fused_kernels_compile_with_nvcc(cuda_recorder, tmp_path):
     src += cuda._MLX_OPS + cuda._cuda_header() + "namespace mlx::core::cu {\n"
     for i, k in enumerate(cuda_recorder.kernels):
         fp_mode = ", uint8_t," in k["source"]
-        params = [f"const {'uint32_t' if n[0] == 'w' else 'uint8_t' if fp_mode and n[0] == 's' else '__nv_bfloat16'}"
+        params = [f"const {'uint32_t' if n[0] in 'wi' else 'uint8_t' if fp_mode and n[0] == 's' else '__nv_bfloat16'}"
                   f"* {n}, const int* {n}_shape" for n in k["input_names"]]
         params += [f"__nv_bfloat16* {n}" for n in k["output_names"]]
         src += f"__global__ void k{i}({', '.join(params)}) {{\n{k['source']}\n}}\n"
@@ -239,7 +245,7 @@ def test_fused_kernels_compile_with_nvcc(cuda_recorder, tmp_path):
                         "-o", str(tmp_path / "fused.cubin"), str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
-    assert len(spills) == len(cuda_recorder.kernels) == 8
+    assert len(spills) == len(cuda_recorder.kernels) == 12
     assert all(s == ("0", "0") for s in spills), r.stderr
 
 

@@ -114,3 +114,30 @@ def test_planner_leaves_global_scale_and_lhs_indices_to_mlx():
     finally:
         planner.set_split(None)
     assert mx.array_equal(ours, mx.gather_qmm(x, w, s, b, lhs_indices=lhs, rhs_indices=idx)).item()
+
+
+@pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("affine", 8, 128), ("mxfp4", 4, 32)])
+@pytest.mark.parametrize("warps,depth", [(1, 1), (2, 3), (4, 2)])
+def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits, group_size, warps, depth):
+    """SwitchGLU's gate/up in one grouped launch: g and u as the grouped kernel
+    stores them, then mlx-lm's swiglu, bit for bit, unsorted (x_div = top_k) and
+    sorted (x_div = 1) calls, every output written (NaN poison)."""
+    from mlx_lm.models.activations import swiglu
+
+    from mtp_splitk import launch
+
+    E, N, K, top_k = 32, 200, 640 if group_size != 32 else 544, 4
+    gate, up = (experts(E, N, K, mode, bits, group_size, seed=s) for s in (21, 22))
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps, 1, depth)
+    for M in (1, 5, 17):
+        idx = routing(M, E, top_k, seed=M).reshape(-1)
+        x = (mx.random.normal((M, K)) * 4).astype(mx.bfloat16)  # gate values across silu's range
+        order = np.argsort(idx, kind="stable")
+        for xs, ids, x_div in ((x, idx, top_k), (x[mx.array(order // top_k)], idx[order], 1)):
+            ids = mx.array(ids)
+            y = launch.gather_glu(plan, xs, gate, up, ids, x_div, poison=math.nan)
+            assert not mx.isnan(y).any().item(), "unwritten outputs"
+            g = launch.gather(plan, xs, *gate, ids, x_div)
+            u = launch.gather(plan, xs, *up, ids, x_div)
+            mismatched = (y != swiglu(g, u)).sum().item()
+            assert y.shape == (M * top_k, N) and mismatched == 0, (mode, warps, depth, M, x_div, mismatched)

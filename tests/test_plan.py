@@ -130,3 +130,21 @@ def test_choose_warps_k_respects_chunks_and_choices():
     assert planner.choose_warps_k(16, 128, 132) == 1  # one chunk of K: one warp
     for N, K in [(4096, 4096), (1024, 4096), (151936, 2048), (16, 14336)]:
         assert planner.choose_warps_k(N, K, 132) in planner.WARP_CHOICES
+
+
+def test_fused_gate_up_of_experts_only_where_the_grouped_kernel_is_planned():
+    """plan_gather_glu follows plan_gather (same plan), on CUDA only, and declines
+    splits a block of both weights' warps cannot hold."""
+    args = (128, 768, 2048, 4, 64, "affine", mx.bfloat16)
+    try:
+        planner.set_split(2)
+        assert planner.plan_gather_glu(40, *args, device=H100) == planner.plan_gather(40, *args, device=H100)
+        metal = planner.Device("metal", "Apple M2 Ultra", 76)
+        assert planner.plan_gather(40, *args, device=metal) is not None
+        assert planner.plan_gather_glu(40, *args, device=metal) is None
+        planner.set_split(8)
+        assert planner.plan_gather_glu(40, *args, device=H100) is None  # 16 warps a block
+        planner.set_split(0)
+        assert planner.plan_gather_glu(40, *args, device=H100) is None
+    finally:
+        planner.set_split(None)

@@ -172,6 +172,30 @@ def gather_call(plan, call, parts, top_k, mode="affine", bits=4, group_size=64, 
                          1 if is_sorted else top_k, poison=poison)
 
 
+def gather_glu_call(plan, call, gate, up, top_k, mode="affine", bits=4, group_size=64):
+    """SwitchGLU's ``swiglu(gate(x), up(x))`` over experts for one call: the fused
+    grouped launch of ``plan`` as (P, N), or MLX's two ``gather_qmm`` and mlx-lm's
+    swiglu for ``None``."""
+    if plan is None:
+        from mlx_lm.models.activations import swiglu
+
+        return swiglu(gather_call(None, call, gate, top_k, mode, bits, group_size),
+                      gather_call(None, call, up, top_k, mode, bits, group_size))
+    xs, idx, is_sorted = call
+    return launch.gather_glu(plan, xs.reshape(-1, xs.shape[-1]), gate, up, idx.reshape(-1),
+                             1 if is_sorted else top_k)
+
+
+def time_gather_glu(sets, calls, top_k, plan=None, **timer) -> float:
+    """Seconds per SwitchGLU gate/up, independent calls over routings and weight
+    copies (gate and up two different copies)."""
+    return median_time(
+        lambda i: gather_glu_call(plan, calls[i % len(calls)], sets[i % len(sets)], sets[(i + 1) % len(sets)],
+                                  top_k),
+        **timer,
+    )
+
+
 def time_gather(sets, calls, top_k, plan=None, mode="affine", bits=4, group_size=64,
                 **timer) -> float:
     """Seconds per MoE op, independent ops over routings and weight copies."""

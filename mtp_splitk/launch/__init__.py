@@ -5,7 +5,7 @@
 The sources are read once; MLX compiles one variant per plan (mode, split,
 token tiles, dtypes) on first use and caches it. ``cuda`` and ``metal`` build
 the kernel objects; :func:`dense`, :func:`gather` and the fused
-:func:`dense_multi` / :func:`dense_glu` make the calls.
+:func:`dense_multi` / :func:`dense_glu` / :func:`gather_glu` make the calls.
 """
 
 import mlx.core as mx
@@ -97,6 +97,28 @@ def dense_glu(plan: FusedPlan, x: mx.array, gate, up, poison=None) -> mx.array:
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=[(x.shape[0], lead.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]
+
+
+def gather_glu(plan: Plan, x, gate, up, idx, x_div: int, poison=None) -> mx.array:
+    """``silu(g) * u`` (P, N) for pair p's g, u = x row p // x_div @ dequant(expert
+    idx[p]).T of the stacked ``(w, scales, biases)`` triples ``gate`` and ``up``,
+    in one launch (CUDA only), rounded as :func:`gather`'s outputs then mlx-lm's
+    swiglu round them."""
+    if plan.backend != "cuda":
+        raise ValueError(f"the fused activation has no {plan.backend} kernel")
+    P = idx.size
+    threads = 2 * plan.warps_k * 32
+    blocks = min(gate[0].shape[0], P) * plan.blocks  # as gather()'s
+    kernel = cuda.gather_glu_launch(plan, x.dtype, gate[1].dtype, x_div)
+    return kernel(
+        inputs=[x] + _weight_inputs([gate, up]) + [idx],
+        template=None,
+        grid=(blocks * threads, 1, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[(P, plan.N)],
         output_dtypes=[x.dtype],
         init_value=poison,
     )[0]

@@ -127,21 +127,42 @@ _MLX_OPS = ('#include "mlx/backend/cuda/device/unary_ops.cuh"\n'
             '#include "mlx/backend/cuda/device/binary_ops.cuh"\n')
 
 
+def _swiglu(dtype) -> str:
+    """mlx-lm's swiglu written with MLX's functors in the order of its graph:
+    Multiply(Multiply(g, Sigmoid(g)), u), each step in the activation type,
+    as MLX's compiled kernel computes it."""
+    t = _CUDA_TYPES[dtype]
+    return f"[]({t} g, {t} u) {{ return Multiply{{}}(Multiply{{}}(g, Sigmoid{{}}(g)), u); }}"
+
+
+def _glu_biases(affine: bool):
+    return ("biases0", "biases1") if affine else ("(const uint8_t*)nullptr",) * 2
+
+
 @lru_cache(maxsize=1024)
 def glu_launch(plan: FusedPlan, dtype, scales_dtype):
-    """The gate/up launch with ``silu(gate) * up`` fused: (kernel, grid,
-    threadgroup). The activation is mlx-lm's swiglu written with MLX's
-    functors in the order of its graph: Multiply(Multiply(g, Sigmoid(g)), u),
-    each step in the activation type, as MLX's compiled kernel computes it."""
+    """The gate/up launch with ``silu(gate) * up`` fused (:func:`_swiglu`):
+    (kernel, grid, threadgroup)."""
     gate, up = plan.members
     affine = gate.mode == "affine"
-    t = _CUDA_TYPES[dtype]
-    biases = ("biases0", "biases1") if affine else ("(const uint8_t*)nullptr",) * 2
-    act = f"[]({t} g, {t} u) {{ return Multiply{{}}(Multiply{{}}(g, Sigmoid{{}}(g)), u); }}"
+    biases = _glu_biases(affine)
     body = (_cuda_call("splitk_qmm_glu", gate, dtype, scales_dtype)
             + f"(x, w0, scales0, {biases[0]}, w1, scales1, {biases[1]}, y, x_shape[0], {gate.N}, x_shape[1], "
-            + f"{act});")
+            + f"{_swiglu(dtype)});")
     kernel = _fused_kernel("glu", gate, body, multi_input_names(affine, 2), ["y"], _MLX_OPS + _cuda_header(),
                            2 * shared_memory(gate))
     threads = 2 * gate.warps_k * 32
     return kernel, (gate.blocks * threads, 1, 1), (threads, 1, 1)
+
+
+@lru_cache(maxsize=1024)
+def gather_glu_launch(plan: Plan, dtype, scales_dtype, x_div: int):
+    """The grouped gate/up launch with the activation fused (SwitchGLU's):
+    the kernel; the grid is the grouped kernel's with twice its warps."""
+    affine = plan.mode == "affine"
+    biases = _glu_biases(affine)
+    body = (_cuda_call("splitk_gather_qmm_glu", plan, dtype, scales_dtype)
+            + f"(x, w0, scales0, {biases[0]}, w1, scales1, {biases[1]}, idx, y, idx_shape[0], w0_shape[0], "
+            + f"w0_shape[1], x_shape[1], {x_div}, {_swiglu(dtype)});")
+    return _fused_kernel("gather_glu", plan, body, multi_input_names(affine, 2) + ["idx"], ["y"],
+                         _MLX_OPS + _cuda_header(), 2 * shared_memory(plan))

@@ -4,9 +4,9 @@
 
 Every MLX op costs the GPU a fixed few microseconds, and a decode step of a
 7-8B model is hundreds of them, so :func:`linears` runs q, k and v (any 2 or 3
-quantized linears of one input) as one launch, and :func:`swiglu_mlp` runs
-gate and up with ``silu(gate) * up`` as one launch, from the layers' weight
-arrays as they are. Each weight's rows compute exactly what the unfused
+quantized linears of one input) as one launch, :func:`swiglu_mlp` runs
+gate and up with ``silu(gate) * up`` as one launch, and :func:`switch_glu` the
+same over experts (SwitchGLU, on CUDA), from the layers' weight arrays as they are. Each weight's rows compute exactly what the unfused
 split-K kernel computes for them (``plan.plan_multi``); where the planner
 declines (the CPU, large M, shapes it does not plan, splits that disagree)
 each layer is called as before, so the result is the unfused patched model's,
@@ -24,11 +24,12 @@ from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import deepseek_v3, llama, mixtral, qwen3, qwen3_moe
+from mlx_lm.models import deepseek_v3, llama, mixtral, qwen3, qwen3_moe, switch_layers
 from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
-from . import launch, ops, routing
+from . import kernel_op, launch, ops, routing
 from . import plan as planner
 from .kernel_op import mlx_quantized_matmul as _mlx_quantized_matmul
 from .kernel_op import with_derivatives_of
@@ -51,24 +52,36 @@ def swiglu_mlp(x: mx.array, gate, up) -> mx.array:
     return swiglu(gate(x), up(x)) if run is None else run(x)
 
 
+def switch_glu(x: mx.array, indices: mx.array, up, gate, activation, sorted_indices: bool) -> mx.array:
+    """mlx-lm's SwitchGLU middle, ``activation(up(x, indices), gate(x, indices))``:
+    on CUDA one grouped launch with the activation fused where the planner takes
+    the experts (``plan.plan_gather_glu``), else the two calls as mlx-lm makes them."""
+    run = _route(x, (gate, up), _plan_switch_glu, indices.shape, sorted_indices, type(activation))
+    if run is None:
+        return activation(up(x, indices, sorted_indices=sorted_indices),
+                          gate(x, indices, sorted_indices=sorted_indices))
+    return run(x, indices)
+
+
 _ROUTES = "_mtp_splitk_fused"  # on a call's first layer: (device, split, ops.generation, {input: run})
 _MAX_ROUTES = 64  # inputs remembered per layer (prefill lengths vary)
 _UNFUSED = object()
 
 
-def _route(x, layers, plan):
+def _route(x, layers, plan, *extra):
     """The fused call for this input and these layers, or None (each layer's
     own call), decided once per input and cached on the first layer like
     patch.py's routes: an input is its shape and x's item size (the planner
-    treats bfloat16 and float16 alike), plus the layers' identities. (A bias
-    is looked up at each call; a layer's weights are assumed to keep their
-    shapes and quantization, as mlx-lm's loading does.)"""
+    treats bfloat16 and float16 alike), ``extra`` (what else the plan reads),
+    plus the layers' identities. (A bias is looked up at each call; a layer's
+    weights are assumed to keep their shapes and quantization, as mlx-lm's
+    loading does.)"""
     remembered = routing.routes(layers[0], _ROUTES, _MAX_ROUTES)
     training = layers[0].training  # derivatives for training only (kernel_op.py)
-    key = (plan, x.shape, x.itemsize, training, *map(id, layers))
+    key = (plan, x.shape, x.itemsize, training, *extra, *map(id, layers))
     run = remembered.get(key)
     if run is None:
-        run = remembered[key] = plan(x, layers, planner.current_device(), training) or _UNFUSED
+        run = remembered[key] = plan(x, layers, planner.current_device(), training, *extra) or _UNFUSED
     return None if run is _UNFUSED else run
 
 
@@ -143,6 +156,44 @@ def _plan_swiglu(x, layers, device, derivatives):
         for call in calls:
             ops.record(call)
         return op(x, *_parameters(layers))
+
+    return run
+
+
+def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, activation):
+    """SwitchGLU's gate and up (QuantizedSwitchLinear of one shape and
+    quantization, no bias, no global scale) with mlx-lm's SwiGLU, in one grouped
+    launch where the grouped kernel would take both: the run, or None."""
+    gate, up = layers
+    if activation is not switch_layers.SwiGLU or any(
+        type(l) is not switch_layers.QuantizedSwitchLinear or "bias" in l or getattr(l, "global_scale", None) is not None
+        for l in layers
+    ):
+        return None
+    w = gate["weight"]
+    same = all(
+        (up.mode, up.group_size, up.bits) == (gate.mode, gate.group_size, gate.bits)
+        and up[name].shape == gate[name].shape and up[name].dtype == gate[name].dtype
+        for name in ("weight", "scales") + (("biases",) if "biases" in gate else ())
+    )
+    if not same or ("biases" in up) != ("biases" in gate):
+        return None
+    group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
+    found = ops._grouped((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)
+    if found is None:
+        return None
+    plan, x_div, out_shape = found
+    E, N, K = w.shape[0], w.shape[1], x.shape[-1]
+    if planner.plan_gather_glu(math.prod(ishape), E, N, K, bits, group_size, gate.mode, x.dtype, device) != plan:
+        return None
+    op = kernel_op.gather_glu(plan, x_div, out_shape, K, group_size, bits, gate.mode, sorted_indices,
+                              "biases" in gate, derivatives)
+    calls = [ops.Call("gather_qmm", math.prod(ishape), N, K, plan)] * 2  # gate's and up's, for ops.recording()
+
+    def run(x, indices):
+        for call in calls:
+            ops.record(call)
+        return op(x, *_parameters(layers), indices)
 
     return run
 
@@ -305,6 +356,30 @@ def _mlp_call(self, x) -> mx.array:
     return self.down_proj(swiglu_mlp(x, self.gate_proj, self.up_proj))
 
 
+def _switch_glu_call(self, x, indices) -> mx.array:
+    # mlx_lm.models.switch_layers.SwitchGLU.__call__ (qwen3_moe's, mixtral's, deepseek_v3's experts)
+    x = mx.expand_dims(x, (-2, -3))
+
+    # When we have many tokens, then sort them to make sure that the access
+    # of different experts is in order.
+    indices = mx.stop_gradient(indices)
+    do_sort = indices.size >= 64
+    idx = indices
+    inv_order = None
+    if do_sort:
+        x, idx, inv_order = _gather_sort(x, indices)
+    x = self.down_proj(
+        switch_glu(x, idx, self.up_proj, self.gate_proj, self.activation, do_sort),
+        idx,
+        sorted_indices=do_sort,
+    )
+
+    if do_sort:
+        x = _scatter_unsort(x, inv_order, indices.shape)
+
+    return x.squeeze(-2)
+
+
 def _deepseek_v3_mlp_call(self, x):
     # mlx_lm.models.deepseek_v3.DeepseekV3MLP.__call__ (dense layers and shared experts)
     down_proj = self.down_proj(swiglu_mlp(x, self.gate_proj, self.up_proj))
@@ -322,6 +397,7 @@ PATCHES = (
     (qwen3_moe.MLP, "__call__", _mlp_call),
     (mixtral.MixtralAttention, "__call__", _mixtral_attention_call),
     (deepseek_v3.DeepseekV3MLP, "__call__", _deepseek_v3_mlp_call),
+    (switch_layers.SwitchGLU, "__call__", _switch_glu_call),
 )
 
 _lock = threading.Lock()

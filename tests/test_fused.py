@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import textwrap
+from copy import deepcopy
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -462,10 +463,38 @@ def test_fused_path_has_mlx_derivatives(on_metal, mode, bits, group_size):
 # -- the patch -----------------------------------------------------------------------------
 
 
+def _unswap_switch_glu(body):
+    """Statements holding switch_glu(x, idx, up, gate, act, s) as SwitchGLU
+    writes them: x_up = up(x, idx, sorted_indices=s); x_gate = gate(...); then
+    the statement with act(x_up, x_gate) in the call's place."""
+    out = []
+    for stmt in body:
+        found = [n for n in ast.walk(stmt) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "switch_glu"]
+        if found:
+            x, idx, up, gate, act, sort = found[0].args
+            for name, proj in (("x_up", up), ("x_gate", gate)):
+                out.append(ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=ast.Call(
+                    func=proj, args=[x, idx], keywords=[ast.keyword(arg="sorted_indices", value=sort)])))
+
+            class Swap(ast.NodeTransformer):
+                def visit_Call(self, node):
+                    self.generic_visit(node)
+                    if getattr(node.func, "id", None) != "switch_glu":
+                        return node
+                    return ast.Call(func=act, args=[ast.Name(id="x_up", ctx=ast.Load()),
+                                                    ast.Name(id="x_gate", ctx=ast.Load())], keywords=[])
+
+            stmt = Swap().visit(deepcopy(stmt))  # the copy's own tree stays as written
+        out.append(stmt)
+    return out
+
+
 def _unswap(tree):
     """The copy's tree with the fused calls written back as the originals'
-    projections: linears(x, (a, b, c)) -> a(x), b(x), c(x) and
-    swiglu_mlp(x, g, u) -> swiglu(g(x), u(x))."""
+    projections: linears(x, (a, b, c)) -> a(x), b(x), c(x),
+    swiglu_mlp(x, g, u) -> swiglu(g(x), u(x)) and switch_glu as SwitchGLU's
+    two projections and activation."""
+    tree.body = _unswap_switch_glu(tree.body)
 
     class Unswap(ast.NodeTransformer):
         def visit_Call(self, node):
@@ -508,7 +537,7 @@ def test_copies_are_the_originals_with_the_projections_swapped(cls, name, replac
     assert copy == _function(original)[1]
     assert _function(replacement)[1] != copy  # it does call the fused functions
     # Every other global the copy reads is the object the original reads.
-    for free in _free_names(tree) - {"linears", "swiglu_mlp"} - set(dir(builtins)):
+    for free in _free_names(tree) - {"linears", "swiglu_mlp", "switch_glu"} - set(dir(builtins)):
         assert replacement.__globals__[free] is original.__globals__[free], free
     if "swiglu_mlp" in _free_names(tree):
         assert original.__globals__["swiglu"] is fused.swiglu
@@ -582,3 +611,40 @@ def test_qwen3_moe_dense_mlp():
         assert mx.array_equal(mlp(x), expected).item()
     finally:
         fused.disable()
+
+
+def _switch_glu(E=8, N=128, K=256, seed=0):
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    mx.random.seed(seed)
+    block = SwitchGLU(K, N, E)
+    nn.quantize(block, group_size=64, bits=4)
+    block.update(tree_map(lambda p: p.astype(mx.bfloat16) if p.dtype == mx.float32 else p, block.parameters()))
+    block.eval()
+    return block
+
+
+def test_switch_glu_on_cuda_is_one_grouped_launch_for_gate_and_up(monkeypatch, cuda_recorder):
+    """Patched, SwitchGLU's gate and up take one grouped launch with the activation
+    (then the down projection its own), unsorted and sorted calls alike, where the
+    grouped kernel is planned; at a split a block of both cannot hold, the two
+    grouped calls as mlx-lm makes them."""
+    from mtp_splitk import patch
+
+    monkeypatch.setattr(planner, "current_device", lambda: H200)
+    block = _switch_glu()
+
+    def launched():
+        kinds = [c["kernel"]["name"][len("mtp_splitk_"):].rsplit("_", 2)[0] for c in cuda_recorder.calls]
+        cuda_recorder.calls.clear()
+        return kinds
+
+    with patch.enabled():
+        for split, expected in ((2, ["gather_glu", "gather"]), (8, ["gather", "gather", "gather"])):
+            with planner.split(split):
+                for M in (3, 40):  # 6 pairs unsorted, 80 sorted (>= 64)
+                    indices = mx.array(np.arange(2 * M).reshape(M, 2) % 8).astype(mx.uint32)
+                    y = block(mx.random.normal((M, 256)).astype(mx.bfloat16), indices)
+                    assert y.shape == (M, 2, 256) and launched() == expected, (split, M)
+    block(mx.random.normal((3, 256)).astype(mx.bfloat16), mx.zeros((3, 2), mx.uint32))
+    assert launched() == []  # unpatched: MLX's ops

@@ -184,3 +184,30 @@ def test_patched_blocks_of_moe_models(tmp_path, family, path, kind, launches):
     assert launches == [kind]
     assert mx.isfinite(together).all().item() and rel_err(together, expected) < 2e-2
     assert mx.array_equal(unfused, together).item()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("M", [3, 40])  # 6 pairs unsorted, 80 sorted
+def test_patched_switch_glu_is_the_unfused_grouped_kernels(tmp_path, family, M, monkeypatch):
+    """SwitchGLU's gate/up in one grouped launch with the activation: not one bit
+    from the two grouped calls and mlx-lm's swiglu, within bf16 tolerance of MLX."""
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    model = small(tmp_path, family)
+    block = next(m for _, m in model.named_modules() if isinstance(m, SwitchGLU))
+    E, K = block.gate_proj["weight"].shape[0], block.gate_proj["weight"].shape[2] * 32 // block.gate_proj.bits
+    rng = np.random.default_rng(M)
+    idx = mx.array(np.stack([rng.choice(E, 2, replace=False) for _ in range(M)])[None].astype(np.uint32))
+    x = mx.random.normal((1, M, K)).astype(mx.bfloat16)
+    expected = block(x, idx)
+    seen = []
+    real = launch.gather_glu
+    monkeypatch.setattr(launch, "gather_glu", lambda *a, **k: seen.append(1) or real(*a, **k))
+    with planner.split(2), patch.enabled():
+        fused.disable()
+        unfused = block(x, idx)
+        fused.enable()
+        together = block(x, idx)
+    assert seen == [1] and together.shape == expected.shape
+    assert mx.isfinite(together).all().item() and rel_err(together, expected) < 2e-2
+    assert mx.array_equal(unfused, together).item()

@@ -364,11 +364,19 @@ def plan_gather_glu(
     """The Plan of SwitchGLU's gate and up (both E experts of (N, K)) in one
     grouped launch with the activation (``launch.gather_glu``), or None: only
     where :func:`plan_gather` plans the kernel for them (so the fused and the
-    unfused path agree on which kernel takes a call), on CUDA, and at splits of
-    at most half of ``max(WARP_CHOICES)`` (a block holds both weights' warps)."""
+    unfused path agree on which kernel takes a call), where the table's
+    ``moe_glu_p_range`` says the fused launch measured faster than MLX's three
+    ops (scripts/bench_moe.py --tune; a forced split skips that), on CUDA, and
+    at splits of at most half of ``max(WARP_CHOICES)`` (a block holds both
+    weights' warps)."""
     plan = plan_gather(P, E, N, K, bits, group_size, mode, dtype, device)
     if plan is None or plan.backend != "cuda" or 2 * plan.warps_k > max(WARP_CHOICES):
         return None
+    if forced_split() is None:
+        measured = load_tuning((device or current_device()).name).get("moe_glu_p_range", {})
+        lo, hi = m_range({"m_range": measured}, mode, bits, E * N, K)
+        if not lo <= P <= hi:
+            return None
     return plan
 
 

@@ -149,13 +149,18 @@ def sweep(name, E, N, K, top_k, sets, rng):
 def write_ranges(rows, meta, out, splits=None):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
     kernel measured at least plan.required_speedup(M) times faster than MLX,
-    and the swept (warps along K, depth) of each shape (``splits``)."""
+    the same for the fused gate/up launch against MLX's three ops, and the
+    swept (warps along K, depth) of each shape (``splits``)."""
     ranges = moe_ranges(rows)  # the rows are affine 4-bit
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
     if splits:
         table["moe_warps_k"] = {shape: w for shape, (w, _) in splits.items()}
         table["moe_depth"] = {shape: d for shape, (_, d) in splits.items()}
+    glu = [dict(E=r["E"], N=r["N"], K=r["K"], pairs=r["pairs"], M=r["M"], speedup=r["us_glu_mlx"] / r["us_glu_ours"])
+           for r in rows if "us_glu_ours" in r]  # independent calls only: M = 1 is not admitted
+    if glu:  # where SwitchGLU's fused gate/up beat MLX's three ops (plan.plan_gather_glu)
+        table["moe_glu_p_range"] = moe_ranges(glu)
     with open(os.path.join(out, planner.tuning_key(meta["device"]) + "_moe.json"), "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
     print("moe pair ranges:", ranges)

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-MOE_KEYS = ("moe_p_range", "moe_warps_k", "moe_depth")
+MOE_KEYS = ("moe_p_range", "moe_glu_p_range", "moe_warps_k", "moe_depth")
 TUNING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "mtp_splitk", "tuning")
 
 

@@ -257,3 +257,20 @@ def test_install_tuning_merges_the_moe_run_or_keeps_the_installed_entries(tmp_pa
     assert install.main("gpu", str(kernels)) == 0  # no MoE run: the installed MoE entries stay
     installed = json.loads((tmp_path / "tuning" / "gpu.json").read_text())
     assert installed["m_range"] == {"a": [3, 5]} and installed["moe_depth"] == {"s": 3}
+
+
+def test_the_fused_gate_up_of_experts_needs_its_own_measured_range(user_cache):
+    """Planned automatically only inside the table's moe_glu_p_range (bench_moe --tune
+    measured the fused launch faster than MLX's three ops there), and only where the
+    grouped kernel itself is planned."""
+    args = (128, 768, 2048, 4, 64, "affine", mx.bfloat16, H200)
+    path = planner.user_tuning_path(H200.name)
+    tune.write_table(path, {"moe_p_range": {"affine4:98304x2048": [8, 256]}})
+    planner.load_tuning.cache_clear()
+    assert planner.plan_gather(40, *args) is not None and planner.plan_gather_glu(40, *args) is None
+    tune.write_table(path, {"moe_p_range": {"affine4:98304x2048": [8, 256]},
+                            "moe_glu_p_range": {"affine4:98304x2048": [16, 512]}})
+    planner.load_tuning.cache_clear()
+    assert planner.plan_gather_glu(40, *args) == planner.plan_gather(40, *args)
+    assert planner.plan_gather_glu(8, *args) is None  # below the fused range
+    assert planner.plan_gather_glu(300, *args) is None  # past the grouped kernel's own

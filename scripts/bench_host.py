@@ -12,9 +12,18 @@ more). Nothing is evaluated. Unpatched and patched blocks alternate, so that
 load from other processes falls on both alike; the difference is the median
 of the paired blocks.
 
+With ``--model DIR`` it times a whole forward of M rows (``--rows``) instead:
+host ms to build it unpatched and patched, every kernel launch (dense, fused
+q/k/v, fused gate/up, grouped MoE, grouped gate/up) a stub, and the launches a
+forward makes. (Run 13, RUNS.md: real-shape synthetic models written with two
+layers, ``synthetic.SIZES[size][1]["num_hidden_layers"] = 2`` before
+``synthetic.write_model``.)
+
 Usage: python -m scripts.bench_host [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
+       python -m scripts.bench_host --model DIR [--rows 5]
 """
 import argparse
+import collections
 import statistics
 import time
 
@@ -50,10 +59,14 @@ def main():
     )
     ap.add_argument("--calls", type=int, default=2000, help="calls per timed block")
     ap.add_argument("--blocks", type=int, default=41, help="timed blocks per variant")
+    ap.add_argument("--model", help="time a whole forward of this mlx-lm model directory instead")
+    ap.add_argument("--rows", type=int, default=5, help="with --model: rows of the forward")
     args = ap.parse_args()
     device = plan.Device("cuda", args.device_name, 132)
     plan.current_device = lambda: device  # the planner believes it is on that GPU
     assert plan.load_tuning(device.name), f"no tuning table for {device.name}"
+    if args.model:
+        return forward_host_ms(args.model, args.rows, device)
     launches = []
 
     def stub(p, x, w, scales, biases, poison=None):
@@ -84,6 +97,50 @@ def main():
             f"| {N}×{K} | {M} | {statistics.median(base):.2f} | {statistics.median(patched):.2f} "
             f"| {diff:+.2f} | {path} |"
         )
+
+
+def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, blocks: int = 7):
+    """Host ms to build one forward of ``rows`` rows, unpatched and patched
+    (alternating blocks; median), every launch a stub of one MLX op."""
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    counts = collections.Counter()
+
+    def stub(kind, shape):
+        def launch_stub(p, x, *rest, poison=None):
+            counts[kind] += 1
+            return shape(p, x, *rest)
+
+        return launch_stub
+
+    launch.dense = stub("dense", lambda p, x, *r: mx.zeros((x.shape[0], p.N), x.dtype))
+    launch.dense_multi = stub("multi", lambda p, x, w: [mx.zeros((x.shape[0], m.N), x.dtype) for m in p.members])
+    launch.dense_glu = stub("glu", lambda p, x, *r: mx.zeros((x.shape[0], p.members[0].N), x.dtype))
+    launch.gather = stub("gather", lambda p, x, w, s, b, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
+    launch.gather_glu = stub("gather_glu", lambda p, x, g, u, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
+    model, _ = load(model_dir)
+    x = mx.array([[3] * rows])
+
+    def build_ms():
+        cache = make_prompt_cache(model)
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            model(x, cache=cache)
+        return (time.perf_counter() - t0) / forwards * 1e3
+
+    with patch.enabled():
+        build_ms()  # the first calls decide the routes
+    base, patched = [], []
+    for _ in range(blocks):
+        base.append(build_ms())
+        with patch.enabled():
+            counts.clear()
+            patched.append(build_ms())
+    per_forward = {kind: n // forwards for kind, n in counts.items()}
+    print(f"host ms to build a forward of {rows} rows ({model_dir}), planner on {device.name}'s table: "
+          f"unpatched {statistics.median(base):.3f}, patched {statistics.median(patched):.3f}; "
+          f"stub launches a forward: {per_forward}")
 
 
 if __name__ == "__main__":

@@ -171,12 +171,11 @@ def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, act
     ):
         return None
     w = gate["weight"]
-    same = all(
+    if ("biases" in up) != ("biases" in gate) or not all(
         (up.mode, up.group_size, up.bits) == (gate.mode, gate.group_size, gate.bits)
         and up[name].shape == gate[name].shape and up[name].dtype == gate[name].dtype
         for name in ("weight", "scales") + (("biases",) if "biases" in gate else ())
-    )
-    if not same or ("biases" in up) != ("biases" in gate):
+    ):
         return None
     group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
     found = ops._grouped((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)

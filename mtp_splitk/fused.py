@@ -178,6 +178,8 @@ def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, act
     ):
         return None
     group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
+    if w.ndim != 3 or w.shape[-1] * 32 // bits != x.shape[-1]:
+        return None  # the layers' own calls raise MLX's error
     found = ops._grouped((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)
     if found is None:
         return None

@@ -6,7 +6,8 @@ Every MLX op costs the GPU a fixed few microseconds, and a decode step of a
 7-8B model is hundreds of them, so :func:`linears` runs q, k and v (any 2 or 3
 quantized linears of one input) as one launch, :func:`swiglu_mlp` runs
 gate and up with ``silu(gate) * up`` as one launch, and :func:`switch_glu` the
-same over experts (SwitchGLU, on CUDA), from the layers' weight arrays as they are. Each weight's rows compute exactly what the unfused
+same over experts (SwitchGLU, on CUDA), from the layers' weight arrays as they
+are. Each weight's rows compute exactly what the unfused
 split-K kernel computes for them (``plan.plan_multi``); where the planner
 declines (the CPU, large M, shapes it does not plan, splits that disagree)
 each layer is called as before, so the result is the unfused patched model's,
@@ -29,8 +30,9 @@ from mlx_lm.models.activations import swiglu
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.switch_layers import _gather_sort, _scatter_unsort
 
-from . import kernel_op, launch, ops, routing
+from . import launch, ops, routing
 from . import plan as planner
+from .kernel_op import mlx_gather_qmm as _mlx_gather_qmm
 from .kernel_op import mlx_quantized_matmul as _mlx_quantized_matmul
 from .kernel_op import with_derivatives_of
 
@@ -166,7 +168,9 @@ def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, act
     launch where the grouped kernel would take both: the run, or None."""
     gate, up = layers
     if activation is not switch_layers.SwiGLU or any(
-        type(l) is not switch_layers.QuantizedSwitchLinear or "bias" in l or getattr(l, "global_scale", None) is not None
+        type(l) is not switch_layers.QuantizedSwitchLinear
+        or "bias" in l
+        or getattr(l, "global_scale", None) is not None
         for l in layers
     ):
         return None
@@ -180,15 +184,15 @@ def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, act
     group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
     if w.ndim != 3 or w.shape[-1] * 32 // bits != x.shape[-1]:
         return None  # the layers' own calls raise MLX's error
-    found = ops._grouped((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)
+    found = ops.grouped_plan((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)
     if found is None:
         return None
     plan, x_div, out_shape = found
     E, N, K = w.shape[0], w.shape[1], x.shape[-1]
     if planner.plan_gather_glu(math.prod(ishape), E, N, K, bits, group_size, gate.mode, x.dtype, device) != plan:
         return None
-    op = kernel_op.gather_glu(plan, x_div, out_shape, K, group_size, bits, gate.mode, sorted_indices,
-                              "biases" in gate, derivatives)
+    op = _gather_glu_op(plan, x_div, out_shape, K, group_size, bits, gate.mode, sorted_indices,
+                        "biases" in gate, derivatives)
     calls = [ops.Call("gather_qmm", math.prod(ishape), N, K, plan)] * 2  # gate's and up's, for ops.recording()
 
     def run(x, indices):
@@ -248,6 +252,28 @@ def _glu_op(plan, M, K, lead, group_size, bits, mode, affine, derivatives):
         return swiglu(gate, up)
 
     return with_derivatives_of(forward, reference, _constant(2, affine), derivatives)
+
+
+def _gather_glu_op(plan, x_div, out_shape, K, group_size, bits, mode, sorted_indices, affine, derivatives):
+    """``op(x, gate's w, scales[, biases], up's ..., rhs_indices)`` -> swiglu(g, u)
+    over the experts of rhs_indices, shaped ``out_shape``."""
+
+    def forward(x, *rest):
+        *params, idx = rest
+        gate, up = _split(params, affine)
+        idx = idx.flatten()
+        if idx.dtype != mx.uint32:
+            idx = idx.astype(mx.uint32)
+        return launch.gather_glu(plan, x.reshape(-1, K), gate, up, idx, x_div).reshape(out_shape)
+
+    def reference(x, *rest):
+        *params, idx = rest
+        gate, up = (_mlx_gather_qmm(x, *w, None, idx, True, group_size, bits, mode, sorted_indices=sorted_indices)
+                    for w in _split(params, affine))
+        return swiglu(gate, up)
+
+    indices = 1 + 2 * (3 if affine else 2)  # after x and the two weights' arrays
+    return with_derivatives_of(forward, reference, _constant(2, affine) + (indices,), derivatives)
 
 
 # -- copies of mlx-lm's methods, projections swapped -----------------------------------------

@@ -107,29 +107,3 @@ def gather(plan, x_div: int, out_shape: tuple, K: int, group_size: int, bits: in
     constant = (1, indices) if mode == "affine" else (1, 2, indices)
     return with_derivatives_of(forward, reference, constant, derivatives)
 
-
-def gather_glu(plan, x_div: int, out_shape: tuple, K: int, group_size: int, bits: int, mode: str,
-               sorted_indices: bool, has_biases: bool, derivatives: bool = True):
-    """``op(x, gate's w, scales[, biases], up's ..., rhs_indices)``: SwitchGLU's
-    ``swiglu(gate(x), up(x))`` over the experts of rhs_indices, shaped ``out_shape``,
-    by ``launch.gather_glu``."""
-    step = 3 if has_biases else 2
-
-    def forward(x, *rest):
-        *params, idx = rest
-        gate, up = (tuple(params[i : i + step]) + ((None,) if not has_biases else ()) for i in (0, step))
-        idx = idx.flatten()
-        if idx.dtype != mx.uint32:
-            idx = idx.astype(mx.uint32)
-        return launch.gather_glu(plan, x.reshape(-1, K), gate, up, idx, x_div).reshape(out_shape)
-
-    def reference(x, *rest):
-        from mlx_lm.models.activations import swiglu
-
-        *params, idx = rest
-        gate, up = (mlx_gather_qmm(x, params[i], params[i + 1], params[i + 2] if has_biases else None, None, idx,
-                                   True, group_size, bits, mode, sorted_indices=sorted_indices) for i in (0, step))
-        return swiglu(gate, up)
-
-    weights = (1, 1 + step) if mode == "affine" else (1, 2, 1 + step, 2 + step)
-    return with_derivatives_of(forward, reference, weights + (1 + 2 * step,), derivatives)

@@ -288,7 +288,7 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
             raise ValueError(f"{name} must be integer, got {idx[1]}.")
     grouped = None
     if not has_global_scale and lhs is None and rhs is not None and (biases is None or biases[1] == scales[1]):
-        grouped = _grouped(x, w, rhs[0], transpose, group_size, bits, mode, device)
+        grouped = grouped_plan(x, w, rhs[0], transpose, group_size, bits, mode, device)
     if grouped is None:
         return N, K, group_size, bits, None, None
     plan, x_div, out_shape = grouped
@@ -299,7 +299,7 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
     return N, K, group_size, bits, plan, op
 
 
-def _grouped(x, w, ishape, transpose, group_size, bits, mode, device):
+def grouped_plan(x, w, ishape, transpose, group_size, bits, mode, device):
     """The grouped split-K kernel's (plan, x_div, output shape) for mlx-lm's
     two switch-layer call shapes, or None to let MLX take the call:
 

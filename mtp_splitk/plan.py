@@ -329,8 +329,9 @@ def plan_gather(
     experts of shape (N, K), or None for mx.gather_qmm.
 
     The split comes from the expert shape alone (:func:`moe_split`), never
-    from P, so a pair's result does not depend on the batch. Each active expert takes its pairs 8 at a time (one token
-    tile): a verify batch rarely routes more than 8 tokens to one expert.
+    from P, so a pair's result does not depend on the batch. Each active
+    expert takes its pairs 8 at a time (one token tile): a verify batch
+    rarely routes more than 8 tokens to one expert.
     """
     device = device or current_device()
     if device.backend not in ("cuda", "metal") or not 1 <= P <= MAX_PAIRS or E > MAX_EXPERTS:

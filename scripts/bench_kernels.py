@@ -44,17 +44,6 @@ CONFIGS = [("affine", 4, 64, SHAPES)] + [
 ]
 
 
-def run_mlx(sets, x, mode, bits, group_size):
-    return time_dense(sets, x, mode, bits, group_size)
-
-
-def run_ours(sets, x, mode, bits, group_size, warps_k, depth, row_tiles):
-    M, K = x.shape
-    N = sets[0][0].shape[0]
-    plan = dense_plan("cuda", mode, bits, group_size, N, K, M, warps_k, depth, row_tiles)
-    return time_dense(sets, x, mode, bits, group_size, plan)
-
-
 def host_us(which, calls=2000):
     """Host µs to build (not evaluate) one call: MLX's side of the per-op cost."""
     import time
@@ -115,9 +104,8 @@ def main():
             depth, rt = depths.get(key, 1), row_tiles.get(key, 1)
             for M in [int(m) for m in args.ms.split(",")] if args.ms else MS:
                 x = mx.random.normal((M, K)).astype(mx.bfloat16)
-                t_mlx = run_mlx(sets, x, mode, bits, group_size)
-                t_ours = run_ours(sets, x, mode, bits, group_size, wk, depth, rt)
                 plan = dense_plan("cuda", mode, bits, group_size, N, K, M, wk, depth, rt)
+                t_mlx, t_ours = (time_dense(sets, x, mode, bits, group_size, p) for p in (None, plan))
                 c_mlx, c_ours = (chain_us(p, x, sets, mode, bits, group_size) for p in (None, plan))
                 row = dict(mode=mode, bits=bits, group_size=group_size, N=N, K=K, M=M, warps_k=wk, depth=depth,
                            weight_bytes=nbytes, us_ours=t_ours * 1e6, us_mlx=t_mlx * 1e6,

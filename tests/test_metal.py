@@ -382,7 +382,7 @@ def _dense_case(name, M, N, K, mode, bits, group_size, warps, dtype=mx.bfloat16,
 
 def _gather_case(name, idx, E, N, K, mode, bits, group_size, warps, x_div, dtype=mx.bfloat16, seed=0):
     wq, s, b = quantized((E, N, K), mode, bits, group_size, dtype=dtype, seed=seed)
-    idx = np.asarray(idx, dtype=np.uint32).reshape(-1)  # flattened, as ops._grouped passes them
+    idx = np.asarray(idx, dtype=np.uint32).reshape(-1)  # flattened, as ops.grouped_plan passes them
     P = idx.size
     x = (mx.random.normal((-(-P // x_div), K)) * 2).astype(dtype)
     plan = metal_plan(P, N, K, mode, bits, group_size, warps, token_tiles=1)

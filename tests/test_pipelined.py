@@ -474,3 +474,32 @@ def test_a_draft_model_through_the_two_row_path_is_plain_greedy(tmp_path, monkey
     monkeypatch.setattr(one_row, "_original", original)
     one_row.uninstall()
     assert llama.scaled_dot_product_attention is base.scaled_dot_product_attention is original
+
+
+def test_the_host_split_puts_each_delay_where_it_was_spent(models, monkeypatch):
+    """Stats' build / submit / wait: a drafter slow in Python shows in build,
+    a slow mx.async_eval in submit, and neither in the other; the three
+    together fit within the generation's wall time."""
+    import time
+
+    model, _ = models("llama")
+    drafter = DraftModelDrafter(model)
+    propose, async_eval = drafter.propose, mx.async_eval
+
+    def slow_propose(*args, **kwargs):
+        time.sleep(0.01)
+        return propose(*args, **kwargs)
+
+    def slow_async_eval(*args):
+        time.sleep(0.05)
+        return async_eval(*args)
+
+    monkeypatch.setattr(drafter, "propose", slow_propose)
+    monkeypatch.setattr(mx, "async_eval", slow_async_eval)
+    out, stats = run(model, drafter, 12, 2)
+    assert out == plain(model, 12)
+    built = stats.steps - 1  # the last step read builds no step after it
+    assert stats.build_time >= 0.01 * built and stats.submit_time >= 0.05 * built
+    assert stats.build_time < 0.04 * built  # the submits' 0.05 s are not in it
+    assert stats.build_time + stats.submit_time + stats.wait_time <= stats.generation_time
+    assert "submit" in stats.summary()

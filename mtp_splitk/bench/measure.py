@@ -96,6 +96,7 @@ def speculative_decode(
         "verify_ms": 1e3 * stats.mean_verify_time,
         "overlapped": stats.overlapped,  # then no verify time: nothing waits for a verdict
         "overlap_off": stats.overlap_off,  # why not, where the overlapped loop was asked for
+        **(stats.host_split_ms() if stats.overlapped else {}),  # host build / submit / wait a step
         "tokens": tokens,
     }
 

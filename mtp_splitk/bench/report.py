@@ -48,9 +48,10 @@ def e2e_markdown(doc: Dict) -> str:
                 f"**Speculative, {title}**",
                 "",
                 "| run | tok/s | × MLX plain | × same loop unpatched | acceptance (per token) "
-                "| tokens/step | ms/step | verify ms | chain of 32 steps: build / evaluation ms a step "
+                "| tokens/step | ms/step | verify ms | host a step: build / submit / wait ms "
+                "| chain of 32 steps: build / evaluation ms a step "
                 "| split-K matmuls of one forward | as recorded |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for key, r in rows.items():
                 twin = (
@@ -76,11 +77,14 @@ def e2e_markdown(doc: Dict) -> str:
                 split = (
                     f"{r['host_build_ms']:.2f} / {r['chain_eval_ms']:.2f}" if "chain_eval_ms" in r else ""
                 )
+                host = (
+                    f"{r['build_ms']:.2f} / {r['submit_ms']:.2f} / {r['wait_ms']:.2f}" if "wait_ms" in r else ""
+                )
                 lines.append(
                     f"| {key} | {r['tps']:.1f} | {vs_plain} | {vs_loop} "
                     f"| {r['acceptance_rate']:.2f} ({r['per_token_acceptance']:.2f}) "
                     f"| {r['tokens_per_step']:.2f} | {r.get('step_ms', 0):.2f} | {verify_ms} "
-                    f"| {split} | {share} | {recorded} |"
+                    f"| {host} | {split} | {share} | {recorded} |"
                 )
         verify = m.get("verify_ms", {})
         if verify:

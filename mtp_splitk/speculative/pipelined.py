@@ -114,6 +114,7 @@ class Pipeline:
         self.distribution = distribution
         self.submit = submit  # False: steps stay unevaluated until asked for
         self.close = lambda: None  # undoes what begin() changed in the models
+        self.submitted = 0.0  # host seconds in mx.async_eval, summed (the loop's Stats take them)
         self.parts = TargetParts(model) if drafter.needs_hidden else None
 
     def _forward(self, inputs: mx.array):
@@ -175,7 +176,9 @@ class Pipeline:
         verdict = Verdict(inputs, hidden, accepted.astype(mx.int32), token)
         drafts, q = self.drafter.propose(verdict, k, self.distribution)
         if self.submit:  # everything the host reads of this step is computed with it
+            tic = time.perf_counter()
             mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
+            self.submitted += time.perf_counter() - tic
         return verdict, logprobs, drafts, q
 
 
@@ -230,9 +233,14 @@ def pipelined_generate_step(
                 # Step n+1 is built and queued before step n is read.
                 upcoming = None
                 if max_tokens < 0 or emitted + 1 < max_tokens:
+                    built, submitted = time.perf_counter(), pipeline.submitted
                     pipeline.reserve(known)
                     upcoming = pipeline.step(current)
+                    stats.submit_time += pipeline.submitted - submitted
+                    stats.build_time += time.perf_counter() - built - (pipeline.submitted - submitted)
+                waited = time.perf_counter()
                 accepted = verdict.accepted.item()
+                stats.wait_time += time.perf_counter() - waited
                 fed = verdict.inputs.tolist()
                 out = [(t, logprobs[j], True) for j, t in enumerate(fed[1 : accepted + 1])]
                 out.append((verdict.token.item(), logprobs[accepted], False))

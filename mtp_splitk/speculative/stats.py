@@ -35,6 +35,13 @@ class Stats:
     overlapped: bool = False
     #: Why the synchronous loop ran where the overlapped one was asked for.
     overlap_off: str = ""
+    #: The overlapped loop's host time, summed over steps: building a step's
+    #: graph in Python, submitting it (``mx.async_eval``: MLX encodes and
+    #: launches its kernels there) and waiting for the step before it to be
+    #: read. A loop that waits ~0 is host-bound: its step is the first two.
+    build_time: float = 0.0
+    submit_time: float = 0.0
+    wait_time: float = 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -71,6 +78,12 @@ class Stats:
     def mean_verify_time(self) -> float:
         return self.verify_time / self.steps if self.steps else 0.0
 
+    def host_split_ms(self) -> dict:
+        """The overlapped loop's host time a step, ms: build, submit, wait."""
+        n = self.steps or 1
+        return {"build_ms": 1e3 * self.build_time / n, "submit_ms": 1e3 * self.submit_time / n,
+                "wait_ms": 1e3 * self.wait_time / n}
+
     def record_step(self, drafted: int, accepted: int, rows: int):
         self.steps += 1
         self.drafted += drafted
@@ -92,7 +105,8 @@ class Stats:
             f"{self.accepted} accepted ({self.acceptance_rate:.1%}; per token "
             f"{self.per_token_acceptance:.1%}), {self.tokens_per_step:.2f} tokens/step, "
             + (
-                "overlapped loop (verify time not measured)"
+                "overlapped loop (verify time not measured; host a step: build {build_ms:.2f}, "
+                "submit {submit_ms:.2f}, wait {wait_ms:.2f} ms)".format(**self.host_split_ms())
                 if self.overlapped
                 else f"verify {1e3 * self.mean_verify_time:.2f} ms/step"
             )

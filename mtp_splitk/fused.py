@@ -165,7 +165,7 @@ def _plan_swiglu(x, layers, device, derivatives):
 def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, activation):
     """SwitchGLU's gate and up (QuantizedSwitchLinear of one shape and
     quantization, no bias, no global scale) with mlx-lm's SwiGLU, in one grouped
-    launch where the grouped kernel would take both: the run, or None."""
+    launch where ``plan.plan_gather_glu`` plans it: the run, or None."""
     gate, up = layers
     if activation is not switch_layers.SwiGLU or any(
         type(l) is not switch_layers.QuantizedSwitchLinear
@@ -184,7 +184,8 @@ def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, act
     group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
     if w.ndim != 3 or w.shape[-1] * 32 // bits != x.shape[-1]:
         return None  # the layers' own calls raise MLX's error
-    found = ops.grouped_plan((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode, device)
+    found = ops.grouped_plan((x.shape, x.dtype), (w.shape, w.dtype), ishape, True, group_size, bits, gate.mode,
+                             device, ranges="moe_glu_p_range")
     if found is None:
         return None
     plan, x_div, out_shape = found

@@ -299,9 +299,10 @@ def _gather_call(x, w, scales, biases, lhs, rhs, transpose, group_size, bits, mo
     return N, K, group_size, bits, plan, op
 
 
-def grouped_plan(x, w, ishape, transpose, group_size, bits, mode, device):
+def grouped_plan(x, w, ishape, transpose, group_size, bits, mode, device, ranges="moe_p_range"):
     """The grouped split-K kernel's (plan, x_div, output shape) for mlx-lm's
-    two switch-layer call shapes, or None to let MLX take the call:
+    two switch-layer call shapes, or None to let MLX take the call (``ranges``:
+    the table's entry that says for which pair counts, as ``plan.plan_gather``):
 
     * unsorted: x (..., 1, 1, K) with indices (..., top_k): pair p reads x
       row p // top_k (SwitchGLU's expand_dims before gather_qmm);
@@ -324,7 +325,7 @@ def grouped_plan(x, w, ishape, transpose, group_size, bits, mode, device):
     E, N = w_shape[0], w_shape[1]
     K = x_shape[-1]
     P = math.prod(ishape)
-    plan = planner.plan_gather(P, E, N, K, bits, group_size, mode, x_dtype, device)
+    plan = planner.plan_gather(P, E, N, K, bits, group_size, mode, x_dtype, device, ranges)
     if plan is None:
         return None
     return plan, x_div, (*ishape, 1, N)

@@ -69,6 +69,8 @@ def main():
     print(f"device {device.name}; copy {bw / 1e9:.0f} GB/s; trivial op {floor * 1e6:.1f} us", flush=True)
     rng = np.random.default_rng(0)
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
+                command=" ".join(sys.argv))
     rows, splits = [], {}
     for name, E, N, K, top_k in shapes:
         expert_bytes = E * N * K // 2
@@ -106,9 +108,12 @@ def main():
                   + (f"; gate/up+swiglu fused {row['us_glu_ours']:.1f} us, mlx {row['us_glu_mlx']:.1f}"
                      if "us_glu_ours" in row else ""), flush=True)
         del sets
-    meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
-                command=" ".join(sys.argv))
-    json.dump(dict(meta=meta, rows=rows), open(os.path.join(args.out, "bench_moe.json"), "w"), indent=1)
+        # After every shape: a run cut by its time box keeps what it measured.
+        write_results(rows, meta, args.out, args.tune)
+
+
+def write_results(rows, meta, out, tune_table):
+    json.dump(dict(meta=meta, rows=rows), open(os.path.join(out, "bench_moe.json"), "w"), indent=1)
     lines = [f"# Grouped MoE kernel vs mx.gather_qmm — {meta['device']}, MLX {meta['mlx']}", "",
              f"Copy {meta['copy_gbps']:.0f} GB/s, trivial op {meta['trivial_op_us']:.1f} µs (this run). "
              f"Command: `{meta['command']}`", "",
@@ -126,9 +131,9 @@ def main():
                   "| shape | M | pairs | fused µs | MLX µs | MLX/fused |", "|---|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['M']} | {r['pairs']} | {r['us_glu_ours']:.1f} | {r['us_glu_mlx']:.1f} | "
                   f"{r['us_glu_mlx'] / r['us_glu_ours']:.2f} |" for r in glu]
-    open(os.path.join(args.out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
-    if args.tune:
-        write_ranges(rows, meta, args.out, splits)
+    open(os.path.join(out, "bench_moe.md"), "w").write("\n".join(lines) + "\n")
+    if tune_table:
+        write_ranges(rows, meta, out)
 
 
 def sweep(name, E, N, K, top_k, sets, rng):
@@ -146,15 +151,16 @@ def sweep(name, E, N, K, top_k, sets, rng):
     return min(worst, key=worst.get)
 
 
-def write_ranges(rows, meta, out, splits=None):
+def write_ranges(rows, meta, out):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
     kernel measured at least plan.required_speedup(M) times faster than MLX,
     the same for the fused gate/up launch against MLX's three ops, and the
-    swept (warps along K, depth) of each shape (``splits``)."""
+    (warps along K, depth) each shape's rows ran at (the sweep's choice)."""
+    splits = {f"{r['E']}x{r['N']}x{r['K']}": (r["warps_k"], r["depth"]) for r in rows}
     ranges = moe_ranges(rows)  # the rows are affine 4-bit
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
-    if splits:
+    if splits and "--tune" in meta["command"].split():
         table["moe_warps_k"] = {shape: w for shape, (w, _) in splits.items()}
         table["moe_depth"] = {shape: d for shape, (_, d) in splits.items()}
     glu = [dict(E=r["E"], N=r["N"], K=r["K"], pairs=r["pairs"], M=r["M"], speedup=r["us_glu_mlx"] / r["us_glu_ours"])

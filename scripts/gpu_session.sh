@@ -102,8 +102,10 @@ for step in "$@"; do
       timeout "${MOE_TIMEOUT:-240}" python3 -m scripts.bench_moe --out "$RES/moe" --tune ${MOE_ARGS:-} 2>&1 \
         | tee "$RES/bench_moe.log" | tail -8 ;;
     e2e)
-      # This GPU's table (dense M ranges + MoE pair ranges) for the planner.
-      python3 -m scripts.install_tuning "$device_key" "$RES/kernels" "$RES/moe" | tee -a "$RES/session.log"
+      # This GPU's table (dense M ranges + MoE pair ranges) for the planner; TABLE_FROM=DIR: the
+      # <device>.json and <device>_moe.json in DIR instead (a candidate kept in the repo).
+      python3 -m scripts.install_tuning "$device_key" "${TABLE_FROM:-$RES/kernels}" "${TABLE_FROM:-$RES/moe}" \
+        | tee -a "$RES/session.log"
       log "waiting for the model writers"; wait
       until [ -e "$MODELS/.written" ]; do sleep 2; done; tail -3 "$MODELS.log"
       # E2E_WAIT_EXTRA=1: also for the MODELS_EXTRA ones (runs of --mtp-model would write them again).

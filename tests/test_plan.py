@@ -65,12 +65,12 @@ def test_winning_range_needs_the_margin_and_takes_the_longest_run():
 
 
 def test_a_single_row_needs_the_decode_margin():
-    # M = 1 must clear DECODE_MIN_SPEEDUP (1.1, a chain's), the rest MIN_SPEEDUP (1.2).
-    assert planner.winning_range([(1, 1.05, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (2, 3)
-    assert planner.winning_range([(1, 1.15, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (1, 3)
+    # M = 1 must clear DECODE_MIN_SPEEDUP (1.5, a chain's), the rest MIN_SPEEDUP (1.2).
+    assert planner.winning_range([(1, 1.45, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (2, 3)
+    assert planner.winning_range([(1, 1.55, 1), (2, 1.3, 2), (3, 1.3, 3)]) == (1, 3)
     # MoE: sizes are pairs; a single token's pairs need the decode margin, the others 1.2.
-    assert planner.winning_range([(8, 1.05, 1), (16, 1.3, 2)]) == (16, 16)
-    assert planner.winning_range([(8, 1.15, 1), (16, 1.15, 2)]) == (8, 8)
+    assert planner.winning_range([(8, 1.45, 1), (16, 1.3, 2)]) == (16, 16)
+    assert planner.winning_range([(8, 1.55, 1), (16, 1.15, 2)]) == (8, 8)
 
 
 def test_committed_tables_keep_the_margin():

@@ -134,6 +134,10 @@ def _moe_min_m8_17(data):
     return min(r["speedup"] for r in data["rows"] if 8 <= r["M"] <= 17)
 
 
+def _moe_glu_min_m2_17(data):
+    return min(r["us_glu_mlx"] / r["us_glu_ours"] for r in data["rows"] if "us_glu_ours" in r and 2 <= r["M"] <= 17)
+
+
 def _first_draft_acceptance(data):
     return data["eval"]["accept"][0]
 
@@ -144,6 +148,7 @@ DERIVED = {
     "dense.hbm_fraction.min_m1_16": _hbm_min_m1_16,
     "dense.t16_over_t1.max": _t16_over_t1_max,
     "moe.vs_mlx.min_m8_17": _moe_min_m8_17,
+    "moe.switch_glu_fused_vs_mlx.min_m2_17": _moe_glu_min_m2_17,
 }
 
 

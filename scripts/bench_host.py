@@ -19,8 +19,13 @@ forward makes. (Run 13, RUNS.md: real-shape synthetic models written with two
 layers, ``synthetic.SIZES[size][1]["num_hidden_layers"] = 2`` before
 ``synthetic.write_model``.)
 
+With ``--model DIR --step K`` it times the overlapped loop's step instead (k = K
+drafts, the acceptance-controlled drafter): host ms to build one, as a chain of
+32 steps built unevaluated (bench.measure.lazy_pipeline), uncompiled and with
+the target's part through ``mx.compile`` (``compile_step``), unpatched and patched.
+
 Usage: python -m scripts.bench_host [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
-       python -m scripts.bench_host --model DIR [--rows 5]
+       python -m scripts.bench_host --model DIR [--rows 5] [--step 4]
 """
 import argparse
 import collections
@@ -61,12 +66,13 @@ def main():
     ap.add_argument("--blocks", type=int, default=41, help="timed blocks per variant")
     ap.add_argument("--model", help="time a whole forward of this mlx-lm model directory instead")
     ap.add_argument("--rows", type=int, default=5, help="with --model: rows of the forward")
+    ap.add_argument("--step", type=int, metavar="K", help="with --model: the overlapped loop's step of K drafts")
     args = ap.parse_args()
     device = plan.Device("cuda", args.device_name, 132)
     plan.current_device = lambda: device  # the planner believes it is on that GPU
     assert plan.load_tuning(device.name), f"no tuning table for {device.name}"
     if args.model:
-        return forward_host_ms(args.model, args.rows, device)
+        return forward_host_ms(args.model, args.rows, device, step=args.step)
     launches = []
 
     def stub(p, x, w, scales, biases, poison=None):
@@ -99,9 +105,10 @@ def main():
         )
 
 
-def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, blocks: int = 7):
-    """Host ms to build one forward of ``rows`` rows, unpatched and patched
-    (alternating blocks; median), every launch a stub of one MLX op."""
+def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, blocks: int = 7, step=None):
+    """Host ms to build one forward of ``rows`` rows (or one overlapped step of
+    ``step`` drafts: :func:`step_host_ms`), unpatched and patched (alternating
+    blocks; median), every launch a stub of one MLX op."""
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -120,6 +127,8 @@ def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, block
     launch.gather = stub("gather", lambda p, x, w, s, b, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
     launch.gather_glu = stub("gather_glu", lambda p, x, g, u, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
     model, _ = load(model_dir)
+    if step is not None:
+        return step_host_ms(model, step, device, blocks)
     x = mx.array([[3] * rows])
 
     def build_ms():
@@ -141,6 +150,34 @@ def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, block
     print(f"host ms to build a forward of {rows} rows ({model_dir}), planner on {device.name}'s table: "
           f"unpatched {statistics.median(base):.3f}, patched {statistics.median(patched):.3f}; "
           f"stub launches a forward: {per_forward}")
+
+
+def step_host_ms(model, k: int, device, blocks: int, steps: int = 32):
+    from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
+    from mtp_splitk.bench.measure import lazy_pipeline
+
+    prompt = mx.array(list(range(3, 40)), mx.uint32)
+
+    def build_ms(compile_step):
+        drafter = AcceptanceControlledDrafter(list(range(4 * steps * (k + 1))), 0.8, model.args.vocab_size, seed=k)
+        pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps + 1, compile_step=compile_step)
+        current = pipeline.step(current)  # the first: the trace, where compiled
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            current = pipeline.step(current)
+        built = time.perf_counter()
+        pipeline.close()
+        return (built - t0) / steps * 1e3
+
+    for patched in (False, True):
+        with patch.enabled(patched):
+            times = {c: [] for c in (False, True)}
+            for _ in range(blocks):
+                for c in times:
+                    times[c].append(build_ms(c))
+        print(f"host ms to build an overlapped step (k = {k}, median of {blocks} chains of {steps}), "
+              f"{'patched, planner on ' + device.name + chr(39) + 's table' if patched else 'unpatched'}: "
+              f"uncompiled {statistics.median(times[False]):.3f}, compiled {statistics.median(times[True]):.3f}")
 
 
 if __name__ == "__main__":

@@ -503,3 +503,64 @@ def test_the_host_split_puts_each_delay_where_it_was_spent(models, monkeypatch):
     assert stats.build_time < 0.04 * built  # the submits' 0.05 s are not in it
     assert stats.build_time + stats.submit_time + stats.wait_time <= stats.generation_time
     assert "submit" in stats.summary()
+
+
+# -- the target's part of a step through mx.compile ------------------------------------------
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+@pytest.mark.parametrize("family", KV_FAMILIES)
+def test_compiled_steps_are_plain_greedy_across_bucket_growth(family, patched, models, monkeypatch):
+    small_buckets(monkeypatch)  # 8-row buckets: traced again as the caches grow
+    model, _ = models(family)
+    with patch.enabled(patched):
+        out, stats = run(model, DraftModelDrafter(model), 24, 3, compile_step=True)
+        assert out == plain(model, 24)
+    assert stats.overlapped and stats.steps > 1
+
+
+def test_a_compiled_step_is_replayed_not_rebuilt(models, monkeypatch):
+    """The target's forward of k+1 rows runs in Python once a cache capacity (the
+    trace), not once a step; the draft model's passes (fewer rows) still do."""
+    model, _ = models("llama")
+    expected = plain(model, 40)
+    inner = type(model.model).__call__
+    rows = []
+
+    def counted(self, inputs, *args, **kwargs):
+        rows.append(inputs.shape[-1])
+        return inner(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.model), "__call__", counted)
+    for compile_step in (False, True):
+        rows.clear()
+        out, stats = run(model, DraftModelDrafter(model), 40, 2, compile_step=compile_step)
+        assert out == expected
+        assert rows.count(3) == (1 if compile_step else stats.steps)  # one 256-row bucket: one trace
+        assert rows.count(1) >= stats.steps  # the draft model's first pass of every step
+
+
+def test_compiled_sampling_draws_what_the_uncompiled_loop_draws(models):
+    """Speculative sampling inside the compiled step takes MLX's global random
+    state in and out: a seeded run gives the uncompiled run's tokens."""
+    from mtp_splitk.speculative import make_distribution
+
+    model, _ = models("qwen3")
+    runs = []
+    for compile_step in (False, True):
+        mx.random.seed(7)
+        out, stats = run(model, DraftModelDrafter(model), 24, 3, distribution=make_distribution(1.0),
+                         compile_step=compile_step)
+        runs.append(out)
+    assert runs[0] == runs[1] and len(runs[0]) == 24
+    mx.random.seed(8)
+    assert run(model, DraftModelDrafter(model), 24, 3, distribution=make_distribution(1.0),
+               compile_step=True)[0] != runs[0]  # the seed matters: the draws are not frozen in the trace
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrids_keep_the_uncompiled_step_under_compile_step(family, models):
+    model, _ = models(family)
+    expected = plain(model, 16)
+    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3, compile_step=True)
+    assert out == expected and stats.overlapped

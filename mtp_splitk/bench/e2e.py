@@ -144,7 +144,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--loops",
         default=",".join(LOOPS),
-        help="speculative loops to measure: overlap (no host sync per step), sync "
+        help="speculative loops to measure: overlap (no host sync per step), compiled "
+        "(overlap, the target's part of a step through mx.compile), sync "
         "(the synchronous loop), every=N (synchronous, submitted every N decoder layers) "
         "(default: %(default)s)",
     )

@@ -49,7 +49,7 @@ def plain_decode(model, prompt: mx.array, max_tokens: int) -> Dict:
     }
 
 
-LOOPS = ("overlap", "sync")  # and "every=N": synchronous, submitted every N layers
+LOOPS = ("overlap", "sync")  # and "compiled" (overlapped, mx.compile), "every=N" (synchronous, submitted every N layers)
 
 
 def loop_options(loop: str) -> Dict:
@@ -58,9 +58,11 @@ def loop_options(loop: str) -> Dict:
         return {"overlap": True}
     if loop == "sync":
         return {"overlap": False}
+    if loop == "compiled":
+        return {"overlap": True, "compile_step": True}
     if loop.startswith("every=") and loop[6:].isdigit() and int(loop[6:]) > 0:
         return {"overlap": False, "submit_every": int(loop[6:])}
-    raise ValueError(f"a loop is 'overlap', 'sync' or 'every=N' (N > 0), not {loop!r}.")
+    raise ValueError(f"a loop is 'overlap', 'compiled', 'sync' or 'every=N' (N > 0), not {loop!r}.")
 
 
 def speculative_decode(
@@ -101,11 +103,11 @@ def speculative_decode(
     }
 
 
-def lazy_pipeline(model, prompt: mx.array, drafter, k: int, steps: int):
+def lazy_pipeline(model, prompt: mx.array, drafter, k: int, steps: int, compile_step: bool = False):
     """(pipeline, step 0): the overlapped loop's Pipeline with its steps left
     unevaluated until asked for, begun on ``prompt`` (step 0 evaluated), with
     room for ``steps`` more steps as if every one accepted all."""
-    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False)
+    pipeline = Pipeline(model, drafter, make_prompt_cache(model), k, submit=False, compile_step=compile_step)
     offset, first = pipeline.begin(prompt)
     pipeline.reserve(offset, steps)
     mx.eval(first[0].token, first[2])

@@ -73,6 +73,7 @@ def speculative_generate_step(
     stats: Optional[Stats] = None,
     submit_every: int = 0,
     overlap: bool = True,
+    compile_step: bool = False,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Speculative decoding with any :class:`Drafter`; see the module docstring.
 
@@ -102,6 +103,8 @@ def speculative_generate_step(
         overlap: run the overlapped loop (:mod:`.pipelined`: no host sync
           per step, every step ``k`` drafts) where it can take the generation;
           ``stats.overlap_off`` says why not, where it cannot.
+        compile_step: in the overlapped loop, the target's part of each step
+          through ``mx.compile`` (not yet measured faster on a GPU).
 
     Yields:
         ``(token, logprobs, from_draft)``: ``logprobs`` is the target's (V,)
@@ -137,6 +140,7 @@ def speculative_generate_step(
                 prefill_step_size=prefill_step_size,
                 prompt_progress_callback=prompt_progress_callback,
                 stats=stats,
+                compile_step=compile_step,
             )
             return
         stats.overlap_off = reason

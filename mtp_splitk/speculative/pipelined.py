@@ -108,11 +108,16 @@ class Pipeline:
     reads each step one step late; a benchmark can chain steps unread.
     """
 
-    def __init__(self, model, drafter, cache, k, sampler=None, distribution=None, submit=True):
+    def __init__(self, model, drafter, cache, k, sampler=None, distribution=None, submit=True,
+                 compile_step=False):
         self.model, self.drafter, self.cache, self.k = model, drafter, cache, k
         self.sampler = sampler or greedy_sampler
         self.distribution = distribution
         self.submit = submit  # False: steps stay unevaluated until asked for
+        # The target's part of a step through mx.compile: traced once a cache capacity,
+        # then replayed without Python (the drafter's part stays as it is).
+        self.compiled = mx.compile(self._traced, inputs=[mx.random.state], outputs=[mx.random.state]) \
+            if compile_step else None
         self.close = lambda: None  # undoes what begin() changed in the models
         self.submitted = 0.0  # host seconds in mx.async_eval, summed (the loop's Stats take them)
         self.parts = TargetParts(model) if drafter.needs_hidden else None
@@ -160,6 +165,19 @@ class Pipeline:
         return self._step(verdict.token, drafts, q)
 
     def _step(self, y, drafts, q):
+        compiled = self.compiled is not None and all(
+            type(c) is device_cache.DeviceKVCache and c.keys is not None for c in self.cache)
+        verdict, logprobs = (self._verify_compiled if compiled else self._verify)(y, drafts, q)
+        drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
+        if self.submit:  # everything the host reads of this step is computed with it
+            tic = time.perf_counter()
+            mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
+            self.submitted += time.perf_counter() - tic
+        return verdict, logprobs, drafts, q
+
+    def _verify(self, y, drafts, q):
+        """The target's part of a step: its forward over [y, drafts], the
+        verdict, the caches' offsets moved by what was accepted."""
         k = self.k
         inputs = mx.concatenate([y, drafts])
         logits, hidden = self._forward(inputs)
@@ -173,13 +191,22 @@ class Pipeline:
             accepted, token = speculative_accept(self.distribution(logprobs), q, drafts)
             token = token.astype(mx.uint32)[None]
         device_cache.advance(self.cache, accepted + 1)
-        verdict = Verdict(inputs, hidden, accepted.astype(mx.int32), token)
-        drafts, q = self.drafter.propose(verdict, k, self.distribution)
-        if self.submit:  # everything the host reads of this step is computed with it
-            tic = time.perf_counter()
-            mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
-            self.submitted += time.perf_counter() - tic
-        return verdict, logprobs, drafts, q
+        return Verdict(inputs, hidden, accepted.astype(mx.int32), token), logprobs
+
+    def _traced(self, y, drafts, states, *q):
+        # Traced by mx.compile: the caches take the states passed in and hand back the new ones.
+        for c, state in zip(self.cache, states):
+            c.state = state
+        verdict, logprobs = self._verify(y, drafts, q[0] if q else None)
+        hidden = () if verdict.hidden is None else (verdict.hidden,)
+        return (verdict.inputs, verdict.accepted, verdict.token, logprobs, [c.state for c in self.cache]) + hidden
+
+    def _verify_compiled(self, y, drafts, q):
+        out = self.compiled(y, drafts, [c.state for c in self.cache], *(() if q is None else (q,)))
+        inputs, accepted, token, logprobs, states = out[:5]
+        for c, state in zip(self.cache, states):
+            c.state = state
+        return Verdict(inputs, out[5] if len(out) > 5 else None, accepted, token), logprobs
 
 
 def pipelined_generate_step(
@@ -196,6 +223,7 @@ def pipelined_generate_step(
     prefill_step_size: int = 512,
     prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
     stats: Optional[Stats] = None,
+    compile_step: bool = False,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Speculative decoding without a host sync per step.
 
@@ -203,6 +231,8 @@ def pipelined_generate_step(
     :func:`~.loop.speculative_generate_step` (which takes the cases listed
     in the module docstring); ``k = num_draft_tokens`` drafts every step.
     ``stats.verify_time`` is not measured here (that would need a sync).
+    ``compile_step``: the target's part of each step through ``mx.compile``
+    (attention-only caches; traced again when the caches grow).
     """
     if distribution is not None and sampler is not None:
         raise ValueError("Pass either a sampler (mlx-lm's rule) or a distribution.")
@@ -217,7 +247,7 @@ def pipelined_generate_step(
     reason = unsupported(model, drafter, cache, None)
     if reason is not None:
         raise ValueError(f"The overlapped loop cannot run: {reason}.")
-    pipeline = Pipeline(model, drafter, cache, k, sampler, distribution)
+    pipeline = Pipeline(model, drafter, cache, k, sampler, distribution, compile_step=compile_step)
 
     with mx.stream(stream):
         tic = time.perf_counter()

@@ -25,9 +25,11 @@ K = 4
 TOKENS = 96
 
 
-def _loop(model, reference, p, prompt):
+def _loop(model, reference, p, prompt, compile_step=False):
     drafter = AcceptanceControlledDrafter(reference + [0] * (K + 1), p, synthetic.TINY_VOCAB, seed=K)
-    return [t for t, _, _ in pipelined_generate_step(prompt, model, drafter, num_draft_tokens=K, max_tokens=TOKENS)]
+    steps = pipelined_generate_step(prompt, model, drafter, num_draft_tokens=K, max_tokens=TOKENS,
+                                    compile_step=compile_step)
+    return [t for t, _, _ in steps]
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
@@ -45,3 +47,20 @@ def test_gpu_overlapped_loop_emits_the_same_tokens_at_every_acceptance(tmp_path,
         assert _loop(model, reference, 1.0, prompt) == reference
         for p in (0.3, 0.7):
             assert _loop(model, reference, p, prompt) == reference, p
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_gpu_compiled_steps_emit_the_uncompiled_loops_tokens(tmp_path, patched):
+    """compile_step on CUDA (MLX's fused elementwise kernels, the split-K kernels
+    inside a compiled graph): at p = 1 and below, the tokens the loop emits uncompiled."""
+    model, _ = load(str(synthetic.write_model(tmp_path / "model", "llama", "small")))
+    prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
+    with patch.enabled(patched):
+        reference = _loop(model, [0] * TOKENS, 0.0, prompt)
+        for _ in range(3):
+            again = _loop(model, reference, 1.0, prompt)
+            if again == reference:
+                break
+            reference = again
+        for p in (1.0, 0.5):
+            assert _loop(model, reference, p, prompt, compile_step=True) == reference, p

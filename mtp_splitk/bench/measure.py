@@ -99,6 +99,7 @@ def speculative_decode(
         "overlapped": stats.overlapped,  # then no verify time: nothing waits for a verdict
         "overlap_off": stats.overlap_off,  # why not, where the overlapped loop was asked for
         **(stats.host_split_ms() if stats.overlapped else {}),  # host build / submit / wait a step
+        "compiled_steps": stats.compiled_steps,  # the "compiled" loop: steps that took mx.compile
         "tokens": tokens,
     }
 

@@ -74,6 +74,8 @@ def e2e_markdown(doc: Dict) -> str:
                 verify_ms = "overlapped" if r.get("overlapped") else f"{r['verify_ms']:.2f}"
                 if r.get("overlap_off"):  # asked for the overlapped loop, ran the synchronous one
                     verify_ms += " (synchronous: overlap off)"
+                if key.endswith(" compiled") and not r.get("compiled_steps"):
+                    verify_ms += " (no step compiled: not attention-only caches)"
                 split = (
                     f"{r['host_build_ms']:.2f} / {r['chain_eval_ms']:.2f}" if "chain_eval_ms" in r else ""
                 )

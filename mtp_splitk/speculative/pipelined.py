@@ -120,6 +120,7 @@ class Pipeline:
             if compile_step else None
         self.close = lambda: None  # undoes what begin() changed in the models
         self.submitted = 0.0  # host seconds in mx.async_eval, summed (the loop's Stats take them)
+        self.compiled_steps = 0
         self.parts = TargetParts(model) if drafter.needs_hidden else None
 
     def _forward(self, inputs: mx.array):
@@ -167,6 +168,7 @@ class Pipeline:
     def _step(self, y, drafts, q):
         compiled = self.compiled is not None and all(
             type(c) is device_cache.DeviceKVCache and c.keys is not None for c in self.cache)
+        self.compiled_steps += compiled
         verdict, logprobs = (self._verify_compiled if compiled else self._verify)(y, drafts, q)
         drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
         if self.submit:  # everything the host reads of this step is computed with it
@@ -296,3 +298,4 @@ def pipelined_generate_step(
             # synchronous loop; the caller's list gets plain KVCaches back.
             device_cache.to_plain(cache, known + handed)
             pipeline.close()
+            stats.compiled_steps += pipeline.compiled_steps

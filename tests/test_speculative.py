@@ -143,6 +143,22 @@ def test_glm4_moe_target_parts_compute_the_models_logits(loaded):
 # -- exactness ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_mtp_with_compiled_steps_is_plain_decoding(family, loaded, monkeypatch):
+    """compile_step traces the head's proposals too (MTPDrafter names its device
+    state); the tokens stay plain greedy decoding's, and the head's Python runs
+    once a trace, not once a step."""
+    model, head, _ = loaded(family)
+    expected = tokens(plain(model, n=32))
+    calls = []
+    inner = type(head).__call__
+    monkeypatch.setattr(type(head), "__call__", lambda self, *a, **kw: calls.append(1) or inner(self, *a, **kw))
+    stats = Stats()
+    out = speculate(model, MTPDrafter(model, head), n=32, num_draft_tokens=3, stats=stats, compile_step=True)
+    assert tokens(out) == expected and stats.overlapped
+    assert len(calls) <= 10 < 3 * stats.steps  # start()'s calls and two traces; 3 a step uncompiled
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 @pytest.mark.parametrize("family", FAMILIES)

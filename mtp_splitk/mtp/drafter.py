@@ -33,6 +33,7 @@ class MTPDrafter(Drafter):
 
     needs_hidden = True
     pipelined = True
+    device_attributes = ("_position",)
 
     def __init__(self, model: nn.Module, head: MTPHead):
         self.parts = TargetParts(model)

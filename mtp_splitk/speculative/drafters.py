@@ -82,6 +82,30 @@ class Drafter:
         drafter's own cache (``self.cache``), if it has one."""
         return [c.state for c in getattr(self, "cache", ())]
 
+    #: The names of the attributes that :meth:`propose` reads and writes besides
+    #: ``self.cache`` (device arrays only): set, the overlapped loop's
+    #: ``compile_step`` traces :meth:`propose` with them and the cache's states
+    #: passed in and out (:meth:`device_state`).
+    device_attributes: Tuple[str, ...] = ()
+
+    @property
+    def compilable(self) -> bool:
+        """Whether ``compile_step`` may trace :meth:`propose`: a drafter that
+        names its device attributes and does not steer :meth:`choose` (a
+        steering override may keep host state, which a trace would freeze)."""
+        return bool(self.device_attributes) and type(self).choose is Drafter.choose
+
+    def device_state(self) -> List[Any]:
+        """What :meth:`propose` reads and writes: the cache's states, then the
+        :attr:`device_attributes`."""
+        return [[c.state for c in self.cache]] + [getattr(self, name) for name in self.device_attributes]
+
+    def set_device_state(self, state: List[Any]) -> None:
+        for c, entry in zip(self.cache, state[0]):
+            c.state = entry
+        for name, value in zip(self.device_attributes, state[1:]):
+            setattr(self, name, value)
+
     def choose(
         self, logits: mx.array, distribution: Optional[Distribution]
     ) -> Tuple[mx.array, Optional[mx.array]]:
@@ -120,6 +144,8 @@ class DraftModelDrafter(Drafter):
     tokens, that row's token again and the target's token, then ``k - 1``
     single drafts.
     """
+
+    device_attributes = ("_base", "_seq")
 
     @property
     def pipelined(self) -> bool:  # its cache is rewound: attention caches only

@@ -116,8 +116,12 @@ class Pipeline:
         self.submit = submit  # False: steps stay unevaluated until asked for
         # The target's part of a step through mx.compile: traced once a cache capacity,
         # then replayed without Python (the drafter's part stays as it is).
-        self.compiled = mx.compile(self._traced, inputs=[mx.random.state], outputs=[mx.random.state]) \
-            if compile_step else None
+        self.compiled = self.compiled_propose = None
+        if compile_step:
+            self.compiled = mx.compile(self._traced, inputs=[mx.random.state], outputs=[mx.random.state])
+            if drafter.compilable:  # its part too: a draft model's or MTP head's passes
+                self.compiled_propose = mx.compile(self._traced_propose, inputs=[mx.random.state],
+                                                   outputs=[mx.random.state])
         self.close = lambda: None  # undoes what begin() changed in the models
         self.submitted = 0.0  # host seconds in mx.async_eval, summed (the loop's Stats take them)
         self.compiled_steps = 0
@@ -166,11 +170,13 @@ class Pipeline:
         return self._step(verdict.token, drafts, q)
 
     def _step(self, y, drafts, q):
-        compiled = self.compiled is not None and all(
-            type(c) is device_cache.DeviceKVCache and c.keys is not None for c in self.cache)
+        compiled = self.compiled is not None and _ready([c.state for c in self.cache], self.cache)
         self.compiled_steps += compiled
         verdict, logprobs = (self._verify_compiled if compiled else self._verify)(y, drafts, q)
-        drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
+        if self.compiled_propose is not None and _ready(self.drafter.device_state()[0]):
+            drafts, q = self._propose_compiled(verdict)
+        else:
+            drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
         if self.submit:  # everything the host reads of this step is computed with it
             tic = time.perf_counter()
             mx.async_eval(verdict.inputs, verdict.accepted, verdict.token, drafts)
@@ -203,12 +209,34 @@ class Pipeline:
         hidden = () if verdict.hidden is None else (verdict.hidden,)
         return (verdict.inputs, verdict.accepted, verdict.token, logprobs, [c.state for c in self.cache]) + hidden
 
+    def _traced_propose(self, verdict_arrays, state):
+        # Traced by mx.compile: the drafter takes the state passed in and hands back the new one.
+        self.drafter.set_device_state(state)
+        inputs, accepted, token, *hidden = verdict_arrays
+        drafts, q = self.drafter.propose(Verdict(inputs, hidden[0] if hidden else None, accepted, token),
+                                         self.k, self.distribution)
+        return (drafts, self.drafter.device_state()) + (() if q is None else (q,))
+
+    def _propose_compiled(self, verdict):
+        arrays = [verdict.inputs, verdict.accepted, verdict.token] + ([] if verdict.hidden is None else [verdict.hidden])
+        out = self.compiled_propose(arrays, self.drafter.device_state())
+        self.drafter.set_device_state(out[1])
+        return out[0], out[2] if len(out) > 2 else None
+
     def _verify_compiled(self, y, drafts, q):
         out = self.compiled(y, drafts, [c.state for c in self.cache], *(() if q is None else (q,)))
         inputs, accepted, token, logprobs, states = out[:5]
         for c, state in zip(self.cache, states):
             c.state = state
         return Verdict(inputs, out[5] if len(out) > 5 else None, accepted, token), logprobs
+
+
+def _ready(states, caches=None) -> bool:
+    """Whether a list of cache states can go through mx.compile: attention
+    caches on the device (keys, values, offset), their buffers allocated."""
+    kinds = caches or ()
+    return all(type(c) is device_cache.DeviceKVCache for c in kinds) and all(
+        isinstance(s, tuple) and len(s) == 3 and s[0] is not None for s in states)
 
 
 def pipelined_generate_step(

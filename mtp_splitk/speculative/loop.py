@@ -104,7 +104,8 @@ def speculative_generate_step(
           per step, every step ``k`` drafts) where it can take the generation;
           ``stats.overlap_off`` says why not, where it cannot.
         compile_step: in the overlapped loop, the target's part of each step
-          through ``mx.compile`` (not yet measured faster on a GPU).
+          (and a draft model's or MTP head's) through ``mx.compile`` (not yet
+          measured faster on a GPU).
 
     Yields:
         ``(token, logprobs, from_draft)``: ``logprobs`` is the target's (V,)

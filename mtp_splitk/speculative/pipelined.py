@@ -114,8 +114,8 @@ class Pipeline:
         self.sampler = sampler or greedy_sampler
         self.distribution = distribution
         self.submit = submit  # False: steps stay unevaluated until asked for
-        # The target's part of a step through mx.compile: traced once a cache capacity,
-        # then replayed without Python (the drafter's part stays as it is).
+        # compile_step: the target's part of a step (and a compilable drafter's) through
+        # mx.compile, traced once a cache capacity, then replayed without Python.
         self.compiled = self.compiled_propose = None
         if compile_step:
             self.compiled = mx.compile(self._traced, inputs=[mx.random.state], outputs=[mx.random.state])
@@ -170,10 +170,10 @@ class Pipeline:
         return self._step(verdict.token, drafts, q)
 
     def _step(self, y, drafts, q):
-        compiled = self.compiled is not None and _ready([c.state for c in self.cache], self.cache)
+        compiled = self.compiled is not None and _ready(self.cache)
         self.compiled_steps += compiled
         verdict, logprobs = (self._verify_compiled if compiled else self._verify)(y, drafts, q)
-        if self.compiled_propose is not None and _ready(self.drafter.device_state()[0]):
+        if self.compiled_propose is not None and _ready(self.drafter.cache):
             drafts, q = self._propose_compiled(verdict)
         else:
             drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
@@ -231,12 +231,10 @@ class Pipeline:
         return Verdict(inputs, out[5] if len(out) > 5 else None, accepted, token), logprobs
 
 
-def _ready(states, caches=None) -> bool:
-    """Whether a list of cache states can go through mx.compile: attention
-    caches on the device (keys, values, offset), their buffers allocated."""
-    kinds = caches or ()
-    return all(type(c) is device_cache.DeviceKVCache for c in kinds) and all(
-        isinstance(s, tuple) and len(s) == 3 and s[0] is not None for s in states)
+def _ready(cache: List[Any]) -> bool:
+    """Whether a cache list's states can go through mx.compile: attention
+    caches on the device, their buffers allocated."""
+    return all(type(c) is device_cache.DeviceKVCache and c.keys is not None for c in cache)
 
 
 def pipelined_generate_step(
@@ -262,7 +260,8 @@ def pipelined_generate_step(
     in the module docstring); ``k = num_draft_tokens`` drafts every step.
     ``stats.verify_time`` is not measured here (that would need a sync).
     ``compile_step``: the target's part of each step through ``mx.compile``
-    (attention-only caches; traced again when the caches grow).
+    (attention-only caches; traced again when the caches grow), and the
+    drafter's where it is :attr:`~.drafters.Drafter.compilable`.
     """
     if distribution is not None and sampler is not None:
         raise ValueError("Pass either a sampler (mlx-lm's rule) or a distribution.")

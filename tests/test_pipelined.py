@@ -412,6 +412,17 @@ def test_the_swapped_gated_deltanet_call_is_mlx_lms(family, models):
 # -- one-row passes on CUDA (one_row.py) --------------------------------------------------
 
 
+def test_compiled_draft_passes_as_two_rows_are_plain_greedy(models, monkeypatch):
+    """The draft model's one-row passes taken as two rows (FORCE: CUDA's path on
+    the CPU) inside the compiled proposals (compile_step)."""
+    from mtp_splitk.speculative import one_row
+
+    monkeypatch.setattr(one_row, "FORCE", True)
+    model, _ = models("qwen3")
+    out, stats = run(model, DraftModelDrafter(model), 30, 3, compile_step=True)
+    assert out == plain(model, 30) and stats.compiled_steps >= stats.steps - 1
+
+
 def test_a_one_row_pass_over_the_device_cache_goes_as_two_rows(monkeypatch):
     """Where it applies (CUDA; FORCE here), a one-row call over a DeviceKVCache with a
     mask reaches MLX's attention as that row twice with the mask's row twice, and

@@ -115,13 +115,13 @@ def lazy_pipeline(model, prompt: mx.array, drafter, k: int, steps: int, compile_
     return pipeline, first
 
 
-def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32) -> Dict:
+def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32, compile_step: bool = False) -> Dict:
     """Where an overlapped step's time goes: ``steps`` steps are built
     lazily first (host build, ms per step), then evaluated at once (ms per
     step). The evaluation is no GPU time: one graph of ``steps`` steps ran
     slower than the loop's own steps (run 13b: 10.4 against 6.5 ms); take
     GPU time from ``scripts/profile_step.py``."""
-    pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps)
+    pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps, compile_step)
     tic = time.perf_counter()
     for _ in range(steps):
         current = pipeline.step(current)

@@ -137,8 +137,8 @@ def model_tasks(
                         repeats,
                         warmup=False,
                     )
-                    if loop == "overlap":
-                        run.update(step_split_ms(model, prompt, drafter, k))
+                    if loop in ("overlap", "compiled"):
+                        run.update(step_split_ms(model, prompt, drafter, k, compile_step=loop == "compiled"))
                     run["matmuls"] = census
                     _as_recorded(run, tokens, f"{name} {label} p={p} k={k} {loop}")
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]
@@ -270,7 +270,7 @@ def mtp_tasks(
                     # A loop the caches refuse runs synchronously: "overlapped"
                     # False and "overlap_off" say so in the results.
                     if run["overlapped"]:
-                        run.update(step_split_ms(model, prompt, drafter(), k))
+                        run.update(step_split_ms(model, prompt, drafter(), k, compile_step=loop == "compiled"))
                     run["matmuls"] = census
                     _as_recorded(run, tokens, f"{name} {label} p={p} k={k} {loop}")
                     run["matches_plain"] = run["tokens"] == plain_tokens[label]

@@ -23,8 +23,7 @@ models with recurrent caches, and models sharded over several ranks.
 """
 
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Generator, List, Optional, Tuple, Union
+from typing import Any, Callable, Generator, List, NamedTuple, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -39,9 +38,9 @@ from .verify_rows import decode_arithmetic
 from .target import TargetParts
 
 
-@dataclass
-class Verdict:
-    """One verify pass, as lazy arrays: what a drafter proposes from."""
+class Verdict(NamedTuple):
+    """One verify pass, as lazy arrays: what a drafter proposes from (a tuple:
+    mx.compile passes it in and out)."""
 
     inputs: mx.array  # (k+1,) the rows fed: [y, d_1..d_k]
     hidden: Optional[mx.array]  # (1, k+1, D) the target's last hidden states
@@ -118,10 +117,10 @@ class Pipeline:
         # mx.compile, traced once a cache capacity, then replayed without Python.
         self.compiled = self.compiled_propose = None
         if compile_step:
-            self.compiled = mx.compile(self._traced, inputs=[mx.random.state], outputs=[mx.random.state])
+            self.compiled = _compiled(self._verify, lambda: [c.state for c in self.cache], self._set_states)
             if drafter.compilable:  # its part too: a draft model's or MTP head's passes
-                self.compiled_propose = mx.compile(self._traced_propose, inputs=[mx.random.state],
-                                                   outputs=[mx.random.state])
+                self.compiled_propose = _compiled(lambda verdict: drafter.propose(verdict, k, distribution),
+                                                  drafter.device_state, drafter.set_device_state)
         self.close = lambda: None  # undoes what begin() changed in the models
         self.submitted = 0.0  # host seconds in mx.async_eval, summed (the loop's Stats take them)
         self.compiled_steps = 0
@@ -172,9 +171,9 @@ class Pipeline:
     def _step(self, y, drafts, q):
         compiled = self.compiled is not None and _ready(self.cache)
         self.compiled_steps += compiled
-        verdict, logprobs = (self._verify_compiled if compiled else self._verify)(y, drafts, q)
+        verdict, logprobs = (self.compiled if compiled else self._verify)(y, drafts, q)
         if self.compiled_propose is not None and _ready(self.drafter.cache):
-            drafts, q = self._propose_compiled(verdict)
+            drafts, q = self.compiled_propose(verdict)
         else:
             drafts, q = self.drafter.propose(verdict, self.k, self.distribution)
         if self.submit:  # everything the host reads of this step is computed with it
@@ -201,34 +200,30 @@ class Pipeline:
         device_cache.advance(self.cache, accepted + 1)
         return Verdict(inputs, hidden, accepted.astype(mx.int32), token), logprobs
 
-    def _traced(self, y, drafts, states, *q):
-        # Traced by mx.compile: the caches take the states passed in and hand back the new ones.
+    def _set_states(self, states):
         for c, state in zip(self.cache, states):
             c.state = state
-        verdict, logprobs = self._verify(y, drafts, q[0] if q else None)
-        hidden = () if verdict.hidden is None else (verdict.hidden,)
-        return (verdict.inputs, verdict.accepted, verdict.token, logprobs, [c.state for c in self.cache]) + hidden
 
-    def _traced_propose(self, verdict_arrays, state):
-        # Traced by mx.compile: the drafter takes the state passed in and hands back the new one.
-        self.drafter.set_device_state(state)
-        inputs, accepted, token, *hidden = verdict_arrays
-        drafts, q = self.drafter.propose(Verdict(inputs, hidden[0] if hidden else None, accepted, token),
-                                         self.k, self.distribution)
-        return (drafts, self.drafter.device_state()) + (() if q is None else (q,))
 
-    def _propose_compiled(self, verdict):
-        arrays = [verdict.inputs, verdict.accepted, verdict.token] + ([] if verdict.hidden is None else [verdict.hidden])
-        out = self.compiled_propose(arrays, self.drafter.device_state())
-        self.drafter.set_device_state(out[1])
-        return out[0], out[2] if len(out) > 2 else None
+def _compiled(fn, get_state, set_state):
+    """``fn`` through mx.compile, traced anew for new shapes: the state that
+    ``get_state()`` returns (arrays that ``fn`` reads and replaces, e.g. its
+    caches') goes in and the new one is set back with ``set_state``, MLX's
+    random state with them. Its arguments are arrays (trees of them, None);
+    what else it reads is a constant of the trace: each Pipeline makes its own."""
 
-    def _verify_compiled(self, y, drafts, q):
-        out = self.compiled(y, drafts, [c.state for c in self.cache], *(() if q is None else (q,)))
-        inputs, accepted, token, logprobs, states = out[:5]
-        for c, state in zip(self.cache, states):
-            c.state = state
-        return Verdict(inputs, out[5] if len(out) > 5 else None, accepted, token), logprobs
+    def traced(state, *args):
+        set_state(state)
+        return fn(*args), get_state()
+
+    compiled = mx.compile(traced, inputs=[mx.random.state], outputs=[mx.random.state])
+
+    def call(*args):
+        out, state = compiled(get_state(), *args)
+        set_state(state)
+        return out
+
+    return call
 
 
 def _ready(cache: List[Any]) -> bool:

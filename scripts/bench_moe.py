@@ -70,7 +70,7 @@ def main():
     rng = np.random.default_rng(0)
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
     meta = dict(device=device.name, mlx=mx.__version__, copy_gbps=bw / 1e9, trivial_op_us=floor * 1e6,
-                command=" ".join(sys.argv))
+                command=" ".join(sys.argv), swept=args.tune)  # swept: the rows' split and depth are the sweep's
     rows, splits = [], {}
     for name, E, N, K, top_k in shapes:
         expert_bytes = E * N * K // 2
@@ -154,15 +154,15 @@ def sweep(name, E, N, K, top_k, sets, rng):
 def write_ranges(rows, meta, out):
     """<out>/<device>_moe.json: per expert shape, the pair counts where the
     kernel measured at least plan.required_speedup(M) times faster than MLX,
-    the same for the fused gate/up launch against MLX's three ops, and the
-    (warps along K, depth) each shape's rows ran at (the sweep's choice)."""
-    splits = {f"{r['E']}x{r['N']}x{r['K']}": (r["warps_k"], r["depth"]) for r in rows}
+    the same for the fused gate/up launch against MLX's three ops, and, where
+    the rows ran at the sweep's choices (``meta["swept"]``; records before run
+    14 have no depth), each shape's (warps along K, depth)."""
     ranges = moe_ranges(rows)  # the rows are affine 4-bit
     table = dict(device=meta["device"], moe_p_range=ranges, measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
-    if splits and "--tune" in meta["command"].split():
-        table["moe_warps_k"] = {shape: w for shape, (w, _) in splits.items()}
-        table["moe_depth"] = {shape: d for shape, (_, d) in splits.items()}
+    if meta.get("swept"):
+        table["moe_warps_k"] = {f"{r['E']}x{r['N']}x{r['K']}": r["warps_k"] for r in rows}
+        table["moe_depth"] = {f"{r['E']}x{r['N']}x{r['K']}": r["depth"] for r in rows}
     glu = [dict(E=r["E"], N=r["N"], K=r["K"], pairs=r["pairs"], M=r["M"], speedup=r["us_glu_mlx"] / r["us_glu_ours"])
            for r in rows if "us_glu_ours" in r]  # independent calls only: M = 1 is not admitted
     if glu:  # where SwitchGLU's fused gate/up beat MLX's three ops (plan.plan_gather_glu)

@@ -221,6 +221,24 @@ def test_a_row_without_a_chain_cannot_admit_m1():
     assert kernels.moe_ranges(moe) == {"affine4:512x128": [16, 16]}
 
 
+def test_bench_moe_writes_splits_only_from_swept_rows(tmp_path):
+    """bench_moe's table names each shape's split and depth only where its rows ran
+    at the sweep's choices; a record from before the sweep (no depth: run 3's)
+    retunes into ranges alone."""
+    from scripts import bench_moe
+
+    old = [dict(E=8, N=64, K=128, pairs=8 * M, M=M, speedup=2.0, warps_k=2) for M in (2, 3)]
+    meta = dict(device="Pretend GPU 9000", command="scripts/bench_moe.py --tune")
+    bench_moe.write_ranges(old, meta, tmp_path)
+    path = tmp_path / f"{planner.tuning_key(meta['device'])}_moe.json"
+    table = json.loads(path.read_text())
+    assert table["moe_p_range"] == {"affine4:512x128": [16, 24]} and "moe_warps_k" not in table
+    swept = [dict(row, depth=3) for row in old]
+    bench_moe.write_ranges(swept, dict(meta, swept=True), tmp_path)
+    table = json.loads(path.read_text())
+    assert table["moe_warps_k"] == {"8x64x128": 2} and table["moe_depth"] == {"8x64x128": 3}
+
+
 def test_the_grouped_kernel_takes_its_split_and_depth_from_the_table(user_cache):
     """moe_warps_k / moe_depth (bench_moe --tune) fix the grouped kernel's split and
     prefetch depth per expert shape, for every pair count; unlisted shapes keep the rule."""

@@ -11,7 +11,8 @@ log = open(sys.argv[1]).read().splitlines()
 shapes = {s[0]: s[1:] for s in SHAPES}
 head = re.match(r"device (.*); copy (\d+) GB/s; trivial op ([\d.]+) us", log[0])
 meta = dict(device=head[1], mlx="0.32.4", copy_gbps=float(head[2]), trivial_op_us=float(head[3]),
-            command="python3 -m scripts.bench_moe --out /tmp/results/moe --tune (cut at 230 s; rows rebuilt from its log)")
+            command="python3 -m scripts.bench_moe --out /tmp/results/moe --tune (cut at 230 s; rows rebuilt from its log)",
+            swept=True)
 rows, chosen = [], {}
 row_re = re.compile(r"(.+?)\s+M=\s*(\d+) P=\s*(\d+) uniq=\s*([\d.]+): ours\s+([\d.]+) us\s+mlx\s+([\d.]+) us; chain ours\s+([\d.]+) mlx\s+([\d.]+)\s+x([\d.]+)\s+(\d+)% floor ([\d.]+)(?:; gate/up\+swiglu fused ([\d.]+) us, mlx ([\d.]+))?$")
 for line in log[1:]:

@@ -106,4 +106,3 @@ def gather(plan, x_div: int, out_shape: tuple, K: int, group_size: int, bits: in
     indices = 4 if has_biases else 3
     constant = (1, indices) if mode == "affine" else (1, 2, indices)
     return with_derivatives_of(forward, reference, constant, derivatives)
-

@@ -21,7 +21,7 @@ layers, ``synthetic.SIZES[size][1]["num_hidden_layers"] = 2`` before
 
 With ``--model DIR --step K`` it times the overlapped loop's step instead (k = K
 drafts, the acceptance-controlled drafter): host ms to build one, as a chain of
-32 steps built unevaluated (bench.measure.lazy_pipeline), uncompiled and with
+32 steps built lazily (bench.measure.step_split_ms's build), uncompiled and with
 the target's part through ``mx.compile`` (``compile_step``), unpatched and patched.
 
 Usage: python -m scripts.bench_host [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
@@ -154,20 +154,13 @@ def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, block
 
 def step_host_ms(model, k: int, device, blocks: int, steps: int = 32):
     from mtp_splitk.bench.drafters import AcceptanceControlledDrafter
-    from mtp_splitk.bench.measure import lazy_pipeline
+    from mtp_splitk.bench.measure import step_split_ms
 
     prompt = mx.array(list(range(3, 40)), mx.uint32)
 
     def build_ms(compile_step):
         drafter = AcceptanceControlledDrafter(list(range(4 * steps * (k + 1))), 0.8, model.args.vocab_size, seed=k)
-        pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps + 1, compile_step=compile_step)
-        current = pipeline.step(current)  # the first: the trace, where compiled
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            current = pipeline.step(current)
-        built = time.perf_counter()
-        pipeline.close()
-        return (built - t0) / steps * 1e3
+        return step_split_ms(model, prompt, drafter, k, steps, compile_step)["host_build_ms"]
 
     for patched in (False, True):
         with patch.enabled(patched):

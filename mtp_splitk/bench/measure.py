@@ -120,8 +120,10 @@ def step_split_ms(model, prompt: mx.array, drafter, k: int, steps: int = 32, com
     lazily first (host build, ms per step), then evaluated at once (ms per
     step). The evaluation is no GPU time: one graph of ``steps`` steps ran
     slower than the loop's own steps (run 13b: 10.4 against 6.5 ms); take
-    GPU time from ``scripts/profile_step.py``."""
-    pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps, compile_step)
+    GPU time from ``scripts/profile_step.py``. One step is built untimed
+    first: with ``compile_step`` it is the trace at the chain's cache size."""
+    pipeline, current = lazy_pipeline(model, prompt, drafter, k, steps + 1, compile_step)
+    current = pipeline.step(current)
     tic = time.perf_counter()
     for _ in range(steps):
         current = pipeline.step(current)

@@ -83,9 +83,20 @@ def test_no_overlap_keeps_the_synchronous_loop_with_the_same_tokens(cache):
     assert stats_lines(plain.stderr)["Drafter"] == "none (plain decoding)"
 
 
+def test_overlapped_loop_compiles_its_step_unless_no_compile(cache):
+    """With the patch on (as mtp-splitk generate has it) the overlapped loop replays
+    its step through mx.compile; --no-compile builds it in Python; same tokens."""
+    args = ["generate", "--max-tokens", "16", "--stats", "--verbose", "False"]
+    compiled = run(*args, cache=cache, code=RECORD_TOKENS)
+    uncompiled = run(*args, "--no-compile", cache=cache, code=RECORD_TOKENS)
+    assert len(tokens(compiled)) == 16 and tokens(compiled) == tokens(uncompiled)
+    assert stats_lines(compiled.stderr)["Loop"].startswith("overlapped, compiled (mx.compile)")
+    assert stats_lines(uncompiled.stderr)["Loop"].startswith("overlapped (step n+1")
+
+
 def test_help_and_version():
     help_text = cli_output("generate", "--help")
-    assert "--no-overlap" in help_text and "--split-k" in help_text
+    assert "--no-overlap" in help_text and "--no-compile" in help_text and "--split-k" in help_text
     assert "Llama-3.2-3B-Instruct" not in help_text  # mlx-lm's default is not ours
     assert "Default: the demo model SmolLM2-135M-Instruct" in " ".join(help_text.split())
     import mlx.core as mx

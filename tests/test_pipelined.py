@@ -530,6 +530,16 @@ def test_compiled_steps_are_plain_greedy_across_bucket_growth(family, patched, m
     assert stats.overlapped and stats.steps > 1 and stats.compiled_steps >= stats.steps - 1
 
 
+def test_the_step_is_compiled_by_default_when_the_patch_is_on(models):
+    """compile_step=None: compiled patched (where it measured faster), not unpatched."""
+    model, _ = models("llama")
+    for patched in (False, True):
+        with patch.enabled(patched):
+            out, stats = run(model, DraftModelDrafter(model), 12, 2)
+        assert out == plain(model, 12)
+        assert (stats.compiled_steps > 0) == patched
+
+
 def test_a_compiled_step_is_replayed_not_rebuilt(models, monkeypatch):
     """The target's forward of k+1 rows and the draft model's passes run in
     Python once a cache capacity (the traces), not once a step."""

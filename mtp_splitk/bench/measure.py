@@ -55,7 +55,7 @@ LOOPS = ("overlap", "sync")  # and "compiled" (overlapped, mx.compile), "every=N
 def loop_options(loop: str) -> Dict:
     """speculative_generate_step's options for a loop variant of :data:`LOOPS`."""
     if loop == "overlap":
-        return {"overlap": True}
+        return {"overlap": True, "compile_step": False}
     if loop == "sync":
         return {"overlap": False}
     if loop == "compiled":

@@ -10,7 +10,9 @@ It takes every flag of mlx-lm's own parser (built by mlx-lm's
 - ``--stats``: speculation statistics after the text (:mod:`.stats`);
 - ``--mtp``: draft with the model's own MTP head (``mtp_splitk.mtp.generate_step``)
   instead of a draft model;
-- ``--no-overlap``: the synchronous speculative loop instead of the overlapped one.
+- ``--no-overlap``: the synchronous speculative loop instead of the overlapped one;
+- ``--no-compile``: the overlapped loop's step built in Python every time, not
+  replayed through ``mx.compile`` (the default, the patch being on).
 
 Speculative decoding (a draft model or ``--mtp``) runs mtp_splitk's loop
 (:func:`mtp_splitk.speculative.speculative_generate_step`, overlapped where
@@ -174,6 +176,8 @@ def _speculative_hooks(args, mlx_generate, stats: Stats) -> dict:
     weights fails before any prompt is processed.
     """
     options = {"stats": stats, "overlap": not args.no_overlap}
+    if args.no_compile:
+        options["compile_step"] = False
     if not args.mtp:
 
         def step(prompt, model, draft_model, stream, prompt_cache=None, **kwargs):
@@ -365,6 +369,12 @@ def setup_arg_parser() -> Parser:
         help="speculate with the synchronous loop (one host sync per step, each verify "
         "pass timed) instead of the overlapped one, which submits step n+1 before step "
         "n's verdict is read and is the default where the caches allow it",
+    )
+    group.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="build the overlapped loop's step in Python every time instead of replaying "
+        "it through mx.compile (the default: it cuts the host's share of a step)",
     )
     for action in parser._actions:
         if "--model" in action.option_strings:

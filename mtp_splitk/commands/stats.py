@@ -40,8 +40,9 @@ class Recorder:
         loop = self.loop
         if loop is not None:
             if loop.overlapped:
+                compiled = ", compiled (mx.compile)" if loop.compiled_steps else ""
                 lines.append(
-                    "Loop: overlapped (step n+1 is queued before step n's verdict is read)"
+                    f"Loop: overlapped{compiled} (step n+1 is queued before step n's verdict is read)"
                 )
             elif loop.overlap_off:
                 lines.append(

@@ -73,7 +73,7 @@ def speculative_generate_step(
     stats: Optional[Stats] = None,
     submit_every: int = 0,
     overlap: bool = True,
-    compile_step: bool = False,
+    compile_step: Optional[bool] = None,
 ) -> Generator[Tuple[int, mx.array, bool], None, None]:
     """Speculative decoding with any :class:`Drafter`; see the module docstring.
 
@@ -104,8 +104,8 @@ def speculative_generate_step(
           per step, every step ``k`` drafts) where it can take the generation;
           ``stats.overlap_off`` says why not, where it cannot.
         compile_step: in the overlapped loop, the target's part of each step
-          (and a draft model's or MTP head's) through ``mx.compile`` (not yet
-          measured faster on a GPU).
+          (and a draft model's or MTP head's) through ``mx.compile``; ``None``:
+          when the patch is on (:func:`~.pipelined.compile_by_default`).
 
     Yields:
         ``(token, logprobs, from_draft)``: ``logprobs`` is the target's (V,)

@@ -59,7 +59,7 @@ def _sharded(model: nn.Module) -> bool:
 def compile_by_default() -> bool:
     """Whether the overlapped loop compiles its step unless told: when the patch is on.
     Patched, the host's build of a step is what the loop waits on and compile cuts it
-    (1.2-1.7x tok/s on the H200); unpatched the GPU is, and compile measured 0.94-1.10x."""
+    (1.1-1.7x tok/s on the H200, run 15); unpatched the GPU is, and compile measured 0.94-1.10x."""
     return patch.is_enabled()
 
 

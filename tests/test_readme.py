@@ -92,10 +92,11 @@ def _e2e(key, data):
         return model["plain"]["patched"]["tps"] / mlx_plain
     run = f"p={m['p']} k={m['k']}"
     runs = model["acceptance"]
-    # Since run 10 a run's key ends with its loop ("overlap" or "sync"); the
-    # headline is the project's default, the overlapped loop.
+    # Since run 10 a run's key ends with its loop ("overlap", "compiled" or "sync"); the
+    # headline is each side's default: the overlapped loop, its step compiled when patched (run 15).
     loop = " overlap" if f"patched {run} overlap" in runs else ""
-    patched, unpatched = runs[f"patched {run}{loop}"], runs[f"mlx {run}{loop}"]
+    compiled = " compiled" if f"patched {run} compiled" in runs else loop
+    patched, unpatched = runs[f"patched {run}{compiled}"], runs[f"mlx {run}{loop}"]
     # A loop that parted from its own p = 1 reference ran at another acceptance
     # (run 12b's slotted cache): no headline comes from such a run.
     assert all(r.get("matches_reference", True) for r in (patched, unpatched)), f"{key}: not as recorded"

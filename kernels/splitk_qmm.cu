@@ -370,10 +370,12 @@ __device__ __forceinline__ void lane_rows(int (&rows)[RT][2], int row0, int N) {
   }
 }
 
-// Row tile `tile` (16 * RT rows) of y[M, N] = x[M, K] @ dequant(w[N, K]).T.
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+// Row tile `tile` (16 * RT rows) of y[M, N] = x[M, K] @ dequant(w[N, K]).T;
+// out(i, v) stores element i = slot * N + row of the fp32 sum v.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename Out>
 __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
-                                           T* y, int M, int N, int K, int tile) {
+                                           int M, int N, int K, int tile, Out out) {
   const int g = (threadIdx.x & 31) >> 2;
   const int row0 = tile * 16 * RT;
   int rows[RT][2];
@@ -384,7 +386,7 @@ __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const 
       acc, x, w, scales, biases, rows, K, [&](int t) { return min(t * 8 + g, M - 1); }, threadIdx.x >> 5);
   reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
     const int row = row0 + roff;
-    if (slot < M && row < N) y[(size_t)slot * N + row] = static_cast<T>(v);
+    if (slot < M && row < N) out((size_t)slot * N + row, v);
   });
 }
 
@@ -394,7 +396,19 @@ __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const 
 template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
 __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
                            int M, int N, int K) {
-  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w, scales, biases, y, M, N, K, blockIdx.x);
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+      x, w, scales, biases, M, N, K, blockIdx.x, [&](size_t i, float v) { y[i] = static_cast<T>(v); });
+}
+
+// Dense with the residual add of the block after it: y = add(r, x @ dequant(w).T),
+// the product rounded to T first and add MLX's own Add functor (the launcher's),
+// so y is bit for bit the dense kernel's output then MLX's add: one launch fewer.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+          typename AddOp>
+__device__ void splitk_qmm_residual(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
+                                    const T* r, T* y, int M, int N, int K, AddOp add) {
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+      x, w, scales, biases, M, N, K, blockIdx.x, [&](size_t i, float v) { y[i] = add(r[i], static_cast<T>(v)); });
 }
 
 // Fused projections: y_i[M, N_i] = x[M, K] @ dequant(w_i[N_i, K]).T for two or
@@ -420,7 +434,8 @@ __device__ void splitk_qmm_multi(const T* x, int M, int K,
   T* y = first ? y0 : second ? y1 : y2;
   const int N = first ? N0 : second ? N1 : N2;
   const int local = first ? tile : second ? tile - tiles0 : tile - tiles0 - tiles1;
-  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(x, w, s, b, y, M, N, K, local);
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+      x, w, s, b, M, N, K, local, [&](size_t i, float v) { y[i] = static_cast<T>(v); });
 }
 
 // Gate/up with the activation fused: y[M, N] = act(g, u), g = x @ dequant(wg).T

@@ -5,16 +5,18 @@
 Every MLX op costs the GPU a fixed few microseconds, and a decode step of a
 7-8B model is hundreds of them, so :func:`linears` runs q, k and v (any 2 or 3
 quantized linears of one input) as one launch, :func:`swiglu_mlp` runs
-gate and up with ``silu(gate) * up`` as one launch, and :func:`switch_glu` the
-same over experts (SwitchGLU, on CUDA), from the layers' weight arrays as they
-are. Each weight's rows compute exactly what the unfused
+gate and up with ``silu(gate) * up`` as one launch, :func:`switch_glu` the
+same over experts (SwitchGLU, on CUDA), and :func:`linear_residual` adds a
+block's residual in the o and down projections' launch (on CUDA), from the
+layers' weight arrays as they are. Each weight's rows compute exactly what the unfused
 split-K kernel computes for them (``plan.plan_multi``); where the planner
 declines (the CPU, large M, shapes it does not plan, splits that disagree)
 each layer is called as before, so the result is the unfused patched model's,
 bit for bit.
 
-:func:`enable` installs, on mlx-lm's attention and MLP classes, copies of their
-``__call__`` with only the projection calls swapped for these two functions
+:func:`enable` installs, on mlx-lm's attention, MLP and decoder-block classes,
+copies of their ``__call__`` with only the projection calls (and the blocks'
+residual adds, :func:`residual_call`) swapped for these functions
 (tests/test_fused.py compares the syntax trees with the originals');
 :func:`disable` puts the original function objects back.
 """
@@ -63,6 +65,23 @@ def switch_glu(x: mx.array, indices: mx.array, up, gate, activation, sorted_indi
         return activation(up(x, indices, sorted_indices=sorted_indices),
                           gate(x, indices, sorted_indices=sorted_indices))
     return run(x, indices)
+
+
+def linear_residual(layer, x: mx.array, residual: Optional[mx.array]) -> mx.array:
+    """``residual + layer(x)`` (``layer(x)`` without a residual), the add in the
+    kernel's epilogue on CUDA where the planner takes the layer (one launch fewer)."""
+    if residual is None:
+        return layer(x)
+    run = _route(x, (layer,), _plan_residual, residual.shape, residual.dtype)
+    return residual + layer(x) if run is None else run(x, residual)
+
+
+def residual_call(residual: mx.array, module, *args) -> mx.array:
+    """``residual + module(*args)``: a block's residual connection, handed to the
+    module where its copy below takes it (its last projection adds it)."""
+    if type(module).__call__ in _TAKES_RESIDUAL:
+        return module(*args, residual=residual)
+    return residual + module(*args)
 
 
 _ROUTES = "_mtp_splitk_fused"  # on a call's first layer: (device, split, ops.generation, {input: run})
@@ -162,6 +181,34 @@ def _plan_swiglu(x, layers, device, derivatives):
     return run
 
 
+def _plan_residual(x, layers, device, derivatives, rshape, rdtype):
+    """One QuantizedLinear (no bias) with the residual added in its epilogue, where
+    ``plan.plan_dense`` plans the layer's own call on CUDA: the run, or None."""
+    (layer,) = layers
+    if type(layer) is not nn.QuantizedLinear or "bias" in layer or rdtype != x.dtype:
+        return None
+    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
+    group_size, bits = ops.resolve_mode(layer.mode, layer.group_size, layer.bits)
+    N, K = w.shape[0], x.shape[-1]
+    if (w.ndim != 2 or w.shape[1] * 32 // bits != K or tuple(rshape) != (*x.shape[:-1], N)
+            or (biases is not None and biases.dtype != scales.dtype)):
+        return None  # the layer's own call (and MLX's add) say what is wrong
+    M = math.prod(x.shape[:-1])
+    plan = planner.plan_dense(M, N, K, bits, group_size, layer.mode, x.dtype, device)
+    if plan is None or plan.backend != "cuda":
+        return None
+    op = _residual_op(plan, M, K, x.shape[:-1], group_size, bits, layer.mode, biases is not None, derivatives)
+    call = ops.Call("quantized_matmul", M, N, K, plan)
+
+    def run(x, residual):
+        if "bias" in layer:  # added since: it comes before the residual
+            return residual + layer(x)
+        ops.record(call)
+        return op(x, *_parameters(layers), residual)
+
+    return run
+
+
 def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, activation):
     """SwitchGLU's gate and up (QuantizedSwitchLinear of one shape and
     quantization, no bias, no global scale) with mlx-lm's SwiGLU, in one grouped
@@ -255,6 +302,23 @@ def _glu_op(plan, M, K, lead, group_size, bits, mode, affine, derivatives):
     return with_derivatives_of(forward, reference, _constant(2, affine), derivatives)
 
 
+def _residual_op(plan, M, K, lead, group_size, bits, mode, affine, derivatives):
+    """``op(x, w, scales[, biases], residual)`` -> residual + x @ dequant(w).T (*lead, N)."""
+    N = plan.N
+
+    def forward(x, *rest):
+        *params, residual = rest
+        (w,) = _split(params, affine)
+        return launch.dense_residual(plan, x.reshape(M, K), *w, residual.reshape(M, N)).reshape(*lead, N)
+
+    def reference(x, *rest):
+        *params, residual = rest
+        (w,) = _split(params, affine)
+        return residual + _mlx_quantized_matmul(x, *w, True, group_size, bits, mode)
+
+    return with_derivatives_of(forward, reference, _constant(1, affine), derivatives)
+
+
 def _gather_glu_op(plan, x_div, out_shape, K, group_size, bits, mode, sorted_indices, affine, derivatives):
     """``op(x, gate's w, scales[, biases], up's ..., rhs_indices)`` -> swiglu(g, u)
     over the experts of rhs_indices, shaped ``out_shape``."""
@@ -285,6 +349,7 @@ def _llama_attention_call(
     x: mx.array,
     mask: Optional[mx.array] = None,
     cache: Optional[Any] = None,
+    residual: Optional[mx.array] = None,
 ) -> mx.array:
     # mlx_lm.models.llama.Attention.__call__
     B, L, D = x.shape
@@ -309,7 +374,7 @@ def _llama_attention_call(
     )
 
     output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return self.o_proj(output)
+    return linear_residual(self.o_proj, output, residual)
 
 
 def _qwen3_attention_call(
@@ -317,6 +382,7 @@ def _qwen3_attention_call(
     x: mx.array,
     mask: Optional[mx.array] = None,
     cache: Optional[Any] = None,
+    residual: Optional[mx.array] = None,
 ) -> mx.array:
     # mlx_lm.models.qwen3.Attention.__call__ (qwen3_moe's is the same)
     B, L, D = x.shape
@@ -343,7 +409,7 @@ def _qwen3_attention_call(
         queries, keys, values, cache=cache, scale=self.scale, mask=mask
     )
     output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return self.o_proj(output)
+    return linear_residual(self.o_proj, output, residual)
 
 
 def _mixtral_attention_call(
@@ -351,6 +417,7 @@ def _mixtral_attention_call(
     x: mx.array,
     mask: Optional[mx.array] = None,
     cache: Optional[Any] = None,
+    residual: Optional[mx.array] = None,
 ) -> mx.array:
     # mlx_lm.models.mixtral.MixtralAttention.__call__
     B, L, D = x.shape
@@ -376,12 +443,36 @@ def _mixtral_attention_call(
         queries, keys, values, cache=cache, scale=self.scale, mask=mask
     )
     output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
-    return self.o_proj(output)
+    return linear_residual(self.o_proj, output, residual)
 
 
-def _mlp_call(self, x) -> mx.array:
+def _mlp_call(self, x, residual: Optional[mx.array] = None) -> mx.array:
     # mlx_lm.models.llama.MLP.__call__ (qwen3's and qwen3_moe's are the same)
-    return self.down_proj(swiglu_mlp(x, self.gate_proj, self.up_proj))
+    return linear_residual(self.down_proj, swiglu_mlp(x, self.gate_proj, self.up_proj), residual)
+
+
+def _block_call(
+    self,
+    x: mx.array,
+    mask: Optional[mx.array] = None,
+    cache: Optional[Any] = None,
+) -> mx.array:
+    # mlx_lm.models.llama.TransformerBlock.__call__ (qwen3's and qwen3_moe's are the same)
+    h = residual_call(x, self.self_attn, self.input_layernorm(x), mask, cache)
+    out = residual_call(h, self.mlp, self.post_attention_layernorm(h))
+    return out
+
+
+def _mixtral_block_call(
+    self,
+    x: mx.array,
+    mask: Optional[mx.array] = None,
+    cache: Optional[Any] = None,
+) -> mx.array:
+    # mlx_lm.models.mixtral.MixtralDecoderLayer.__call__
+    h = residual_call(x, self.self_attn, self.input_layernorm(x), mask, cache)
+    out = residual_call(h, self.block_sparse_moe, self.post_attention_layernorm(h))
+    return out
 
 
 def _switch_glu_call(self, x, indices) -> mx.array:
@@ -426,7 +517,13 @@ PATCHES = (
     (mixtral.MixtralAttention, "__call__", _mixtral_attention_call),
     (deepseek_v3.DeepseekV3MLP, "__call__", _deepseek_v3_mlp_call),
     (switch_layers.SwitchGLU, "__call__", _switch_glu_call),
+    (llama.TransformerBlock, "__call__", _block_call),
+    (qwen3.TransformerBlock, "__call__", _block_call),
+    (qwen3_moe.Qwen3MoeDecoderLayer, "__call__", _block_call),
+    (mixtral.MixtralDecoderLayer, "__call__", _mixtral_block_call),
 )
+# The copies that take a block's residual (residual_call hands it to them).
+_TAKES_RESIDUAL = frozenset((_llama_attention_call, _qwen3_attention_call, _mixtral_attention_call, _mlp_call))
 
 _lock = threading.Lock()
 _originals = {}  # (class, attribute) -> the function enable() replaced

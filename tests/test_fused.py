@@ -112,10 +112,11 @@ def test_plan_glu_declines_what_its_block_cannot_hold():
 def cuda_recorder(monkeypatch):
     rec = KernelRecorder()
     monkeypatch.setattr(mx.fast, "cuda_kernel", rec)
-    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch, cuda.gather_glu_launch):
+    launchers = (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch, cuda.gather_glu_launch, cuda.residual_launch)
+    for f in launchers:
         f.cache_clear()
     yield rec
-    for f in (cuda.dense_launch, cuda.multi_launch, cuda.glu_launch, cuda.gather_glu_launch):
+    for f in launchers:
         f.cache_clear()
 
 
@@ -179,6 +180,26 @@ def test_cuda_glu_launch(cuda_recorder):
     assert call["output_shapes"] == [(3, 72)]
     with pytest.raises(ValueError, match="no metal kernel"):
         launch.dense_glu(FusedPlan((plan("metal", 3, 72, K),) * 2), x, triple(gate), triple(up))
+
+
+def test_cuda_residual_launch(cuda_recorder):
+    K = 256
+    layer = qlinear(K, 72, seed=3)
+    x = mx.random.normal((3, K)).astype(mx.bfloat16)
+    r = mx.random.normal((3, 72)).astype(mx.bfloat16)
+    y = launch.dense_residual(plan("cuda", 3, 72, K, warps=4), x, *triple(layer), r)
+    assert y.shape == (3, 72) and y.dtype == mx.bfloat16
+    (kernel,) = cuda_recorder.kernels
+    assert kernel["source"] == (
+        "splitk_qmm_residual<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 4, 1, 1, true, 1>(x, w, scales, biases, r, y, "
+        "x_shape[0], w_shape[0], x_shape[1], [](__nv_bfloat16 a, __nv_bfloat16 b) { return Add{}(a, b); });"
+    )
+    assert kernel["input_names"] == ["x", "w", "scales", "biases", "r"]
+    assert kernel["header"].endswith(cuda._cuda_header()) and "binary_ops.cuh" in kernel["header"]
+    (call,) = cuda_recorder.calls
+    assert call["inputs"][-1] is r and call["grid"] == (5 * 128, 1, 1) and call["threadgroup"] == (128, 1, 1)
+    with pytest.raises(ValueError, match="no metal kernel"):
+        launch.dense_residual(plan("metal", 3, 72, K), x, *triple(layer), r)
 
 
 # Stand-ins for MLX's device headers, which NVRTC gets from MLX's library and
@@ -439,6 +460,62 @@ def test_swiglu_mlp_on_cuda_fuses_the_activation(monkeypatch, cuda_recorder):
     assert launched() == ["glu", "multi"]
 
 
+def test_linear_residual_on_cuda_adds_in_the_kernel(monkeypatch, cuda_recorder):
+    """One launch where the planner takes the layer on CUDA; the layer's own
+    call and MLX's add (bit for bit the original block's) everywhere else."""
+    monkeypatch.setattr(planner, "current_device", lambda: H200)
+    layer = qlinear(256, 48, seed=0)
+    x = mx.random.normal((1, 5, 256)).astype(mx.bfloat16)
+    r = mx.random.normal((1, 5, 48)).astype(mx.bfloat16)
+    with planner.split(4):
+        assert fused.linear_residual(layer, x, r).shape == (1, 5, 48)
+        (call,) = cuda_recorder.calls
+        assert call["kernel"]["name"].split("_")[2] == "residual" and call["inputs"][-1].shape == (5, 48)
+        cuda_recorder.calls.clear()
+        for residual in (None, r.astype(mx.float16)):  # no residual; one the kernel cannot add in its type
+            expected = layer(x) if residual is None else residual + layer(x)
+            assert mx.array_equal(fused.linear_residual(layer, x, residual), expected).item()
+        layer.bias = mx.ones((48,), mx.bfloat16)  # added before the residual: not in the epilogue
+        assert mx.array_equal(fused.linear_residual(layer, x, r), r + layer(x)).item()
+    with planner.split(0):
+        del layer.bias
+        assert mx.array_equal(fused.linear_residual(layer, x, r), r + layer(x)).item()
+    assert cuda_recorder.calls == []
+    monkeypatch.setattr(planner, "current_device", lambda: APPLE)  # no Metal epilogue
+    with planner.split(4):
+        assert mx.array_equal(fused.linear_residual(layer, x, r), r + layer(x)).item()
+
+
+def test_residual_path_has_mlx_derivatives(monkeypatch, cuda_recorder):
+    """The recorded kernel returns zeros: the gradients come from the rule alone."""
+    monkeypatch.setattr(planner, "current_device", lambda: H200)
+    layer = qlinear(256, 48, dtype=mx.float16, seed=1)
+    x, r = mx.random.normal((3, 256)).astype(mx.float16), mx.random.normal((3, 48)).astype(mx.float16)
+    c = mx.random.normal((3, 48)).astype(mx.float16)
+    loss = lambda x, r: (fused.linear_residual(layer, x, r) * c).sum()
+    with planner.split(4):
+        ours = mx.grad(loss, argnums=(0, 1))(x, r)
+    assert cuda_recorder.calls
+    with planner.split(0):
+        theirs = mx.grad(loss, argnums=(0, 1))(x, r)
+    assert all(mx.allclose(a, b, rtol=1e-3, atol=1e-3).item() for a, b in zip(ours, theirs))
+
+
+def test_blocks_hand_their_residuals_to_the_last_projections(monkeypatch, cuda_recorder, tmp_path):
+    """A patched llama block on CUDA: both residual adds in the o and down
+    projections' launches, no add of MLX's left in the block."""
+    monkeypatch.setattr(planner, "current_device", lambda: H200)
+    model = mlx_lm.load(str(synthetic.write_model(tmp_path / "llama", "llama", "small")))[0]  # every K >= 128
+    block = model.layers[0]
+    D = block.input_layernorm.weight.shape[0]
+    x = mx.random.normal((1, 5, D)).astype(mx.bfloat16)
+    fused.enable()
+    with planner.split(2), patch.enabled():
+        block(x)
+    names = [c["kernel"]["name"].split("_")[2] for c in cuda_recorder.calls]
+    assert names == ["multi", "residual", "glu", "residual"], names
+
+
 @pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("mxfp4", 4, 32)])
 def test_fused_path_has_mlx_derivatives(on_metal, mode, bits, group_size):
     """The kernels return zeros here (recorded), so the gradients come from the
@@ -489,12 +566,29 @@ def _unswap_switch_glu(body):
     return out
 
 
+def _unswap_residual_call(body):
+    """Statements t = residual_call(r, module, *args) as the blocks write them:
+    r = module(*args); t = r_in + r."""
+    out = []
+    for stmt in body:
+        value = getattr(stmt, "value", None)
+        if isinstance(stmt, ast.Assign) and isinstance(value, ast.Call) and getattr(value.func, "id", None) == "residual_call":
+            residual, module, *args = value.args
+            r = ast.Name(id="r", ctx=ast.Store())
+            out.append(ast.Assign(targets=[r], value=ast.Call(func=module, args=args, keywords=[])))
+            stmt = ast.Assign(targets=stmt.targets, value=ast.BinOp(left=residual, op=ast.Add(),
+                                                                   right=ast.Name(id="r", ctx=ast.Load())))
+        out.append(stmt)
+    return out
+
+
 def _unswap(tree):
     """The copy's tree with the fused calls written back as the originals'
     projections: linears(x, (a, b, c)) -> a(x), b(x), c(x),
-    swiglu_mlp(x, g, u) -> swiglu(g(x), u(x)) and switch_glu as SwitchGLU's
-    two projections and activation."""
-    tree.body = _unswap_switch_glu(tree.body)
+    swiglu_mlp(x, g, u) -> swiglu(g(x), u(x)), switch_glu as SwitchGLU's
+    two projections and activation, linear_residual(layer, x, residual) ->
+    layer(x) and residual_call as the block's add."""
+    tree.body = _unswap_residual_call(_unswap_switch_glu(tree.body))
 
     class Unswap(ast.NodeTransformer):
         def visit_Call(self, node):
@@ -504,6 +598,9 @@ def _unswap(tree):
                 x, layers = node.args
                 return ast.Tuple(elts=[ast.Call(func=l, args=[x], keywords=[]) for l in layers.elts],
                                  ctx=ast.Load())
+            if name == "linear_residual":
+                layer, x, _ = node.args
+                return ast.Call(func=layer, args=[x], keywords=[])
             if name == "swiglu_mlp":
                 x, gate, up = node.args
                 calls = [ast.Call(func=f, args=[x], keywords=[]) for f in (gate, up)]
@@ -516,9 +613,12 @@ def _unswap(tree):
 def _function(function, unswap=False):
     tree = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
     body = ast.Module(body=tree.body, type_ignores=[])
+    args = deepcopy(tree.args)
     if unswap:
         body = _unswap(body)
-    return tree, ast.dump(tree.args) + ast.dump(body)
+        if args.args[-1].arg == "residual":  # the copies' one added parameter
+            args.args.pop(), args.defaults.pop()
+    return tree, ast.dump(args) + ast.dump(body)
 
 
 def _free_names(tree):
@@ -537,7 +637,8 @@ def test_copies_are_the_originals_with_the_projections_swapped(cls, name, replac
     assert copy == _function(original)[1]
     assert _function(replacement)[1] != copy  # it does call the fused functions
     # Every other global the copy reads is the object the original reads.
-    for free in _free_names(tree) - {"linears", "swiglu_mlp", "switch_glu"} - set(dir(builtins)):
+    fused_calls = {"linears", "swiglu_mlp", "switch_glu", "linear_residual", "residual_call"}
+    for free in _free_names(tree) - fused_calls - set(dir(builtins)):
         assert replacement.__globals__[free] is original.__globals__[free], free
     if "swiglu_mlp" in _free_names(tree):
         assert original.__globals__["swiglu"] is fused.swiglu

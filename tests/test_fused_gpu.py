@@ -4,7 +4,8 @@ Each fused output against the unfused split-K kernel for its weight, bit for
 bit (outputs NaN-poisoned first, fresh random inputs, M = 1, 3, 5, 8, 13, odd
 N); the gate/up kernel against the unfused kernels followed by mlx-lm's
 swiglu, bit for bit; both against mx.quantized_matmul within bf16 tolerance;
-and patched models with the fused path forced, against the unpatched model
+the residual add in the dense kernel's epilogue against the dense kernel then
+MLX's add, bit for bit; and patched models with the fused path forced, against the unpatched model
 (bf16 tolerance) and the patch without fusion (bit for bit).
 """
 
@@ -95,6 +96,23 @@ def test_glu_is_the_dense_kernels_then_mlx_swiglu_bit_for_bit(config):
         assert y.shape == (M, N) and mismatched == 0, (config, M, mismatched)
 
 
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_residual_is_the_dense_kernel_then_mlx_add_bit_for_bit(config):
+    """The block's residual add in the dense kernel's epilogue: the product
+    rounded as the dense kernel stores it, then MLX's add, to the bit."""
+    mode, bits, group_size, dtype, warps, row_tiles, depth = config
+    N = 1001
+    w = quantized(N, mode, bits, group_size, dtype, seed=21)
+    for M in MS:
+        x = mx.random.normal((M, K)).astype(dtype)
+        r = (mx.random.normal((M, N)) * 8).astype(dtype)  # residuals larger than the product, as in a model
+        p = fused_plan(M, (N,), mode, bits, group_size, warps, row_tiles, depth).members[0]
+        y = written(launch.dense_residual(p, x, *w, r, poison=math.nan))
+        expected = r + launch.dense(p, x, *w)
+        mismatched = (y != expected).sum().item()
+        assert y.shape == (M, N) and mismatched == 0, (config, M, mismatched)
+
+
 def rel_err(y, ref):
     y, ref = y.astype(mx.float32), ref.astype(mx.float32)
     return (mx.linalg.norm(y - ref) / mx.linalg.norm(ref)).item()
@@ -129,7 +147,7 @@ def forward(model):
 @pytest.fixture
 def launches(monkeypatch):
     seen = []
-    for name in ("dense_multi", "dense_glu"):
+    for name in ("dense_multi", "dense_glu", "dense_residual"):
         real = getattr(launch, name)
         monkeypatch.setattr(launch, name, lambda *a, _n=name, _r=real, **k: seen.append(_n) or _r(*a, **k))
     return seen
@@ -152,7 +170,7 @@ def test_patched_model_with_the_fused_path_is_the_unfused_one(tmp_path, family, 
         unfused = forward(model)
         fused.enable()
         together = forward(model)
-    assert set(launches) == {"dense_multi", "dense_glu"}
+    assert set(launches) == {"dense_multi", "dense_glu", "dense_residual"}
     for a, b, c in zip(expected, unfused, together):
         assert mx.isfinite(c).all().item() and rel_err(c, a) < 2e-2
         assert mx.array_equal(b, c).item(), np.abs(np.array((b - c).astype(mx.float32))).max()

@@ -5,7 +5,8 @@
 The sources are read once; MLX compiles one variant per plan (mode, split,
 token tiles, dtypes) on first use and caches it. ``cuda`` and ``metal`` build
 the kernel objects; :func:`dense`, :func:`gather` and the fused
-:func:`dense_multi` / :func:`dense_glu` / :func:`gather_glu` make the calls.
+:func:`dense_multi` / :func:`dense_glu` / :func:`dense_residual` / :func:`gather_glu`
+make the calls.
 """
 
 import mlx.core as mx
@@ -31,6 +32,24 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
     return kernel(
         inputs=inputs,
         template=template,  # None on CUDA: the constants are in the body
+        grid=grid,
+        threadgroup=threadgroup,
+        output_shapes=[(x.shape[0], plan.N)],
+        output_dtypes=[x.dtype],
+        init_value=poison,
+    )[0]
+
+
+def dense_residual(plan: Plan, x, w, scales, biases, residual, poison=None) -> mx.array:
+    """``residual + dense(plan, x, w, scales, biases)`` (M, N) in one launch (CUDA
+    only), bit for bit :func:`dense` then MLX's add."""
+    if plan.backend != "cuda":
+        raise ValueError(f"the fused residual add has no {plan.backend} kernel")
+    kernel, grid, threadgroup = cuda.residual_launch(plan, x.dtype, scales.dtype)
+    inputs = [x, w, scales, biases, residual] if biases is not None else [x, w, scales, residual]
+    return kernel(
+        inputs=inputs,
+        template=None,
         grid=grid,
         threadgroup=threadgroup,
         output_shapes=[(x.shape[0], plan.N)],

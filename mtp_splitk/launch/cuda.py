@@ -155,6 +155,26 @@ def glu_launch(plan: FusedPlan, dtype, scales_dtype):
     return kernel, (gate.blocks * threads, 1, 1), (threads, 1, 1)
 
 
+def _add(dtype) -> str:
+    """MLX's Add functor, as its binary kernel and its compiled kernels apply it."""
+    t = _CUDA_TYPES[dtype]
+    return f"[]({t} a, {t} b) {{ return Add{{}}(a, b); }}"
+
+
+@lru_cache(maxsize=4096)
+def residual_launch(plan: Plan, dtype, scales_dtype):
+    """The dense launch with the residual add after it (``r + y``, :func:`_add`):
+    (kernel, grid, threadgroup); the dense kernel's grid."""
+    affine = plan.mode == "affine"
+    biases = "biases" if affine else "(const uint8_t*)nullptr"
+    body = (_cuda_call("splitk_qmm_residual", plan, dtype, scales_dtype)
+            + f"(x, w, scales, {biases}, r, y, x_shape[0], w_shape[0], x_shape[1], {_add(dtype)});")
+    kernel = _fused_kernel("residual", plan, body, input_names(affine, False) + ["r"], ["y"],
+                           _MLX_OPS + _cuda_header(), shared_memory(plan))
+    threads = plan.warps_k * 32
+    return kernel, (plan.blocks * threads, 1, 1), (threads, 1, 1)
+
+
 @lru_cache(maxsize=1024)
 def gather_glu_launch(plan: Plan, dtype, scales_dtype, x_div: int):
     """The grouped gate/up launch with the activation fused (SwitchGLU's):

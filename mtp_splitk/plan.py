@@ -109,8 +109,9 @@ def load_tuning(device_name: str) -> dict:
 
 
 def failed(tuning: dict, op: str, mode: str, bits: int, group_size: int, shape: str) -> bool:
-    """Whether ``mtp-splitk tune`` found the kernel wrong for this op ("dense" or
-    "moe"), mode and weight shape on this device: then it is never planned."""
+    """Whether ``mtp-splitk tune`` found the kernel wrong for this op ("dense",
+    "moe", or "moe_glu": SwitchGLU's fused gate/up), mode and weight shape on this
+    device: then it is never planned."""
     return f"{op}:{mode}:b{bits}:g{group_size}:{shape}" in tuning.get("failed", {})
 
 
@@ -367,13 +368,18 @@ def plan_gather_glu(
     """The Plan of SwitchGLU's gate and up (both E experts of (N, K)) in one
     grouped launch with the activation (``launch.gather_glu``), or None: where
     the table's ``moe_glu_p_range`` says the fused launch measured faster than
-    MLX's two gather_qmm and swiglu (scripts/bench_moe.py --tune; a forced
-    split skips that), which is its own range, not the unfused kernel's (run
-    14: 1.44x at 40 pairs on Qwen3-30B-A3B, where the unfused one is 1.18x), on
-    CUDA, and at splits of at most half of ``max(WARP_CHOICES)`` (a block holds
-    both weights' warps). Its split and depth are the grouped kernel's."""
+    MLX's two gather_qmm and swiglu (scripts/bench_moe.py --tune or
+    ``mtp-splitk tune``; a forced split skips that), which is its own range, not
+    the unfused kernel's (run 14: 1.44x at 40 pairs on Qwen3-30B-A3B, where the
+    unfused one is 1.18x), on CUDA, at splits of at most half of
+    ``max(WARP_CHOICES)`` (a block holds both weights' warps), and never where
+    tune's check failed it (``failed``'s "moe_glu", even forced). Its split and
+    depth are the grouped kernel's."""
+    device = device or current_device()
     plan = plan_gather(P, E, N, K, bits, group_size, mode, dtype, device, ranges="moe_glu_p_range")
     if plan is None or plan.backend != "cuda" or 2 * plan.warps_k > max(WARP_CHOICES):
+        return None
+    if failed(load_tuning(device.name), "moe_glu", mode, bits, group_size, f"{E}x{N}x{K}"):
         return None
     return plan
 

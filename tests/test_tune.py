@@ -30,6 +30,15 @@ def user_cache(tmp_path, monkeypatch):
 
 
 def test_tune_refuses_on_the_cpu(tmp_path, capsys):
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)  # so on a GPU machine too
+    try:
+        _refuses(tmp_path, capsys)
+    finally:
+        mx.set_default_device(device)
+
+
+def _refuses(tmp_path, capsys):
     assert cli.main(["tune"]) == 2
     assert cli.main(["tune", "--quick", "--model", str(tmp_path)]) == 2  # before any loading
     assert error_lines(capsys.readouterr().err) == [
@@ -69,25 +78,27 @@ def test_planner_reads_the_user_table_first_and_skips_failed_variants(user_cache
     assert planner.plan_dense(4, 14336, 4096, 4, 32, "affine", mx.bfloat16, H200) is not None
 
 
-def stand_ins(monkeypatch, speedups, failing):
+def stand_ins(monkeypatch, speedups, failing, glu_speedups=None, glu_failing=()):
     """tune's measurements replaced: a split per op, the check failing for the
-    variants in ``failing``, and rows with the given speedup per M."""
+    variants in ``failing`` (their fused gate/up in ``glu_failing``), and rows
+    with the given speedup per M (the fused gate/up's ``glu_speedups``)."""
     calls = []
 
     def choose_split(variant, device, table, quick):
         return (2, 1, 1) if variant.op == "dense" else (4, 1, 1)
 
-    def check(variant, device, split):
-        calls.append(("check", str(variant), split))
-        if variant in failing:
+    def check(variant, device, split, glu=False):
+        calls.append(("check glu" if glu else "check", str(variant), split))
+        if variant in (glu_failing if glu else failing):
             return "M=13: relative error 0.3 against MLX's op (limit 0.01)"
         return None
 
-    def measure(variant, device, split, quick):
-        calls.append(("measure", str(variant), split, quick))
+    def measure(variant, device, split, quick, glu=False):
+        calls.append(("measure glu" if glu else "measure", str(variant), split, quick))
         return [dict(op=variant.op, mode=variant.mode, bits=variant.bits, N=variant.N,
-                     K=variant.K, E=variant.E, M=M, pairs=M * variant.top_k, speedup=s)
-                for M, s in speedups.items()]
+                     K=variant.K, E=variant.E, M=M, pairs=M * variant.top_k, speedup=s,
+                     chain_us_ours=1.0)  # measure's rows have chains: M = 1 is judgeable
+                for M, s in (glu_speedups if glu else speedups).items()]
 
     for name, fn in (("choose_split", choose_split), ("check", check), ("measure", measure)):
         monkeypatch.setattr(tune, name, fn)
@@ -98,28 +109,30 @@ def test_tune_writes_a_table_the_planner_uses(user_cache, monkeypatch):
     gpu = planner.Device("cuda", "Pretend GPU 9000", 100)
     a = tune.Variant("dense", "affine", 4, 64, 1024, 2048)
     b = tune.Variant("dense", "mxfp4", 4, 32, 512, 1024)
-    c = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=4)
+    c = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=4, glu=True)
     # M = 1 misses the 1.5x decode bar (a chain's); M = 2..5 clear 1.2x; M = 6 does not.
     speedups = {1: 1.05, 2: 2.0, 3: 1.9, 4: 1.6, 5: 1.3, 6: 1.1, 8: 1.4}
-    calls = stand_ins(monkeypatch, speedups, failing={b})
+    glu_speedups = {1: 1.6, 2: 1.5, 4: 1.3, 8: 1.1}  # the fused gate/up: M = 1..4
+    calls = stand_ins(monkeypatch, speedups, failing={b}, glu_speedups=glu_speedups)
     stream = io.StringIO()
     path, table, outcome = tune.tune([a, b, c], gpu, True, "mtp-splitk tune --quick",
                                      stream=stream)
 
     assert outcome == {a: None, b: "M=13: relative error 0.3 against MLX's op (limit 0.01)",
                        c: None}
-    assert [c[0] for c in calls] == ["check", "measure", "check", "check", "measure"]
+    assert [c[0] for c in calls] == ["check", "measure", "check", "check", "measure", "check glu",
+                                     "measure glu"]
     assert "[########" in stream.getvalue() and "Done: 3/3" in stream.getvalue()
     written = json.loads(open(path).read())
     assert written == table
     shipped = json.loads(open(f"{planner.TUNING_DIR}/nvidia_h200.json").read())
-    # The shipped format plus failures, less what only bench_moe --tune measures (MoE split
-    # sweeps, SwitchGLU's fused gate/up range): tune keeps the rule's MoE split and no fused range.
-    assert set(written) == set(shipped) - {"moe_warps_k", "moe_depth", "moe_glu_p_range"} | {"failed"}
+    assert set(written) == set(shipped) | {"failed"}  # the shipped format plus failures
     assert written["device"] == gpu.name and written["mlx"] == mx.__version__
     assert written["m_range"] == {"affine4:1024x2048": [2, 5], "mxfp44:512x1024": [0, 0]}
     assert written["moe_p_range"] == {"affine4:4096x512": [8, 20]}  # pairs of M = 2..5
+    assert written["moe_glu_p_range"] == {"affine4:4096x512": [4, 16]}  # pairs of M = 1..4
     assert written["warps_k"] == {"1024x2048": 2} and written["depth"] == {"1024x2048": 1}
+    assert written["moe_warps_k"] == {"16x256x512": 4} and written["moe_depth"] == {"16x256x512": 1}
     assert written["failed"] == {"dense:mxfp4:b4:g32:512x1024": outcome[b]}
 
     planner.load_tuning.cache_clear()
@@ -130,6 +143,9 @@ def test_tune_writes_a_table_the_planner_uses(user_cache, monkeypatch):
     with planner.split(4):
         assert planner.plan_dense(3, 512, 1024, 4, 32, "mxfp4", mx.bfloat16, gpu) is None
     assert planner.plan_gather(12, 16, 256, 512, 4, 64, "affine", mx.bfloat16, gpu) is not None
+    glu = planner.plan_gather_glu(4, 16, 256, 512, 4, 64, "affine", mx.bfloat16, gpu)
+    assert glu is not None and (glu.warps_k, glu.depth) == (4, 1)  # the split tune wrote
+    assert planner.plan_gather_glu(20, 16, 256, 512, 4, 64, "affine", mx.bfloat16, gpu) is None
 
     # A later run (another model) keeps what the first one measured, and a
     # variant that passes now is no longer failed.
@@ -296,3 +312,92 @@ def test_the_fused_gate_up_of_experts_needs_its_own_measured_range(user_cache):
     assert planner.plan_gather(300, *args) is None
     fused = planner.plan_gather_glu(300, *args)  # past the unfused range, inside the fused one
     assert fused is not None and fused == planner.plan_gather(40, *args)
+
+
+def test_a_failed_fused_gate_up_check_is_recorded_and_never_planned(user_cache, monkeypatch):
+    """The fused gate/up launch fails its own check (failed's "moe_glu" kind): the
+    grouped kernel keeps its range, the fused launch is never planned, not even
+    forced; a later run that passes clears it. On Metal it is not tuned at all."""
+    gpu = planner.Device("cuda", "Pretend GPU 9000", 100)
+    c = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=4, glu=True)
+    args = (16, 256, 512, 4, 64, "affine", mx.bfloat16, gpu)
+    stand_ins(monkeypatch, {2: 2.0, 4: 2.0}, failing=set(), glu_speedups={2: 2.0, 4: 2.0}, glu_failing={c})
+    _, table, outcome = tune.tune([c], gpu, True, "mtp-splitk tune", stream=io.StringIO())
+    assert outcome == {c: None}  # the grouped kernel passed
+    assert table["failed"] == {"moe_glu:affine:b4:g64:16x256x512": "M=13: relative error 0.3 against "
+                               "MLX's op (limit 0.01)"}
+    assert table["moe_glu_p_range"] == {"affine4:4096x512": [0, 0]}
+    assert table["moe_p_range"] == {"affine4:4096x512": [8, 16]}
+    planner.load_tuning.cache_clear()
+    assert planner.plan_gather(8, *args) is not None and planner.plan_gather_glu(8, *args) is None
+    with planner.split(2):
+        assert planner.plan_gather(8, *args) is not None and planner.plan_gather_glu(8, *args) is None
+
+    stand_ins(monkeypatch, {2: 2.0, 4: 2.0}, failing=set(), glu_speedups={2: 2.0, 4: 2.0})
+    _, table, _ = tune.tune([c], gpu, True, "mtp-splitk tune", stream=io.StringIO())
+    assert table["failed"] == {} and table["moe_glu_p_range"] == {"affine4:4096x512": [8, 16]}
+    planner.load_tuning.cache_clear()
+    assert planner.plan_gather_glu(8, *args) == planner.plan_gather(8, *args)
+
+    mac = planner.Device("metal", "Pretend Mac 9000", 10)
+    calls = stand_ins(monkeypatch, {2: 2.0}, failing=set(), glu_speedups={2: 2.0})
+    _, table, _ = tune.tune([c], mac, True, "mtp-splitk tune", stream=io.StringIO())
+    assert [c[0] for c in calls] == ["check", "measure"] and "moe_glu_p_range" not in table
+
+
+def fake_gather_glu(swap=False, unwritten=False):
+    """launch.gather_glu's stand-in on the CPU: MLX's ops on the kernel's call (pair p
+    reads x row p // x_div), with gate and up swapped or the last pair left to the poison."""
+    from mtp_splitk.bench import kernels
+    from mlx_lm.models.activations import swiglu
+
+    seen = []
+
+    def gather_glu(plan, x, gate, up, idx, x_div, poison=None):
+        seen.append(x_div)
+        P = idx.size
+        rows = x[mx.arange(P) // x_div][:, None, :]
+        g, u = (kernels.gather_call(None, (rows, idx, False), w, 1, plan.mode, plan.bits, plan.group_size)
+                for w in ((up, gate) if swap else (gate, up)))
+        out = swiglu(g, u).reshape(P, plan.N)
+        if unwritten:
+            out = mx.concatenate([out[:-1], mx.full((1, plan.N), poison, out.dtype)])
+        return out
+
+    return gather_glu, seen
+
+
+def test_the_fused_gate_up_check_compares_with_mlx_three_ops(monkeypatch):
+    """check(glu=True) runs the fused launch on sorted and unsorted calls against
+    swiglu of MLX's two gather_qmm, with gate and up distinct weights (a mix-up
+    shows) and the output NaN-poisoned (a pair left unwritten shows)."""
+    variant = tune.Variant("moe", "affine", 4, 64, 256, 512, E=16, top_k=8, glu=True)
+    fake, seen = fake_gather_glu()
+    monkeypatch.setattr(tune.kernels.launch, "gather_glu", fake)
+    assert tune.check(variant, H200, (2, 1, 1), glu=True) is None
+    assert set(seen) == {1, 8}  # pre-sorted (M * top_k >= 64) and unsorted calls
+    monkeypatch.setattr(tune.kernels.launch, "gather_glu", fake_gather_glu(swap=True)[0])
+    assert "relative error" in tune.check(variant, H200, (2, 1, 1), glu=True)
+    monkeypatch.setattr(tune.kernels.launch, "gather_glu", fake_gather_glu(unwritten=True)[0])
+    assert "NaN poison" in tune.check(variant, H200, (2, 1, 1), glu=True)
+
+
+def test_switch_glu_pairs_are_the_variants_whose_fused_launch_is_tuned():
+    """Variant.glu marks the experts of a SwitchGLU gate/up pair with mlx-lm's SwiGLU
+    (what fused.switch_glu fuses); its down projection and other activations' pairs
+    (gpt-oss's) are not."""
+    import mlx.nn as nn
+    from mlx_lm.models.activations import SwigluOAI
+    from mlx_lm.models.switch_layers import SwitchGLU
+
+    class Experts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = SwitchGLU(128, 256, 8)
+            self.oai = SwitchGLU(128, 512, 8, activation=SwigluOAI())
+
+    model = Experts()
+    nn.quantize(model, 64, 4)
+    assert {(v.E, v.N, v.K): v.glu for v in tune.model_variants(model)} == {
+        (8, 256, 128): True, (8, 128, 256): False, (8, 512, 128): False, (8, 128, 512): False}
+    assert [(v.E, v.N, v.K) for v in tune.default_variants() if v.glu] == [(128, 768, 2048)]

@@ -2,7 +2,8 @@
 
 """``mtp-splitk tune --quick`` end to end on the GPU machine: a small
 synthetic MoE model's every kernel variant checked, timed and written to the
-user's table, which the planner then reads."""
+user's table, which the planner then reads (on CUDA, SwitchGLU's fused gate/up
+launch too)."""
 
 import json
 import time
@@ -27,6 +28,7 @@ def test_tune_quick_on_a_small_model(tmp_path, monkeypatch, capsys):
     model, _ = load(str(path))
     variants = [v for v in tune.model_variants(model) if tune.runnable(v)]
     assert {v.op for v in variants} == {"dense", "moe"}
+    assert any(v.glu for v in variants)  # Qwen3's SwitchGLU gate/up
 
     tic = time.perf_counter()
     try:
@@ -48,11 +50,21 @@ def test_tune_quick_on_a_small_model(tmp_path, monkeypatch, capsys):
         assert 0 <= lo <= hi, v
         if v.op == "dense":
             assert table["warps_k"][f"{v.N}x{v.K}"] in planner.WARP_CHOICES
+        else:
+            assert table["moe_warps_k"][v.shape] in planner.WARP_CHOICES and table["moe_depth"][v.shape] >= 1
+        if v.glu and device.backend == "cuda":  # the fused gate/up checked (failed is empty) and timed
+            lo, hi = table["moe_glu_p_range"][v.range_key]
+            assert 0 <= lo <= hi, v
     assert planner.load_tuning(device.name) == table  # the planner's table now
     for v in variants:  # and it plans from it
         if v.op == "dense":
             lo, hi = table["m_range"][v.range_key]
             planned = planner.plan_dense(max(lo, 1), v.N, v.K, v.bits, v.group_size, v.mode,
                                          mx.bfloat16)
+            assert (planned is not None) == (hi > 0), v
+        elif v.glu and device.backend == "cuda":
+            lo, hi = table["moe_glu_p_range"][v.range_key]
+            planned = planner.plan_gather_glu(max(lo, 1), v.E, v.N, v.K, v.bits, v.group_size, v.mode,
+                                              mx.bfloat16)
             assert (planned is not None) == (hi > 0), v
     planner.load_tuning.cache_clear()

@@ -9,7 +9,7 @@ and ``mtp-splitk tune`` (:mod:`.tune`) share.
   routings drawn like a router's and mlx-lm's two ``gather_qmm`` call shapes
   (:func:`routings`, :func:`moe_call`, :func:`prepared_calls`);
 - the calls, ours (a :class:`~mtp_splitk.plan.Plan`) or MLX's (``None``):
-  :func:`dense_call`, :func:`gather_call`;
+  :func:`dense_call`, :func:`gather_call`, :func:`gather_glu_call` (SwitchGLU's gate/up);
 - timing (:mod:`.timing`): independent ops (:func:`time_dense`,
   :func:`time_gather`) and dependent chains (:func:`chain`);
 - the tuning table's ranges from the measured rows (:func:`tuning_table`,
@@ -172,7 +172,7 @@ def gather_call(plan, call, parts, top_k, mode="affine", bits=4, group_size=64, 
                          1 if is_sorted else top_k, poison=poison)
 
 
-def gather_glu_call(plan, call, gate, up, top_k, mode="affine", bits=4, group_size=64):
+def gather_glu_call(plan, call, gate, up, top_k, mode="affine", bits=4, group_size=64, poison=None):
     """SwitchGLU's ``swiglu(gate(x), up(x))`` over experts for one call: the fused
     grouped launch of ``plan`` as (P, N), or MLX's two ``gather_qmm`` and mlx-lm's
     swiglu for ``None``."""
@@ -183,15 +183,16 @@ def gather_glu_call(plan, call, gate, up, top_k, mode="affine", bits=4, group_si
                       gather_call(None, call, up, top_k, mode, bits, group_size))
     xs, idx, is_sorted = call
     return launch.gather_glu(plan, xs.reshape(-1, xs.shape[-1]), gate, up, idx.reshape(-1),
-                             1 if is_sorted else top_k)
+                             1 if is_sorted else top_k, poison=poison)
 
 
-def time_gather_glu(sets, calls, top_k, plan=None, **timer) -> float:
+def time_gather_glu(sets, calls, top_k, plan=None, mode="affine", bits=4, group_size=64,
+                    **timer) -> float:
     """Seconds per SwitchGLU gate/up, independent calls over routings and weight
     copies (gate and up two different copies)."""
     return median_time(
         lambda i: gather_glu_call(plan, calls[i % len(calls)], sets[i % len(sets)], sets[(i + 1) % len(sets)],
-                                  top_k),
+                                  top_k, mode, bits, group_size),
         **timer,
     )
 
@@ -207,16 +208,22 @@ def time_gather(sets, calls, top_k, plan=None, mode="affine", bits=4, group_size
 
 
 def gather_chain_us(plan, x, idx: np.ndarray, sets, top_k: int, mode="affine", bits=4, group_size=64,
-                    reps: int = 7) -> float:
+                    reps: int = 7, glu: bool = False) -> float:
     """µs a call of ``x`` (M, K) through a dependent chain of MoE calls with the
     routing ``idx``, each link's (M, top_k * N) output fitted to K (ours for a
-    plan, ``mx.gather_qmm`` for ``None``; x re-sorted each link as mlx-lm does)."""
+    plan, ``mx.gather_qmm`` for ``None``; x re-sorted each link as mlx-lm does).
+    With ``glu``, each link is SwitchGLU's gate/up (:func:`gather_glu_call`, gate
+    and up two different copies, as :func:`time_gather_glu`)."""
     M = x.shape[0]
+    weights = [(s, sets[(i + 1) % len(sets)]) for i, s in enumerate(sets)] if glu else sets
 
     def op(y, parts):
-        return gather_call(plan, moe_call(y, idx, top_k), parts, top_k, mode, bits, group_size).reshape(M, -1)
+        call = moe_call(y, idx, top_k)
+        if glu:
+            return gather_glu_call(plan, call, *parts, top_k, mode, bits, group_size).reshape(M, -1)
+        return gather_call(plan, call, parts, top_k, mode, bits, group_size).reshape(M, -1)
 
-    return median_call_us(lambda: mx.eval(chain(op, x, sets, fit=True)), reps=reps, warmup=2,
+    return median_call_us(lambda: mx.eval(chain(op, x, weights, fit=True)), reps=reps, warmup=2,
                           per=CHAIN_LENGTH)
 
 

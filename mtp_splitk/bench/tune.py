@@ -19,9 +19,16 @@ without a model, the shapes of the shipped tables, :func:`default_variants`):
    speedup the table keeps is the chain's at M = 1 and the lower of the two
    elsewhere (:func:`judged_speedup`);
 4. the table (:func:`build_table`): the shipped table's format (split,
-   depth, row tiles, ``m_range``, ``moe_p_range``) plus ``failed``, merged
-   into the user's table for the device, written after every variant to
+   depth, row tiles, ``m_range``, ``moe_warps_k``, ``moe_depth``,
+   ``moe_p_range``, ``moe_glu_p_range``) plus ``failed``, merged into the
+   user's table for the device, written after every variant to
    ``plan.user_tuning_path`` (``<cache>/tuning/<device>.json``).
+
+A MoE variant that is a SwitchGLU gate/up pair (``Variant.glu``) also has its
+fused gate/up + swiglu launch (``plan.plan_gather_glu``) checked and timed
+against MLX's three ops, at the grouped kernel's split, on CUDA
+(:func:`tune_glu`): its failure is failed's "moe_glu" kind, its pair range
+``moe_glu_p_range``.
 """
 
 import json
@@ -60,6 +67,7 @@ class Variant:
     E: int = 0  # experts (MoE)
     top_k: int = 0  # experts per token (MoE)
     dtype: str = "bfloat16"
+    glu: bool = False  # MoE: a SwitchGLU gate/up pair, so the fused launch is tuned too
 
     @property
     def shape(self) -> str:
@@ -70,12 +78,17 @@ class Variant:
         return f"{self.op}:{self.mode}:b{self.bits}:g{self.group_size}:{self.shape}"
 
     @property
+    def glu_failed_key(self) -> str:  # plan.failed's key of the fused gate/up launch
+        return f"moe_glu:{self.mode}:b{self.bits}:g{self.group_size}:{self.shape}"
+
+    @property
     def range_key(self) -> str:  # the m_range / moe_p_range key
         rows = self.N if self.op == "dense" else self.E * self.N
         return f"{self.mode}{self.bits}:{rows}x{self.K}"
 
     def __str__(self):
-        return f"{self.op} {self.mode} {self.bits}-bit g{self.group_size} {self.shape} {self.dtype}"
+        glu = " (SwitchGLU gate/up)" if self.glu else ""
+        return f"{self.op} {self.mode} {self.bits}-bit g{self.group_size} {self.shape} {self.dtype}{glu}"
 
 
 # -- which variants ----------------------------------------------------------------------------
@@ -92,25 +105,52 @@ def model_variants(model: nn.Module) -> List[Variant]:
     top_k = int(getattr(args, "num_experts_per_tok", 0) or getattr(args, "experts_per_token", 8))
     names = {name for name, _ in model.named_modules()}
     tied = not any(n.endswith("lm_head") for n in names)
+    glu = glu_pairs(model)
     found = []
     for name, m in model.named_modules():
         if isinstance(m, nn.QuantizedLinear) or (tied and isinstance(m, nn.QuantizedEmbedding)):
             N, K = m.weight.shape[0], m.weight.shape[-1] * 32 // m.bits
             found.append(Variant("dense", m.mode, m.bits, m.group_size, N, K, dtype=dtype))
         elif isinstance(m, QuantizedSwitchLinear):
-            E, N, K = m.weight.shape[0], m.weight.shape[1], m.weight.shape[-1] * 32 // m.bits
-            found.append(Variant("moe", m.mode, m.bits, m.group_size, N, K, E, top_k, dtype))
+            key = _experts(m)
+            mode, bits, group_size, E, N, K = key
+            found.append(Variant("moe", mode, bits, group_size, N, K, E, top_k, dtype, key in glu))
     return sorted(set(found), key=str)
+
+
+def _experts(layer) -> Tuple:
+    """(mode, bits, group size, E, N, K) of a QuantizedSwitchLinear."""
+    E, N, words = layer.weight.shape
+    return layer.mode, layer.bits, layer.group_size, E, N, words * 32 // layer.bits
+
+
+def glu_pairs(model: nn.Module) -> set:
+    """:func:`_experts` of each SwitchGLU gate/up pair the fused launch can take
+    (fused._plan_switch_glu's: mlx-lm's SwiGLU, one shape and quantization, no bias
+    or global scale)."""
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
+
+    found = set()
+    for _, m in model.named_modules():
+        if not isinstance(m, SwitchGLU) or type(getattr(m, "activation", None)) is not SwiGLU:
+            continue
+        pair = (m.gate_proj, m.up_proj)
+        if all(type(l) is QuantizedSwitchLinear and "bias" not in l
+               and getattr(l, "global_scale", None) is None for l in pair) \
+                and _experts(pair[0]) == _experts(pair[1]):
+            found.add(_experts(pair[0]))
+    return found
 
 
 def default_variants() -> List[Variant]:
     """Without a model: the shapes the shipped tables hold (scripts/bench_kernels.py's
-    and scripts/bench_moe.py's), 4-bit affine, group 64, bfloat16."""
+    and scripts/bench_moe.py's), 4-bit affine, group 64, bfloat16; Qwen3's experts'
+    gate/up a SwitchGLU pair (gpt-oss's activation is not mlx-lm's SwiGLU)."""
     dense = [(4096, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768),
              (151936, 2048)]
-    moe = [(128, 768, 2048, 8), (128, 2048, 768, 8), (32, 2880, 2880, 4)]
+    moe = [(128, 768, 2048, 8, True), (128, 2048, 768, 8, False), (32, 2880, 2880, 4, False)]
     return [Variant("dense", "affine", 4, 64, N, K) for N, K in dense] + [
-        Variant("moe", "affine", 4, 64, N, K, E, top_k) for E, N, K, top_k in moe
+        Variant("moe", "affine", 4, 64, N, K, E, top_k, glu=glu) for E, N, K, top_k, glu in moe
     ]
 
 
@@ -232,23 +272,17 @@ def judged_speedup(M: int, independent: float, chain: float) -> float:
     return chain if M == 1 else min(independent, chain)
 
 
-def check(variant: Variant, device, split) -> Optional[str]:
-    """None if the kernel matches MLX's op at every checked M, else why not."""
+def check(variant: Variant, device, split, glu: bool = False) -> Optional[str]:
+    """None if the kernel matches MLX's op at every checked M, else why not. With
+    ``glu``, SwitchGLU's fused gate/up launch against ``swiglu`` of MLX's two
+    ``gather_qmm``."""
     v = variant
     tol = TOL[v.dtype]
     try:
         parts = _weights(v, copies_for_l2=False)[0]
+        up = _weights(v, copies_for_l2=False)[0] if glu else None  # a second draw: a gate/up mix-up shows
         for M in CHECK_MS if v.op == "dense" else CHECK_MOE_MS:
-            plan = _plan(v, device, M, split)
-            if v.op == "dense":
-                x = mx.random.normal((M, v.K)).astype(DTYPES[v.dtype])
-                ours = kernels.dense_call(plan, x, parts, v.mode, v.bits, v.group_size, math.nan)
-                ref = kernels.dense_call(None, x, parts, v.mode, v.bits, v.group_size)
-            else:
-                call = _moe_calls(v, M, 1)[0]
-                ours = kernels.gather_call(plan, call, parts, v.top_k, v.mode, v.bits,
-                                           v.group_size, math.nan)
-                ref = kernels.gather_call(None, call, parts, v.top_k, v.mode, v.bits, v.group_size)
+            ours, ref = _outputs(v, _plan(v, device, M, split), M, parts, up)
             ours = np.array(ours.astype(mx.float32)).reshape(-1)
             ref = np.array(ref.astype(mx.float32)).reshape(-1)
             if np.isnan(ours).any():
@@ -261,9 +295,25 @@ def check(variant: Variant, device, split) -> Optional[str]:
     return None
 
 
-def measure(variant: Variant, device, split, quick: bool) -> List[Dict]:
+def _outputs(variant: Variant, plan, M: int, parts, up=None):
+    """(ours, the output NaN-poisoned first; MLX's) for one call of M tokens with
+    fresh inputs; with ``up``, SwitchGLU's gate (``parts``) and up fused."""
+    v, args = variant, (variant.mode, variant.bits, variant.group_size)
+    if v.op == "dense":
+        x = mx.random.normal((M, v.K)).astype(DTYPES[v.dtype])
+        return kernels.dense_call(plan, x, parts, *args, math.nan), kernels.dense_call(None, x, parts, *args)
+    call = _moe_calls(v, M, 1)[0]
+    if up is not None:
+        return (kernels.gather_glu_call(plan, call, parts, up, v.top_k, *args, math.nan),
+                kernels.gather_glu_call(None, call, parts, up, v.top_k, *args))
+    return (kernels.gather_call(plan, call, parts, v.top_k, *args, math.nan),
+            kernels.gather_call(None, call, parts, v.top_k, *args))
+
+
+def measure(variant: Variant, device, split, quick: bool, glu: bool = False) -> List[Dict]:
     """Per M: µs per op of MLX and ours, independent and in a dependent chain,
-    and ``speedup``, the lower of the two ratios."""
+    and ``speedup``, the lower of the two ratios. With ``glu``, SwitchGLU's fused
+    gate/up launch against MLX's two ``gather_qmm`` and swiglu."""
     v = variant
     timer = dict(reps=7, batch=16, warmup=2) if quick else {}
     reps = 7 if quick else 15
@@ -281,10 +331,10 @@ def measure(variant: Variant, device, split, quick: bool) -> List[Dict]:
             c = {k: kernels.chain_us(p, x, sets, v.mode, v.bits, v.group_size, reps) for k, p in pair}
         else:
             calls = _moe_calls(v, M, kernels.CALLS)
-            t = {k: kernels.time_gather(sets, calls, v.top_k, p, v.mode, v.bits, v.group_size, **timer)
-                 for k, p in pair}
+            timed = kernels.time_gather_glu if glu else kernels.time_gather
+            t = {k: timed(sets, calls, v.top_k, p, v.mode, v.bits, v.group_size, **timer) for k, p in pair}
             idx = kernels.routings(M, v.E, v.top_k, 1, np.random.default_rng())[0]  # the chain's, both sides
-            c = {k: kernels.gather_chain_us(p, x, idx, sets, v.top_k, v.mode, v.bits, v.group_size, reps)
+            c = {k: kernels.gather_chain_us(p, x, idx, sets, v.top_k, v.mode, v.bits, v.group_size, reps, glu)
                  for k, p in pair}
         row = dict(op=v.op, mode=v.mode, bits=v.bits, N=v.N, K=v.K, E=v.E, M=M,
                    pairs=M * v.top_k, us_mlx=1e6 * t["mlx"], us_ours=1e6 * t["ours"],
@@ -292,6 +342,20 @@ def measure(variant: Variant, device, split, quick: bool) -> List[Dict]:
         row["speedup"] = judged_speedup(M, t["mlx"] / t["ours"], c["mlx"] / c["ours"])
         rows.append(row)
     return rows
+
+
+def tunes_glu(variant: Variant, device, split) -> bool:
+    """Whether the variant's fused gate/up launch is tuned: a SwitchGLU pair at a
+    split a block of both weights' warps holds (plan.plan_gather_glu's)."""
+    # Metal has no fused gate/up kernel (launch.gather_glu is CUDA's alone): nothing to tune there.
+    return variant.glu and device.backend == "cuda" and 2 * split[0] <= max(planner.WARP_CHOICES)
+
+
+def tune_glu(variant: Variant, device, split, quick: bool, table: Dict, meta) -> Dict:
+    """``table`` with the variant's fused gate/up launch checked, timed and merged in."""
+    reason = check(variant, device, split, glu=True)
+    rows = [] if reason else measure(variant, device, split, quick, glu=True)
+    return build_table(table, variant, split, rows, reason, meta, glu=True)
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -303,26 +367,33 @@ def base_table(device) -> Dict:
     return json.loads(json.dumps(planner.load_tuning(device.name)))
 
 
-def build_table(table: Dict, variant: Variant, split, rows: List[Dict], reason, meta) -> Dict:
+def build_table(table: Dict, variant: Variant, split, rows: List[Dict], reason, meta,
+                glu: bool = False) -> Dict:
     """``table`` with one variant's results merged in (its failure, or its
-    split and winning range)."""
+    split and winning range); with ``glu``, its fused gate/up launch's (failed's
+    "moe_glu" kind, ``moe_glu_p_range``; the split is the grouped kernel's)."""
     table.update(device=meta["device"], mlx=meta["mlx"], measured_with=meta["command"],
                  min_speedup=planner.MIN_SPEEDUP, decode_min_speedup=planner.DECODE_MIN_SPEEDUP)
     failed = table.setdefault("failed", {})
-    ranges = table.setdefault("m_range" if variant.op == "dense" else "moe_p_range", {})
+    key = variant.glu_failed_key if glu else variant.failed_key
+    entry = "moe_glu_p_range" if glu else "m_range" if variant.op == "dense" else "moe_p_range"
+    ranges = table.setdefault(entry, {})
     if reason is not None:
-        failed[variant.failed_key] = reason
+        failed[key] = reason
         ranges[variant.range_key] = [0, 0]
         return table
-    failed.pop(variant.failed_key, None)
+    failed.pop(key, None)
     if variant.op == "dense":
         shape = f"{variant.N}x{variant.K}"
         for name, value in zip(("warps_k", "depth", "row_tiles"), split):
             table.setdefault(name, {})[shape] = value
         ranges[variant.range_key] = list(planner.winning_range(
             (r["M"], r["speedup"], r["M"]) for r in rows))
-    else:
-        ranges.update(kernels.moe_ranges(rows))
+        return table
+    if not glu:  # the split the rows ran at, which the fused launch shares (plan.moe_split)
+        for name, value in zip(("moe_warps_k", "moe_depth"), split):
+            table.setdefault(name, {})[variant.shape] = value
+    ranges.update(kernels.moe_ranges(rows))
     return table
 
 
@@ -351,6 +422,8 @@ def tune(variants: List[Variant], device, quick: bool, command: str,
         reason = check(variant, device, split)
         rows = [] if reason else measure(variant, device, split, quick)
         table = build_table(table, variant, split, rows, reason, meta)
+        if reason is None and tunes_glu(variant, device, split):  # a failed grouped kernel plans no fused one
+            table = tune_glu(variant, device, split, quick, table, meta)
         write_table(path, table)
         outcome[variant] = reason
     progress.finish()

@@ -62,6 +62,18 @@ def variants_of(model_path: str):
     return found
 
 
+def glu_summary(variant, table) -> str:
+    """The fused gate/up launch's part of a variant's line: its failure or pair
+    range where tune wrote one (none on Metal, which has no such kernel)."""
+    reason = table.get("failed", {}).get(variant.glu_failed_key)
+    if reason is not None:
+        return f"; fused gate/up FAILED (never planned): {reason}"
+    glu = table.get("moe_glu_p_range", {}).get(variant.range_key)
+    if not variant.glu or glu is None or plan.current_device().backend != "cuda":
+        return ""
+    return f"; fused gate/up pairs {glu[0]}..{glu[1]}" if glu[1] else "; fused gate/up never faster: MLX"
+
+
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     device = plan.current_device()
@@ -87,7 +99,8 @@ def main(argv=None) -> int:
             ranges = table["m_range" if v.op == "dense" else "moe_p_range"]
             lo, hi = ranges.get(v.range_key, (0, 0))
             unit = "M" if v.op == "dense" else "pairs"
-            planned.append(f"{v}: {f'{unit} {lo}..{hi}' if hi else 'never faster: MLX'}")
+            planned.append(f"{v}: {f'{unit} {lo}..{hi}' if hi else 'never faster: MLX'}"
+                           + glu_summary(v, table))
     print("\n".join(planned))
     print(
         f"{len(outcome)} of {len(variants)} variants tuned, {len(failed)} failed the check; "

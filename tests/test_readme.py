@@ -96,7 +96,9 @@ def _e2e(key, data):
     # headline is each side's default: the overlapped loop, its step compiled when patched (run 15).
     loop = " overlap" if f"patched {run} overlap" in runs else ""
     compiled = " compiled" if f"patched {run} compiled" in runs else loop
-    patched, unpatched = runs[f"patched {run}{compiled}"], runs[f"mlx {run}{loop}"]
+    patched = runs[f"patched {run}{compiled}"]
+    # (Run 16's records have no unpatched overlapped row: their unpatched figures come from run 15's.)
+    unpatched = runs.get(f"mlx {run}{loop}", {})
     # A loop that parted from its own p = 1 reference ran at another acceptance
     # (run 12b's slotted cache): no headline comes from such a run.
     assert all(r.get("matches_reference", True) for r in (patched, unpatched)), f"{key}: not as recorded"

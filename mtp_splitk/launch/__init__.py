@@ -20,6 +20,13 @@ def _backend(plan: Plan):
     return cuda if plan.backend == "cuda" else metal
 
 
+def _one_output(kernel, inputs, grid, threadgroup, shape, dtype, poison, template=None) -> mx.array:
+    """One launch of ``kernel`` with one output; ``poison`` (tests only) pre-fills
+    it, e.g. with NaN, to prove the kernel writes every element."""
+    return kernel(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                  output_shapes=[shape], output_dtypes=[dtype], init_value=poison)[0]
+
+
 def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison=None) -> mx.array:
     """y (M, N) = x (M, K) @ dequant(w).T with the planned kernel (CUDA or
     Metal, by ``plan.backend``).
@@ -29,15 +36,8 @@ def dense(plan: Plan, x: mx.array, w: mx.array, scales: mx.array, biases, poison
     """
     kernel, template, grid, threadgroup = _backend(plan).dense_launch(plan, x.dtype, scales.dtype)
     inputs = [x, w, scales, biases] if biases is not None else [x, w, scales]
-    return kernel(
-        inputs=inputs,
-        template=template,  # None on CUDA: the constants are in the body
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[(x.shape[0], plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+    # template: None on CUDA (the constants are in the body)
+    return _one_output(kernel, inputs, grid, threadgroup, (x.shape[0], plan.N), x.dtype, poison, template)
 
 
 def dense_residual(plan: Plan, x, w, scales, biases, residual, poison=None) -> mx.array:
@@ -47,15 +47,7 @@ def dense_residual(plan: Plan, x, w, scales, biases, residual, poison=None) -> m
         raise ValueError(f"the fused residual add has no {plan.backend} kernel")
     kernel, grid, threadgroup = cuda.residual_launch(plan, x.dtype, scales.dtype)
     inputs = [x, w, scales, biases, residual] if biases is not None else [x, w, scales, residual]
-    return kernel(
-        inputs=inputs,
-        template=None,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[(x.shape[0], plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+    return _one_output(kernel, inputs, grid, threadgroup, (x.shape[0], plan.N), x.dtype, poison)
 
 
 def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx.array:
@@ -67,15 +59,8 @@ def gather(plan: Plan, x, w, scales, biases, idx, x_div: int, poison=None) -> mx
     blocks = min(w.shape[0], P) * plan.blocks
     inputs = [x, w, scales, biases, idx] if biases is not None else [x, w, scales, idx]
     kernel, template = _backend(plan).gather_launch(plan, x.dtype, scales.dtype, x_div)
-    return kernel(
-        inputs=inputs,
-        template=template,
-        grid=(blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(P, plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+    return _one_output(kernel, inputs, (blocks * threads, 1, 1), (threads, 1, 1), (P, plan.N), x.dtype, poison,
+                       template)
 
 
 def _weight_inputs(weights):
@@ -110,15 +95,8 @@ def dense_glu(plan: FusedPlan, x: mx.array, gate, up, poison=None) -> mx.array:
     if lead.backend != "cuda":
         raise ValueError(f"the fused activation has no {lead.backend} kernel")
     kernel, grid, threadgroup = cuda.glu_launch(plan, x.dtype, gate[1].dtype)
-    return kernel(
-        inputs=[x] + _weight_inputs([gate, up]),
-        template=None,
-        grid=grid,
-        threadgroup=threadgroup,
-        output_shapes=[(x.shape[0], lead.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+    return _one_output(kernel, [x] + _weight_inputs([gate, up]), grid, threadgroup, (x.shape[0], lead.N), x.dtype,
+                       poison)
 
 
 def gather_glu(plan: Plan, x, gate, up, idx, x_div: int, poison=None) -> mx.array:
@@ -132,12 +110,5 @@ def gather_glu(plan: Plan, x, gate, up, idx, x_div: int, poison=None) -> mx.arra
     threads = 2 * plan.warps_k * 32
     blocks = min(gate[0].shape[0], P) * plan.blocks  # as gather()'s
     kernel = cuda.gather_glu_launch(plan, x.dtype, gate[1].dtype, x_div)
-    return kernel(
-        inputs=[x] + _weight_inputs([gate, up]) + [idx],
-        template=None,
-        grid=(blocks * threads, 1, 1),
-        threadgroup=(threads, 1, 1),
-        output_shapes=[(P, plan.N)],
-        output_dtypes=[x.dtype],
-        init_value=poison,
-    )[0]
+    return _one_output(kernel, [x] + _weight_inputs([gate, up]) + [idx], (blocks * threads, 1, 1), (threads, 1, 1),
+                       (P, plan.N), x.dtype, poison)

@@ -106,11 +106,11 @@ def _route(x, layers, plan, *extra):
     return None if run is _UNFUSED else run
 
 
-def _quantization(x, layers):
+def _quantization(x, layers, fewest=2):
     """(M, K, group_size, bits, mode) when the kernels can take all the layers
-    together (nn.QuantizedLinear, 2-D weights, one K, quantization and scales
-    type, biases in the scales' type), else None."""
-    if not 2 <= len(layers) <= planner.MAX_FUSED or any(type(l) is not nn.QuantizedLinear for l in layers):
+    (``fewest`` to MAX_FUSED of them) together (nn.QuantizedLinear, 2-D weights,
+    one K, quantization and scales type, biases in the scales' type), else None."""
+    if not fewest <= len(layers) <= planner.MAX_FUSED or any(type(l) is not nn.QuantizedLinear for l in layers):
         return None
     first = layers[0]
     mode = first.mode
@@ -185,19 +185,17 @@ def _plan_residual(x, layers, device, derivatives, rshape, rdtype):
     """One QuantizedLinear (no bias) with the residual added in its epilogue, where
     ``plan.plan_dense`` plans the layer's own call on CUDA: the run, or None."""
     (layer,) = layers
-    if type(layer) is not nn.QuantizedLinear or "bias" in layer or rdtype != x.dtype:
+    found = _quantization(x, layers, fewest=1)
+    if found is None or "bias" in layer or rdtype != x.dtype:
         return None
-    w, scales, biases = layer["weight"], layer["scales"], layer.get("biases")
-    group_size, bits = ops.resolve_mode(layer.mode, layer.group_size, layer.bits)
-    N, K = w.shape[0], x.shape[-1]
-    if (w.ndim != 2 or w.shape[1] * 32 // bits != K or tuple(rshape) != (*x.shape[:-1], N)
-            or (biases is not None and biases.dtype != scales.dtype)):
-        return None  # the layer's own call (and MLX's add) say what is wrong
-    M = math.prod(x.shape[:-1])
-    plan = planner.plan_dense(M, N, K, bits, group_size, layer.mode, x.dtype, device)
+    M, K, group_size, bits, mode = found
+    N = layer["weight"].shape[0]
+    if tuple(rshape) != (*x.shape[:-1], N):
+        return None  # MLX's add says what is wrong
+    plan = planner.plan_dense(M, N, K, bits, group_size, mode, x.dtype, device)
     if plan is None or plan.backend != "cuda":
         return None
-    op = _residual_op(plan, M, K, x.shape[:-1], group_size, bits, layer.mode, biases is not None, derivatives)
+    op = _residual_op(plan, M, K, x.shape[:-1], group_size, bits, mode, "biases" in layer, derivatives)
     call = ops.Call("quantized_matmul", M, N, K, plan)
 
     def run(x, residual):
@@ -209,25 +207,32 @@ def _plan_residual(x, layers, device, derivatives, rshape, rdtype):
     return run
 
 
+def fusable_switch_glu(gate, up, activation) -> bool:
+    """Whether SwitchGLU's gate and up can share one grouped launch: mlx-lm's
+    SwiGLU (``activation``, a class), QuantizedSwitchLinear of one shape and
+    quantization, no bias, no global scale."""
+    if activation is not switch_layers.SwiGLU or any(
+        type(l) is not switch_layers.QuantizedSwitchLinear
+        or "bias" in l
+        or getattr(l, "global_scale", None) is not None
+        for l in (gate, up)
+    ):
+        return False
+    return ("biases" in up) == ("biases" in gate) and all(
+        (up.mode, up.group_size, up.bits) == (gate.mode, gate.group_size, gate.bits)
+        and up[name].shape == gate[name].shape and up[name].dtype == gate[name].dtype
+        for name in ("weight", "scales") + (("biases",) if "biases" in gate else ())
+    )
+
+
 def _plan_switch_glu(x, layers, device, derivatives, ishape, sorted_indices, activation):
     """SwitchGLU's gate and up (QuantizedSwitchLinear of one shape and
     quantization, no bias, no global scale) with mlx-lm's SwiGLU, in one grouped
     launch where ``plan.plan_gather_glu`` plans it: the run, or None."""
     gate, up = layers
-    if activation is not switch_layers.SwiGLU or any(
-        type(l) is not switch_layers.QuantizedSwitchLinear
-        or "bias" in l
-        or getattr(l, "global_scale", None) is not None
-        for l in layers
-    ):
+    if not fusable_switch_glu(gate, up, activation):
         return None
     w = gate["weight"]
-    if ("biases" in up) != ("biases" in gate) or not all(
-        (up.mode, up.group_size, up.bits) == (gate.mode, gate.group_size, gate.bits)
-        and up[name].shape == gate[name].shape and up[name].dtype == gate[name].dtype
-        for name in ("weight", "scales") + (("biases",) if "biases" in gate else ())
-    ):
-        return None
     group_size, bits = ops.resolve_mode(gate.mode, gate.group_size, gate.bits)
     if w.ndim != 3 or w.shape[-1] * 32 // bits != x.shape[-1]:
         return None  # the layers' own calls raise MLX's error

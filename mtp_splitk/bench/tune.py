@@ -126,20 +126,13 @@ def _experts(layer) -> Tuple:
 
 def glu_pairs(model: nn.Module) -> set:
     """:func:`_experts` of each SwitchGLU gate/up pair the fused launch can take
-    (fused._plan_switch_glu's: mlx-lm's SwiGLU, one shape and quantization, no bias
-    or global scale)."""
-    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwiGLU, SwitchGLU
+    (``fused.fusable_switch_glu``)."""
+    from mlx_lm.models.switch_layers import SwitchGLU
 
-    found = set()
-    for _, m in model.named_modules():
-        if not isinstance(m, SwitchGLU) or type(getattr(m, "activation", None)) is not SwiGLU:
-            continue
-        pair = (m.gate_proj, m.up_proj)
-        if all(type(l) is QuantizedSwitchLinear and "bias" not in l
-               and getattr(l, "global_scale", None) is None for l in pair) \
-                and _experts(pair[0]) == _experts(pair[1]):
-            found.add(_experts(pair[0]))
-    return found
+    from ..fused import fusable_switch_glu
+
+    return {_experts(m.gate_proj) for _, m in model.named_modules()
+            if isinstance(m, SwitchGLU) and fusable_switch_glu(m.gate_proj, m.up_proj, type(m.activation))}
 
 
 def default_variants() -> List[Variant]:

@@ -588,3 +588,57 @@ def test_hybrids_keep_the_uncompiled_step_under_compile_step(family, models):
     expected = plain(model, 16)
     out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3, compile_step=True)
     assert out == expected and stats.overlapped and stats.compiled_steps == 0
+
+
+# -- plain decoding at k = 0 (speculative.decode) -------------------------------------------
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+@pytest.mark.parametrize("family", KV_FAMILIES + HYBRID_FAMILIES + SYNC_FAMILIES)
+def test_plain_decode_at_k0_is_mlx_lms_plain_decode(family, patched, models, monkeypatch):
+    """The plugin's plain decode yields generate_step's (token, logprobs), compiled
+    where the overlapped loop takes the model (across 8-row buckets), else through
+    generate_step itself (gpt-oss's rotating caches)."""
+    from mtp_splitk.speculative.decode import decode_generate_step
+
+    small_buckets(monkeypatch)
+    model, _ = models(family)
+    expected = list(generate_step(PROMPT, model, max_tokens=24))
+    stats = Stats()
+    with patch.enabled(patched):
+        out = list(decode_generate_step(PROMPT, model, max_tokens=24, stats=stats))
+    assert [t for t, _ in out] == [t for t, _ in expected]
+    assert all(isinstance(t, int) and lp.shape == (VOCAB,) for t, lp in out)
+    assert mx.allclose(out[5][1], expected[5][1], atol=1e-4).item()
+    assert stats.overlapped == (family not in SYNC_FAMILIES)
+    assert (stats.compiled_steps >= stats.steps - 1 > 0) == (family in KV_FAMILIES)
+
+
+def test_plain_decode_hands_what_the_loop_cannot_take_to_generate_step(models):
+    from mlx_lm.sample_utils import make_logits_processors
+
+    from mtp_splitk.speculative.decode import decode_generate_step, fallback_reason
+
+    model, _ = models("llama")
+    cache = make_prompt_cache(model)
+    assert fallback_reason(model, cache, {"kv_group_size": 64, "logits_processors": []}) is None
+    assert fallback_reason(model, cache, {"kv_bits": 4}) == "kv_bits set"
+    assert fallback_reason(model, cache, {"max_kv_size": 16}) == "max_kv_size set"
+    processors = make_logits_processors(repetition_penalty=1.3)
+    for options in ({"logits_processors": processors}, {"max_kv_size": 12}):
+        stats = Stats()
+        out = [t for t, _ in decode_generate_step(PROMPT, model, max_tokens=16, stats=stats, **options)]
+        assert out == plain(model, 16, **options) and not stats.overlapped, options
+
+
+def test_plain_decode_reuses_a_prompt_cache_and_stops_at_max_tokens(models):
+    from mtp_splitk.speculative.decode import decode_generate_step
+
+    model, _ = models("qwen3")
+    expected = plain(model, 20)
+    cache = make_prompt_cache(model)
+    first = [t for t, _ in decode_generate_step(PROMPT, model, max_tokens=7, prompt_cache=cache)]
+    assert first == expected[:7] and cache[0].offset == PROMPT.size + 6  # the last token not yet fed
+    rest = [t for t, _ in decode_generate_step(mx.array(first[-1:], mx.uint32), model, max_tokens=13,
+                                               prompt_cache=cache)]
+    assert first + rest == expected

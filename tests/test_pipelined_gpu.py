@@ -64,3 +64,22 @@ def test_gpu_compiled_steps_emit_the_uncompiled_loops_tokens(tmp_path, patched):
             reference = again
         for p in (1.0, 0.5):
             assert _loop(model, reference, p, prompt, compile_step=True) == reference, p
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_gpu_compiled_plain_decode_emits_the_uncompiled_loops_tokens(tmp_path, patched):
+    """The plugin's plain decode (the overlapped loop at k = 0) compiled on CUDA: the
+    tokens of the same loop uncompiled, across a bucket's growth (300 + 96 rows)."""
+    from mtp_splitk.speculative.decode import decode_generate_step
+    from mtp_splitk.speculative.stats import Stats
+
+    model, _ = load(str(synthetic.write_model(tmp_path / "model", "llama", "small")))
+    prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
+    runs = []
+    with patch.enabled(patched):
+        for compile_step in (False, True):
+            stats = Stats()
+            steps = decode_generate_step(prompt, model, max_tokens=TOKENS, compile_step=compile_step, stats=stats)
+            runs.append([t for t, _ in steps])
+            assert stats.overlapped and (stats.compiled_steps > 0) == compile_step
+    assert runs[0] == runs[1] and len(runs[0]) == TOKENS

@@ -14,6 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
 from .. import ops, patch
 from ..speculative import Stats, speculative_generate_step
+from ..speculative.decode import decode_generate_step
 from ..speculative.pipelined import Pipeline
 from .timing import median_call_us
 
@@ -35,18 +36,28 @@ def _tokens_per_second(times: List[float], first_burst: int) -> float:
     return n / span if n > 0 and span > 0 else 0.0
 
 
-def plain_decode(model, prompt: mx.array, max_tokens: int) -> Dict:
-    """mlx-lm's own generate_step (asynchronously pipelined decode)."""
+def plain_decode(model, prompt: mx.array, max_tokens: int, compiled: bool = False) -> Dict:
+    """mlx-lm's own generate_step (asynchronously pipelined decode), or with
+    ``compiled`` the plugin's (the overlapped loop at k = 0, its step compiled)."""
+    stats = Stats()
+    steps = (
+        decode_generate_step(prompt, model, max_tokens=max_tokens, stats=stats)
+        if compiled else generate_step(prompt, model, max_tokens=max_tokens)
+    )
     tic = time.perf_counter()
     times, tokens = [], []
-    for token, _ in generate_step(prompt, model, max_tokens=max_tokens):
+    for token, _ in steps:
         times.append(time.perf_counter())
         tokens.append(int(token))
-    return {
+    run = {
         "tps": _tokens_per_second(times, 1),
         "prompt_tps": prompt.size / (times[0] - tic),
         "tokens": tokens,
     }
+    if compiled:  # where the loop could not take the model, generate_step ran
+        run.update(compiled_steps=stats.compiled_steps, steps=stats.steps,
+                   **(stats.host_split_ms() if stats.overlapped else {}))
+    return run
 
 
 LOOPS = ("overlap", "sync")  # and "compiled" (overlapped, mx.compile), "every=N" (synchronous, submitted every N layers)

@@ -26,14 +26,15 @@ def e2e_markdown(doc: Dict) -> str:
         base = plain.get("mlx", {}).get("tps")
         if plain:
             lines += [
-                "| plain decode | tok/s | each repeat | prompt tok/s | × MLX plain |",
-                "|---|---|---|---|---|",
+                "| plain decode | tok/s | each repeat | prompt tok/s | × MLX plain | tokens = mlx-lm loop's |",
+                "|---|---|---|---|---|---|",
             ]
             for label, r in plain.items():
                 ratio = r["tps"] / base if base else float("nan")
                 each = " / ".join(f"{t:.0f}" for t in r.get("tps_all", []))  # the spread behind a median
+                same = {True: "yes", False: "no"}.get(r.get("matches_plain"), "")  # compiled rows only
                 lines.append(
-                    f"| {label} | {r['tps']:.1f} | {each} | {r['prompt_tps']:.0f} | {ratio:.2f} |"
+                    f"| {label} | {r['tps']:.1f} | {each} | {r['prompt_tps']:.0f} | {ratio:.2f} | {same} |"
                 )
         for section, title in (
             ("acceptance", "acceptance-controlled drafter"),

@@ -315,11 +315,18 @@ def mtp_tasks(
 
 
 def plain_both(name, model, prompt, results, max_tokens, repeats) -> Dict[str, List[int]]:
-    """Plain decode unpatched and patched, recorded; each state's tokens."""
+    """Plain decode unpatched and patched, mlx-lm's loop and the plugin's compiled
+    one (``<state> compiled``, with whether its tokens are mlx-lm's), recorded;
+    each state's tokens from mlx-lm's loop."""
     tokens = {}
-    for label, on in STATES:
-        with patch.enabled(on):
-            run = median_run(lambda: plain_decode(model, prompt, max_tokens), repeats)
-        tokens[label] = run["tokens"]
-        results.put(name, "plain", label, _strip(run))
+    for compiled in (False, True):
+        for label, on in STATES:
+            with patch.enabled(on):
+                run = median_run(lambda: plain_decode(model, prompt, max_tokens, compiled), repeats)
+            if compiled:
+                run["matches_plain"] = run["tokens"] == tokens[label]
+                label += " compiled"
+            else:
+                tokens[label] = run["tokens"]
+            results.put(name, "plain", label, _strip(run))
     return tokens

@@ -278,34 +278,17 @@ def plan_multi(
     the fused and the unfused path agree on which path each weight takes) and
     gives all of them the same split, the one field that fixes a row's
     arithmetic: then each fused output is bit-identical to the unfused one.
-    With the table's ``fuse_declined``, also where it plans the first weight
-    (:func:`_ride_along`): the others' rows then round as the kernel's, not as
-    MLX's op alone. Depth and row tiles, which never change the arithmetic, are
-    those of the weight with the most rows.
+    Depth and row tiles, which never change the arithmetic, are those of the
+    weight with the most rows.
     """
     if not 2 <= len(Ns) <= MAX_FUSED:
         return None
     device = device or current_device()
     plans = [plan_dense(M, N, K, bits, group_size, mode, dtype, device) for N in Ns]
-    if None in plans and plans[0] is not None:
-        plans = _ride_along(plans, M, Ns, K, bits, group_size, mode, device)
     if any(p is None for p in plans) or len({p.warps_k for p in plans}) != 1:
         return None
     lead = max(plans, key=lambda p: p.N)
     return FusedPlan(tuple(replace(p, depth=lead.depth, row_tiles=lead.row_tiles) for p in plans))
-
-
-def _ride_along(plans, M, Ns, K, bits, group_size, mode, device):
-    """With the table's ``fuse_declined`` (set where measured end to end), the
-    weights MLX would take alone ride in the first weight's launch with its
-    constants (k and v beside q: their rows cost that launch little, and two MLX
-    launches go); a weight tune found wrong stays declined."""
-    tuning = load_tuning(device.name)
-    if not tuning.get("fuse_declined") or forced_split() is not None:
-        return plans
-    if any(p is None and failed(tuning, "dense", mode, bits, group_size, f"{N}x{K}") for p, N in zip(plans, Ns)):
-        return plans
-    return [p or replace(plans[0], N=N) for p, N in zip(plans, Ns)]
 
 
 def plan_glu(

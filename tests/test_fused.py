@@ -94,29 +94,6 @@ def test_plan_multi_only_where_each_weight_is_planned_with_one_split(monkeypatch
         assert planner.plan_multi(5, qkv, *args) is None
 
 
-def test_fuse_declined_lets_k_and_v_ride_in_q_launch(monkeypatch):
-    """The table's fuse_declined: weights MLX takes alone join the first
-    weight's launch with its constants, unless tune failed them; a forced split
-    plans every weight anyway."""
-    table = {"m_range": {"affine4:4096x4096": [2, 6], "affine4:1024x4096": [0, 0]},
-             "warps_k": {"4096x4096": 8, "1024x4096": 4}, "depth": {"4096x4096": 2}}
-    monkeypatch.setattr(planner, "load_tuning", lambda name: table)
-    qkv = (4096, 1024, 1024)
-    args = (4096, 4, 64, "affine", mx.bfloat16, H200)
-    assert planner.plan_dense(5, 1024, *args) is None and planner.plan_multi(5, qkv, *args) is None
-    table["fuse_declined"] = True
-    fp = planner.plan_multi(5, qkv, *args)
-    q = planner.plan_dense(5, 4096, *args)
-    assert [p.N for p in fp.members] == list(qkv)
-    assert all((p.warps_k, p.token_tiles, p.depth) == (q.warps_k, q.token_tiles, 2) for p in fp.members)
-    assert planner.plan_multi(1, qkv, *args) is None  # q itself declined at M = 1
-    assert planner.plan_multi(5, (1024, 4096, 4096), *args) is None  # the first weight leads
-    with planner.split(4):  # forced: each weight's own plan, as without the key
-        assert {p.warps_k for p in planner.plan_multi(5, qkv, *args).members} == {4}
-    table["failed"] = {"dense:affine:b4:g64:1024x4096": "mismatch"}
-    assert planner.plan_multi(5, qkv, *args) is None
-
-
 def test_plan_glu_declines_what_its_block_cannot_hold():
     args = (2048, 4, 64, "affine", mx.bfloat16)
     for warps in planner.WARP_CHOICES:

@@ -35,7 +35,7 @@ from mtp_splitk.bench.timing import copy_bandwidth, trivial_op_floor
 # head, and two small ones.
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (2560, 2560), (2048, 768), (151936, 2048),
           (128256, 4096), (4096, 2048), (512, 2048), (2048, 4096)]
-MS = [1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64]
+MS = [1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32, 48, 64]
 # Shapes one fused launch takes (q/k/v; Llama's 4096x4096 is o's too): shape -> calls a layer.
 FUSED_GROUPS = [{"4096x4096": 2, "1024x4096": 2}, {"4096x2048": 1, "512x2048": 2}]
 # (mode, bits, group size, shapes): 4-bit g64 everywhere, the others on two shapes.

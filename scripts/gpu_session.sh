@@ -175,11 +175,16 @@ for step in "$@"; do
         ${SERVE_MODEL:+--model "$SERVE_MODEL"} 2>&1 | tee "$RES/bench_serve.log" | tail -4 ;;
     tune)
       # mtp-splitk tune --quick into a scratch cache: the user's path on this GPU.
-      # TUNE_MODELS: family,size pairs of the synthetic models (each tuned into the one table).
+      # TUNE_MODELS: family,size pairs of the synthetic models, or mtp:NAME for a model of
+      # bench.models.MTP_MODELS (e.g. the 5-bit mtp:qwen3-next-80b-a3b-12l), each tuned into the one table.
       until [ -z "${TUNE_MODELS:-}" ] || [ -e "$MODELS/.written" ]; do sleep 2; done
       for spec in ${TUNE_MODELS:-default}; do
         IFS=, read -r family size <<<"$spec"
-        model=$([ "$spec" = default ] || python3 -c "from mtp_splitk.bench import models as b; print(b.model_dir('$MODELS', '$family', '$size'))")
+        if [ "${spec#mtp:}" != "$spec" ]; then
+          model=$(python3 -c "from mtp_splitk.bench import models as b; print(b.mtp_model_dir('$MODELS', '${spec#mtp:}'))")
+        else
+          model=$([ "$spec" = default ] || python3 -c "from mtp_splitk.bench import models as b; print(b.model_dir('$MODELS', '$family', '$size'))")
+        fi
         MTP_SPLITK_CACHE=/tmp/tune-cache timeout "${TUNE_TIMEOUT:-300}" python3 -m mtp_splitk.cli \
           tune --quick ${model:+--model "$model"} 2>&1 | tee -a "$RES/tune.log" | tail -12
       done

@@ -45,7 +45,11 @@ def test_smoke_run_is_complete_and_written(smoke_doc):
         assert heading in md
     models = doc["models"]
     assert set(models) == {"tiny-llama", "qwen3_next-tiny-mtp"}
-    assert set(models["tiny-llama"]["plain"]) == {"mlx", "patched"}
+    plain = models["tiny-llama"]["plain"]
+    assert set(plain) == {"mlx", "patched", "mlx compiled", "patched compiled"}
+    # The compiled k = 0 rows: every step compiled, on the CPU mlx-lm's tokens.
+    assert all(plain[f"{s} compiled"]["matches_plain"] for s in ("mlx", "patched"))
+    assert plain["patched compiled"]["compiled_steps"] == plain["patched compiled"]["steps"] > 0
     # The plain rows show every repeat behind the median, as recorded.
     mlx = models["tiny-llama"]["plain"]["mlx"]
     each = " / ".join(f"{t:.0f}" for t in mlx["tps_all"])

@@ -582,12 +582,30 @@ def test_compiled_sampling_draws_what_the_uncompiled_loop_draws(models):
                compile_step=True)[0] != runs[0]  # the seed matters: the draws are not frozen in the trace
 
 
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
-def test_hybrids_keep_the_uncompiled_step_under_compile_step(family, models):
+def test_hybrids_compiled_steps_are_plain_greedy_and_replayed(family, patched, models, monkeypatch):
+    """Under compile_step a hybrid's step goes through mx.compile with its Gated
+    DeltaNet candidates passed in and out: plain greedy tokens at every acceptance,
+    across 8-row buckets, the layers traced a few times (their candidates filling
+    two passes, the buckets growing), not once a step; by default (patched) not compiled."""
+    from mtp_splitk.speculative import recurrent
+
+    small_buckets(monkeypatch)
     model, _ = models(family)
-    expected = plain(model, 16)
-    out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3, compile_step=True)
-    assert out == expected and stats.overlapped and stats.compiled_steps == 0
+    expected = plain(model, 40)
+    swapped = list(recurrent._SWAPS.values())[HYBRID_FAMILIES.index(family)]  # qwen3_next's, qwen3_5's
+    calls = []
+    monkeypatch.setattr(swapped, "__call__", lambda self, *a, **k: (calls.append(1), recurrent._verify_call(self, *a, **k))[1])
+    with patch.enabled(patched):
+        for p in (0.0, 0.8, 1.0):
+            calls.clear()
+            out, stats = run(model, AcceptanceControlledDrafter(expected, p, VOCAB), 40, 3, compile_step=True)
+            assert out == expected and stats.overlapped and stats.compiled_steps >= stats.steps - 1, p
+            layers = sum(hasattr(m, "A_log") for _, m in model.named_modules())
+            assert len(calls) <= 8 * layers < stats.steps * layers, (p, len(calls))
+        out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3)
+        assert out == expected[:16] and stats.compiled_steps == 0
 
 
 # -- plain decoding at k = 0 (speculative.decode) -------------------------------------------
@@ -597,7 +615,7 @@ def test_hybrids_keep_the_uncompiled_step_under_compile_step(family, models):
 @pytest.mark.parametrize("family", KV_FAMILIES + HYBRID_FAMILIES + SYNC_FAMILIES)
 def test_plain_decode_at_k0_is_mlx_lms_plain_decode(family, patched, models, monkeypatch):
     """The plugin's plain decode yields generate_step's (token, logprobs), compiled
-    where the overlapped loop takes the model (across 8-row buckets), else through
+    where the overlapped loop takes the model (across 8-row buckets, hybrids too), else through
     generate_step itself (gpt-oss's rotating caches)."""
     from mtp_splitk.speculative.decode import decode_generate_step
 
@@ -611,7 +629,7 @@ def test_plain_decode_at_k0_is_mlx_lms_plain_decode(family, patched, models, mon
     assert all(isinstance(t, int) and lp.shape == (VOCAB,) for t, lp in out)
     assert mx.allclose(out[5][1], expected[5][1], atol=1e-4).item()
     assert stats.overlapped == (family not in SYNC_FAMILIES)
-    assert (stats.compiled_steps >= stats.steps - 1 > 0) == (family in KV_FAMILIES)
+    assert (stats.compiled_steps >= stats.steps - 1 > 0) == (family not in SYNC_FAMILIES)
 
 
 def test_plain_decode_hands_what_the_loop_cannot_take_to_generate_step(models):

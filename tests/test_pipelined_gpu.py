@@ -83,3 +83,20 @@ def test_gpu_compiled_plain_decode_emits_the_uncompiled_loops_tokens(tmp_path, p
             runs.append([t for t, _ in steps])
             assert stats.overlapped and (stats.compiled_steps > 0) == compile_step
     assert runs[0] == runs[1] and len(runs[0]) == TOKENS
+
+
+@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
+def test_gpu_compiled_hybrid_steps_emit_the_uncompiled_loops_tokens(tmp_path, patched):
+    """A Gated DeltaNet hybrid's step through mx.compile on CUDA (its candidate states
+    in and out of the trace): at p = 1 and below, the tokens the loop emits uncompiled."""
+    model, _ = load(str(synthetic.write_model(tmp_path / "model", "qwen3_next", "small")))
+    prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
+    with patch.enabled(patched):
+        reference = _loop(model, [0] * TOKENS, 0.0, prompt)
+        for _ in range(3):
+            again = _loop(model, reference, 1.0, prompt)
+            if again == reference:
+                break
+            reference = again
+        for p in (1.0, 0.5):
+            assert _loop(model, reference, p, prompt, compile_step=True) == reference, p

@@ -76,7 +76,7 @@ def e2e_markdown(doc: Dict) -> str:
                 if r.get("overlap_off"):  # asked for the overlapped loop, ran the synchronous one
                     verify_ms += " (synchronous: overlap off)"
                 if key.endswith(" compiled") and not r.get("compiled_steps"):
-                    verify_ms += " (no step compiled: not attention-only caches)"
+                    verify_ms += " (no step compiled: caches it cannot trace)"
                 split = (
                     f"{r['host_build_ms']:.2f} / {r['chain_eval_ms']:.2f}" if "chain_eval_ms" in r else ""
                 )

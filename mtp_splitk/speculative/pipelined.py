@@ -28,7 +28,7 @@ from typing import Any, Callable, Generator, List, NamedTuple, Optional, Tuple, 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import generation_stream
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 from mlx_lm.sample_utils import Sampler, greedy_sampler
 
 from .. import patch
@@ -56,11 +56,12 @@ def _sharded(model: nn.Module) -> bool:
     )
 
 
-def compile_by_default() -> bool:
+def compile_by_default(cache: List[Any]) -> bool:
     """Whether the overlapped loop compiles its step unless told: when the patch is on.
     Patched, the host's build of a step is what the loop waits on and compile cuts it
-    (1.1-1.7x tok/s on the H200, run 15); unpatched the GPU is, and compile measured 0.94-1.10x."""
-    return patch.is_enabled()
+    (1.1-1.7x tok/s on the H200, run 15); unpatched the GPU is, and compile measured 0.94-1.10x.
+    Not for Gated DeltaNet hybrids: their compiled step has run only on the CPU."""
+    return patch.is_enabled() and not any(isinstance(c, ArraysCache) for c in cache)
 
 
 def unsupported(model: nn.Module, drafter, cache: List[Any], logits_processors) -> Optional[str]:
@@ -125,7 +126,7 @@ class Pipeline:
         # mx.compile, traced once a cache capacity, then replayed without Python.
         self.compiled = self.compiled_propose = None
         if compile_step:
-            self.compiled = _compiled(self._verify, lambda: [c.state for c in self.cache], self._set_states)
+            self.compiled = _compiled(self._verify, lambda: [_state(c) for c in self.cache], self._set_states)
             if drafter.compilable:  # its part too: a draft model's or MTP head's passes
                 self.compiled_propose = _compiled(lambda verdict: drafter.propose(verdict, k, distribution),
                                                   drafter.device_state, drafter.set_device_state)
@@ -210,7 +211,14 @@ class Pipeline:
 
     def _set_states(self, states):
         for c, state in zip(self.cache, states):
-            c.state = state
+            if isinstance(c, recurrent.DeviceArraysCache):
+                c.compile_state = state
+            else:
+                c.state = state
+
+
+def _state(c):
+    return c.compile_state if isinstance(c, recurrent.DeviceArraysCache) else c.state
 
 
 def _compiled(fn, get_state, set_state):
@@ -236,8 +244,12 @@ def _compiled(fn, get_state, set_state):
 
 def _ready(cache: List[Any]) -> bool:
     """Whether a cache list's states can go through mx.compile: attention
-    caches on the device, their buffers allocated."""
-    return all(type(c) is device_cache.DeviceKVCache and c.keys is not None for c in cache)
+    caches on the device, their buffers allocated, and Gated DeltaNet ones."""
+    return all(
+        (type(c) is device_cache.DeviceKVCache and c.keys is not None)
+        or (type(c) is recurrent.DeviceArraysCache and all(a is not None for a in c.cache))
+        for c in cache
+    )
 
 
 def pipelined_generate_step(
@@ -263,7 +275,8 @@ def pipelined_generate_step(
     in the module docstring); ``k = num_draft_tokens`` drafts every step.
     ``stats.verify_time`` is not measured here (that would need a sync).
     ``compile_step``: the target's part of each step through ``mx.compile``
-    (attention-only caches; traced again when the caches grow), and the
+    (traced again when the caches grow, and a hybrid's twice more while its
+    Gated DeltaNet caches fill their two passes of candidates), and the
     drafter's where it is :attr:`~.drafters.Drafter.compilable`; ``None``:
     :func:`compile_by_default`.
     """
@@ -281,7 +294,7 @@ def pipelined_generate_step(
     if reason is not None:
         raise ValueError(f"The overlapped loop cannot run: {reason}.")
     if compile_step is None:
-        compile_step = compile_by_default()
+        compile_step = compile_by_default(cache)
     pipeline = Pipeline(model, drafter, cache, k, sampler, distribution, compile_step=compile_step)
 
     with mx.stream(stream):

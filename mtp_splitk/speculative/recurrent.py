@@ -72,6 +72,18 @@ class DeviceArraysCache(ArraysCache):
     def reserve(self, positions: int):
         pass  # fixed size
 
+    @property
+    def compile_state(self) -> List[mx.array]:
+        """Every array a pass reads and :meth:`commit` replaces (offset, window,
+        state, the last two passes' candidates), flat: what mx.compile takes in and out."""
+        return [self.offset, *self.cache] + [a for entry in self._passes for a in entry]
+
+    @compile_state.setter
+    def compile_state(self, arrays: List[mx.array]):
+        self.offset, self.cache = arrays[0], list(arrays[1:3])
+        rest = arrays[3:]
+        self._passes = [tuple(rest[i : i + 5]) for i in range(0, len(rest), 5)]
+
 
 def _chosen(conv_input, states, kept):
     """The conv window and the recurrent state after ``kept`` rows."""

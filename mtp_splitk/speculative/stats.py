@@ -42,7 +42,7 @@ class Stats:
     build_time: float = 0.0
     submit_time: float = 0.0
     wait_time: float = 0.0
-    #: Steps whose target part ran through mx.compile (``compile_step``; attention-only caches).
+    #: Steps whose target part ran through mx.compile (``compile_step``).
     compiled_steps: int = 0
 
     @property

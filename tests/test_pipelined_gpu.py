@@ -32,36 +32,40 @@ def _loop(model, reference, p, prompt, compile_step=False):
     return [t for t, _, _ in steps]
 
 
+def _reference(model, prompt):
+    """The loop's own tokens: a first pass, re-recorded at p = 1 until it
+    reproduces itself, as the benchmark does."""
+    reference = _loop(model, [0] * TOKENS, 0.0, prompt)
+    for _ in range(3):
+        again = _loop(model, reference, 1.0, prompt)
+        if again == reference:
+            break
+        reference = again
+    return reference
+
+
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
 def test_gpu_overlapped_loop_emits_the_same_tokens_at_every_acceptance(tmp_path, patched):
     model, _ = load(str(synthetic.write_model(tmp_path / "model", "llama", "small")))
     # A prompt long enough that attention spans several of cuDNN's key tiles.
     prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
     with patch.enabled(patched):
-        reference = _loop(model, [0] * TOKENS, 0.0, prompt)  # a first pass: the loop's own tokens
-        for _ in range(3):  # re-recorded at p = 1 until it reproduces itself, as the benchmark does
-            again = _loop(model, reference, 1.0, prompt)
-            if again == reference:
-                break
-            reference = again
+        reference = _reference(model, prompt)
         assert _loop(model, reference, 1.0, prompt) == reference
         for p in (0.3, 0.7):
             assert _loop(model, reference, p, prompt) == reference, p
 
 
 @pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
-def test_gpu_compiled_steps_emit_the_uncompiled_loops_tokens(tmp_path, patched):
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_gpu_compiled_steps_emit_the_uncompiled_loops_tokens(tmp_path, family, patched):
     """compile_step on CUDA (MLX's fused elementwise kernels, the split-K kernels
-    inside a compiled graph): at p = 1 and below, the tokens the loop emits uncompiled."""
-    model, _ = load(str(synthetic.write_model(tmp_path / "model", "llama", "small")))
+    inside a compiled graph; a hybrid's Gated DeltaNet candidate states in and out of
+    the trace): at p = 1 and below, the tokens the loop emits uncompiled."""
+    model, _ = load(str(synthetic.write_model(tmp_path / "model", family, "small")))
     prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
     with patch.enabled(patched):
-        reference = _loop(model, [0] * TOKENS, 0.0, prompt)
-        for _ in range(3):
-            again = _loop(model, reference, 1.0, prompt)
-            if again == reference:
-                break
-            reference = again
+        reference = _reference(model, prompt)
         for p in (1.0, 0.5):
             assert _loop(model, reference, p, prompt, compile_step=True) == reference, p
 
@@ -84,19 +88,3 @@ def test_gpu_compiled_plain_decode_emits_the_uncompiled_loops_tokens(tmp_path, p
             assert stats.overlapped and (stats.compiled_steps > 0) == compile_step
     assert runs[0] == runs[1] and len(runs[0]) == TOKENS
 
-
-@pytest.mark.parametrize("patched", [False, True], ids=["unpatched", "patched"])
-def test_gpu_compiled_hybrid_steps_emit_the_uncompiled_loops_tokens(tmp_path, patched):
-    """A Gated DeltaNet hybrid's step through mx.compile on CUDA (its candidate states
-    in and out of the trace): at p = 1 and below, the tokens the loop emits uncompiled."""
-    model, _ = load(str(synthetic.write_model(tmp_path / "model", "qwen3_next", "small")))
-    prompt = (mx.arange(300, dtype=mx.uint32) * 7 + 3) % synthetic.TINY_VOCAB
-    with patch.enabled(patched):
-        reference = _loop(model, [0] * TOKENS, 0.0, prompt)
-        for _ in range(3):
-            again = _loop(model, reference, 1.0, prompt)
-            if again == reference:
-                break
-            reference = again
-        for p in (1.0, 0.5):
-            assert _loop(model, reference, p, prompt, compile_step=True) == reference, p

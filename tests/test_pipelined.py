@@ -589,12 +589,15 @@ def test_hybrids_compiled_steps_are_plain_greedy_and_replayed(family, patched, m
     DeltaNet candidates passed in and out: plain greedy tokens at every acceptance,
     across 8-row buckets, the layers traced a few times (their candidates filling
     two passes, the buckets growing), not once a step; by default (patched) not compiled."""
+    from mlx_lm.models import qwen3_5, qwen3_next
+
     from mtp_splitk.speculative import recurrent
 
     small_buckets(monkeypatch)
     model, _ = models(family)
     expected = plain(model, 40)
-    swapped = list(recurrent._SWAPS.values())[HYBRID_FAMILIES.index(family)]  # qwen3_next's, qwen3_5's
+    layer = {"qwen3_next": qwen3_next.Qwen3NextGatedDeltaNet, "qwen3_5": qwen3_5.GatedDeltaNet}[family]
+    swapped = recurrent._SWAPS[layer]
     calls = []
     monkeypatch.setattr(swapped, "__call__", lambda self, *a, **k: (calls.append(1), recurrent._verify_call(self, *a, **k))[1])
     with patch.enabled(patched):

@@ -126,7 +126,7 @@ class Pipeline:
         # mx.compile, traced once a cache capacity, then replayed without Python.
         self.compiled = self.compiled_propose = None
         if compile_step:
-            self.compiled = _compiled(self._verify, lambda: [_state(c) for c in self.cache], self._set_states)
+            self.compiled = _compiled(self._verify, lambda: [c.state for c in self.cache], self._set_states)
             if drafter.compilable:  # its part too: a draft model's or MTP head's passes
                 self.compiled_propose = _compiled(lambda verdict: drafter.propose(verdict, k, distribution),
                                                   drafter.device_state, drafter.set_device_state)
@@ -211,14 +211,7 @@ class Pipeline:
 
     def _set_states(self, states):
         for c, state in zip(self.cache, states):
-            if isinstance(c, recurrent.DeviceArraysCache):
-                c.compile_state = state
-            else:
-                c.state = state
-
-
-def _state(c):
-    return c.compile_state if isinstance(c, recurrent.DeviceArraysCache) else c.state
+            c.state = state
 
 
 def _compiled(fn, get_state, set_state):

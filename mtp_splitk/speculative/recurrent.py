@@ -73,13 +73,14 @@ class DeviceArraysCache(ArraysCache):
         pass  # fixed size
 
     @property
-    def compile_state(self) -> List[mx.array]:
+    def state(self) -> List[mx.array]:
         """Every array a pass reads and :meth:`commit` replaces (offset, window,
-        state, the last two passes' candidates), flat: what mx.compile takes in and out."""
+        state, the last two passes' candidates), flat, as ``DeviceKVCache.state``
+        holds its offset: what the compiled step takes in and out."""
         return [self.offset, *self.cache] + [a for entry in self._passes for a in entry]
 
-    @compile_state.setter
-    def compile_state(self, arrays: List[mx.array]):
+    @state.setter
+    def state(self, arrays: List[mx.array]):
         self.offset, self.cache = arrays[0], list(arrays[1:3])
         rest = arrays[3:]
         self._passes = [tuple(rest[i : i + 5]) for i in range(0, len(rest), 5)]

@@ -178,6 +178,9 @@ for step in "$@"; do
       # TUNE_MODELS: family,size pairs of the synthetic models, or mtp:NAME for a model of
       # bench.models.MTP_MODELS (e.g. the 5-bit mtp:qwen3-next-80b-a3b-12l), each tuned into the one table.
       until [ -z "${TUNE_MODELS:-}" ] || [ -e "$MODELS/.written" ]; do sleep 2; done
+      # an mtp: model is one of MODELS_EXTRA, written after the base ones
+      specs=${TUNE_MODELS:-}
+      until [ "${specs#*mtp:}" = "$specs" ] || [ -e "$MODELS/.extra-written" ]; do sleep 2; done
       for spec in ${TUNE_MODELS:-default}; do
         IFS=, read -r family size <<<"$spec"
         if [ "${spec#mtp:}" != "$spec" ]; then

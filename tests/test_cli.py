@@ -190,8 +190,8 @@ def test_mtp_without_model_on_a_fresh_machine(tmp_path):
     stats = stats_lines(result.stderr)
     assert stats["Generation"].startswith("16 tokens,")
     assert stats["Drafter"] == "the target's MTP head, k=3"
-    # A hybrid (Gated DeltaNet) target, in the overlapped loop too.
-    assert stats["Loop"] == "overlapped (step n+1 is queued before step n's verdict is read)"
+    # A hybrid (Gated DeltaNet) target, in the overlapped loop too, its step compiled by default.
+    assert stats["Loop"] == "overlapped, compiled (mx.compile) (step n+1 is queued before step n's verdict is read)"
     steps, drafted, accepted = speculation(stats)
     assert drafted > 0 and steps + accepted == 16
     assert sum(histogram(stats).values()) == steps

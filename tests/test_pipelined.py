@@ -531,7 +531,8 @@ def test_compiled_steps_are_plain_greedy_across_bucket_growth(family, patched, m
 
 
 def test_the_step_is_compiled_by_default_when_the_patch_is_on(models):
-    """compile_step=None: compiled patched (where it measured faster), not unpatched."""
+    """compile_step=None: a dense model's step compiled patched (where it measured faster),
+    not unpatched."""
     model, _ = models("llama")
     for patched in (False, True):
         with patch.enabled(patched):
@@ -588,7 +589,7 @@ def test_hybrids_compiled_steps_are_plain_greedy_and_replayed(family, patched, m
     """Under compile_step a hybrid's step goes through mx.compile with its Gated
     DeltaNet candidates passed in and out: plain greedy tokens at every acceptance,
     across 8-row buckets, the layers traced a few times (their candidates filling
-    two passes, the buckets growing), not once a step; by default (patched) not compiled."""
+    two passes, the buckets growing), not once a step; compiled by default."""
     from mlx_lm.models import qwen3_5, qwen3_next
 
     from mtp_splitk.speculative import recurrent
@@ -607,8 +608,9 @@ def test_hybrids_compiled_steps_are_plain_greedy_and_replayed(family, patched, m
             assert out == expected and stats.overlapped and stats.compiled_steps >= stats.steps - 1, p
             layers = sum(hasattr(m, "A_log") for _, m in model.named_modules())
             assert len(calls) <= 8 * layers < stats.steps * layers, (p, len(calls))
-        out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3)
-        assert out == expected[:16] and stats.compiled_steps == 0
+        for compile_step, compiled in ((None, True), (False, False)):  # the default compiles, patched or not
+            out, stats = run(model, AcceptanceControlledDrafter(expected, 0.8, VOCAB), 16, 3, compile_step=compile_step)
+            assert out == expected[:16] and (stats.compiled_steps > 0) == compiled
 
 
 # -- plain decoding at k = 0 (speculative.decode) -------------------------------------------

@@ -48,10 +48,10 @@ def test_routes_follow_the_planner(monkeypatch, spy):
     """A layer remembers the planner's answer for an input, for the current
     split policy, device and decisions (ops.clear_cache): a change of any of
     them asks again; later calls skip the ops, to MLX's op or the kernel's."""
-    pretend_gpu(monkeypatch, "NVIDIA H200")  # its table: MLX's op for 4096 x 4096 at M = 1
+    pretend_gpu(monkeypatch, "NVIDIA H200")  # its table: MLX's op for 2048 x 4096 at M = 1
     launched = []
     stand_in_kernels(monkeypatch, launched)
-    layer = _half_linear(4096, 4096)
+    layer = _half_linear(2048, 4096)
     x = mx.random.normal((1, 1, 4096)).astype(mx.bfloat16)
     expected = layer(x)
 

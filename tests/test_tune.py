@@ -53,13 +53,13 @@ def test_planner_reads_the_user_table_first_and_skips_failed_variants(user_cache
     def moe(P):
         return planner.plan_gather(P, 128, 768, 2048, 4, 64, "affine", mx.bfloat16, H200)
 
-    # The shipped H200 table: 4096x4096 from M = 3, 14336x4096 at M = 2..7, the
-    # Qwen3 experts (128 x 768 x 2048) from 96 pairs.
-    assert dense(1, 4096, 4096) is None and dense(4, 14336, 4096) is not None
+    # The shipped H200 table: 4096x2048 (Qwen3's q) at M = 4..7, 14336x4096 at M = 1..7,
+    # the Qwen3 experts (128 x 768 x 2048) from 96 pairs.
+    assert dense(1, 4096, 2048) is None and dense(4, 14336, 4096) is not None
     assert moe(128) is not None
     user = json.loads(open(f"{planner.TUNING_DIR}/nvidia_h200.json").read())
-    user["m_range"]["affine4:4096x4096"] = [1, 64]
-    user["warps_k"]["4096x4096"] = 8
+    user["m_range"]["affine4:4096x2048"] = [1, 64]
+    user["warps_k"]["4096x2048"] = 8
     user["failed"] = {
         "dense:affine:b4:g64:14336x4096": "M=3: relative error 0.4 against MLX's op (limit 0.01)",
         "moe:affine:b4:g64:128x768x2048": "M=1: outputs left unwritten (NaN poison) or NaN",
@@ -69,7 +69,7 @@ def test_planner_reads_the_user_table_first_and_skips_failed_variants(user_cache
     tune.write_table(path, user)
     planner.load_tuning.cache_clear()
 
-    assert dense(1, 4096, 4096).warps_k == 8  # the user's range and split
+    assert dense(1, 4096, 2048).warps_k == 8  # the user's range and split
     assert dense(4, 14336, 4096) is None and moe(128) is None  # failed: never planned
     with planner.split(4):  # not even forced
         assert dense(4, 14336, 4096) is None and moe(128) is None

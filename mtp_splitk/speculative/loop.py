@@ -105,7 +105,8 @@ def speculative_generate_step(
           ``stats.overlap_off`` says why not, where it cannot.
         compile_step: in the overlapped loop, the target's part of each step
           (and a draft model's or MTP head's) through ``mx.compile``; ``None``:
-          when the patch is on (:func:`~.pipelined.compile_by_default`).
+          when the patch is on or the model is a Gated DeltaNet hybrid
+          (:func:`~.pipelined.compile_by_default`).
 
     Yields:
         ``(token, logprobs, from_draft)``: ``logprobs`` is the target's (V,)

@@ -35,7 +35,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import sum_gradients
 from mlx_lm.models import mla, switch_layers
 
-from . import fused, ops, routing
+from . import fused, gated_delta, ops, routing
 
 # -- copies of the originals, matmul swapped ------------------------------------------------
 
@@ -232,6 +232,7 @@ def enable() -> None:
                 routed = _ROUTERS.get(replacement, routing.router)(original, replacement)
             setattr(cls, name, routed)
         fused.enable()  # attention and MLP blocks: q/k/v and gate/up in one launch each
+        gated_delta.enable()  # Gated DeltaNet's recurrence: one launch a pass on CUDA
 
 
 def disable() -> None:
@@ -241,6 +242,7 @@ def disable() -> None:
             setattr(cls, name, original)
         _originals.clear()
         fused.disable()
+        gated_delta.disable()
 
 
 @contextlib.contextmanager

@@ -384,6 +384,24 @@ def plan_gather_glu(
     return plan
 
 
+def plan_gated_delta(Hk: int, Hv: int, dk: int, dtype, device: Device) -> bool:
+    """Whether the Gated DeltaNet recurrence kernel (kernels/gated_delta.cu) takes
+    a pass: CUDA, a lane's dk / 32 state entries in registers (dk a multiple of 32,
+    at most 256), whole groups of value heads a key head, bfloat16 or float16
+    activations; not with the split forced off. Only with MTP_SPLITK_GATED_DELTA=1
+    until the kernel has run on a GPU (tests/test_gated_delta_gpu.py)."""
+    return (
+        device.backend == "cuda"
+        and _forced != 0
+        and os.environ.get("MTP_SPLITK_GATED_DELTA", "0") == "1"
+        and dk % 32 == 0
+        and 32 <= dk <= 256
+        and Hk > 0
+        and Hv % Hk == 0
+        and dtype in (mx.bfloat16, mx.float16)
+    )
+
+
 def moe_split(tuning: dict, E: int, N: int, K: int, sm_count: int) -> tuple:
     """(warps along K, depth) of the grouped kernel for E experts of (N, K): the
     table's (``moe_warps_k``, ``moe_depth``, swept by scripts/bench_moe.py --tune),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compile the CUDA kernels for sm_90a with nvcc, no GPU needed, and print the
+"""Compile the CUDA kernels (split-K matmuls, Gated DeltaNet) for sm_90a with nvcc, no GPU needed, and print the
 resource report (registers, spills, shared memory) per variant.
 
 Mirrors what mx.fast.cuda_kernel generates (a __global__ wrapper around the
@@ -30,6 +30,13 @@ VARIANTS = [
     ("nvfp4", "__nv_bfloat16", "uint8_t", 3, 4, 16, 4096, 4096, 4, 1, 1, "false"),
 ]
 
+# (name, T, TB, DK, WARPS, ALL_STATES)
+GATED_DELTA = [
+    ("gated_delta_bf16_dk128_all", "__nv_bfloat16", "__nv_bfloat16", 128, 4, "true"),
+    ("gated_delta_bf16_dk128_last", "__nv_bfloat16", "__nv_bfloat16", 128, 4, "false"),
+    ("gated_delta_f16_dk256_all", "__half", "float", 256, 4, "true"),
+]
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -51,6 +58,15 @@ def main():
         "  splitk_gather_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 1>"
         "(x, w, s, b, idx, y, P, E, N, K, d);\n}\n"
     )
+    # The Gated DeltaNet recurrence (kernels/gated_delta.cu): every state kept, and the last only.
+    src += read_source("gated_delta.cu")
+    for name, T, TB, dk, warps, keep in GATED_DELTA:
+        src += (
+            f"\n__global__ void {name}(const {T}* q, const {T}* k, const {T}* v, const float* g, const {TB}* beta,"
+            f" const float* state, {T}* y, float* states, const int* q_shape, const int* v_shape) {{\n"
+            f"  gated_delta_rows<{T}, {TB}, {dk}, {warps}, {keep}>(q, k, v, g, beta, state, y, states,"
+            " q_shape[0], q_shape[1], q_shape[2], v_shape[2], v_shape[3]);\n}\n"
+        )
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "check.cu")
         open(path, "w").write(src)

@@ -72,7 +72,7 @@ for step in "$@"; do
       shards=${TEST_SHARDS:-1}
       rm -f "$RES"/shard*.txt "$RES"/gpu_tests_shard*.txt  # an earlier call's on this machine
       python3 -m pytest -q --collect-only -m gpu -p no:cacheprovider \
-        ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_fused_gpu.py tests/test_patch.py tests/test_pipelined_gpu.py} 2>/dev/null \
+        ${TEST_SELECT:-tests/test_kernels_gpu.py tests/test_moe_gpu.py tests/test_fused_gpu.py tests/test_patch.py tests/test_pipelined_gpu.py tests/test_gated_delta_gpu.py} 2>/dev/null \
         | grep "::" >"$RES/gpu_test_ids.txt"
       pids=(); set -f  # test ids hold [ ]: no globbing
       for i in $(seq 0 $(( shards - 1 ))); do

@@ -40,3 +40,17 @@ def stand_in_kernels(monkeypatch, launched: list):
 
     monkeypatch.setattr(launch, "dense", dense)
     monkeypatch.setattr(launch, "gather", gather)
+
+
+def gated_delta_by_ops(q, k, v, g, beta, state):
+    """The Gated DeltaNet recurrence as mlx-lm's ops compute it, one row at a time
+    (what kernels/gated_delta.cu computes, up to the sums' order): (y, every row's state)."""
+    from mlx_lm.models.gated_delta import gated_delta_ops
+
+    ys, states = [], []
+    for t in range(q.shape[1]):
+        row = slice(t, t + 1)
+        y, state = gated_delta_ops(q[:, row], k[:, row], v[:, row], g[:, row], beta[:, row], state)
+        ys.append(y)
+        states.append(state)
+    return mx.concatenate(ys, axis=1), mx.stack(states)

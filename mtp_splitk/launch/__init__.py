@@ -112,3 +112,18 @@ def gather_glu(plan: Plan, x, gate, up, idx, x_div: int, poison=None) -> mx.arra
     kernel = cuda.gather_glu_launch(plan, x.dtype, gate[1].dtype, x_div)
     return _one_output(kernel, [x] + _weight_inputs([gate, up]) + [idx], (blocks * threads, 1, 1), (threads, 1, 1),
                        (P, plan.N), x.dtype, poison)
+
+
+def gated_delta(q, k, v, g, beta, state, all_states: bool, poison=None):
+    """The Gated DeltaNet recurrence over q's T rows (CUDA only; shapes as
+    mlx-lm's gated_delta_ops takes them, g scalar a head): y [B, T, Hv, Dv] and the
+    state after every row [T, B, Hv, Dv, Dk] (``all_states``) or after the last [1, ...]."""
+    B, T, _, dk = q.shape
+    Hv, Dv = v.shape[-2:]
+    kernel = cuda.gated_delta_launch(q.dtype, beta.dtype, dk, all_states)
+    rows = B * Hv * Dv
+    threads = cuda.GATED_DELTA_WARPS * 32
+    blocks = -(-rows // cuda.GATED_DELTA_WARPS)
+    return kernel(inputs=[q, k, v, g, beta, state], grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1),
+                  output_shapes=[(B, T, Hv, Dv), (T if all_states else 1, B, Hv, Dv, dk)],
+                  output_dtypes=[q.dtype, mx.float32], init_value=poison)

@@ -28,15 +28,15 @@ _CUDA_TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "
 
 
 @lru_cache(maxsize=None)
-def _cuda_header() -> str:
+def _cuda_header(file: str = "splitk_qmm.cu") -> str:
     """The kernel file for NVRTC, by absolute path when that can be spelled in
     an #include: MLX copies a kernel's header text into every call's
     primitive, and the measured per-op cost grew with it (scripts/
     bench_launch.py), so only the include line travels."""
-    path = os.path.join(kernel_dir(), "splitk_qmm.cu").replace(os.sep, "/")
+    path = os.path.join(kernel_dir(), file).replace(os.sep, "/")
     if os.path.isabs(path) and not any(c in path for c in '"\\\n'):
         return f'#include "{path}"\n'
-    return read_source("splitk_qmm.cu")
+    return read_source(file)
 
 
 def _cuda_call(function: str, plan: Plan, dtype, scales_dtype) -> str:
@@ -186,3 +186,22 @@ def gather_glu_launch(plan: Plan, dtype, scales_dtype, x_div: int):
             + f"w0_shape[1], x_shape[1], {x_div}, {_swiglu(dtype)});")
     return _fused_kernel("gather_glu", plan, body, multi_input_names(affine, 2) + ["idx"], ["y"],
                          _MLX_OPS + _cuda_header(), 2 * shared_memory(plan))
+
+
+GATED_DELTA_WARPS = 4  # value rows a block (kernels/gated_delta.cu)
+
+
+@lru_cache(maxsize=64)
+def gated_delta_launch(dtype, beta_dtype, dk: int, all_states: bool):
+    """The Gated DeltaNet recurrence over a pass's rows (kernels/gated_delta.cu):
+    the kernel object; one warp a value row, GATED_DELTA_WARPS a block."""
+    body = (f"gated_delta_rows<{_CUDA_TYPES[dtype]}, {_CUDA_TYPES[beta_dtype]}, {dk}, {GATED_DELTA_WARPS}, "
+            f"{'true' if all_states else 'false'}>(q, k, v, g, beta, state, y, states, q_shape[0], q_shape[1], "
+            "q_shape[2], v_shape[2], v_shape[3]);")
+    return mx.fast.cuda_kernel(
+        name=kernel_name("gated_delta", False, read_source("gated_delta.cu"), body),
+        input_names=["q", "k", "v", "g", "beta", "state"],
+        output_names=["y", "states"],
+        source=body,
+        header=_cuda_header("gated_delta.cu"),
+    )

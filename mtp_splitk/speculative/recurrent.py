@@ -8,8 +8,9 @@ final state, and which prefix of a verify pass survives is known only from
 the pass's own logits. So during the overlapped loop each such layer (its
 instance's class swapped, as :mod:`.verify_rows` does) hands a
 :class:`DeviceArraysCache` the whole convolution input of the pass and its
-recurrent state after every row, one row at a time through mlx-lm's
-``gated_delta_update`` (a decode step's own arithmetic); :meth:`commit`
+recurrent state after every row (:func:`mtp_splitk.gated_delta.rows`: with the
+patch on CUDA one launch a pass, the patched decode step's arithmetic; else
+mlx-lm's ``gated_delta_update`` a row at a time, a decode step's own); :meth:`commit`
 then picks the convolution window and the state at the accepted count, a
 lazy array, and step n+1 is built on them before step n is read. Costs M
 states a layer in memory (M = k+1 rows).
@@ -21,8 +22,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import qwen3_5, qwen3_next
 from mlx_lm.models.cache import ArraysCache
-from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
+from mlx_lm.models.gated_delta import normalize_qk
 
+from .. import gated_delta
 from .verify_rows import swap_classes
 
 
@@ -40,8 +42,8 @@ class DeviceArraysCache(ArraysCache):
         self._held = None
         self._passes = []  # (offset before, conv window before, state before, conv input, states)
 
-    def hold(self, conv_input: mx.array, states: List[mx.array]):
-        self._held = (conv_input, mx.stack(states))
+    def hold(self, conv_input: mx.array, states: mx.array):
+        self._held = (conv_input, states)  # states: [rows, ...] after each row
 
     def commit(self, kept):
         """Keep the first ``kept`` rows (an int or a lazy int32 array, >= 1) of
@@ -126,17 +128,10 @@ def _verify_call(self, inputs: mx.array, mask=None, cache=None) -> mx.array:
         )
     ]
     q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
-    state, outs, states = cache[1], [], []
-    for t in range(S):  # one row at a time, as decoding runs it: every state kept
-        row = slice(t, t + 1)
-        out, state = gated_delta_update(
-            q[:, row], k[:, row], v[:, row], a[:, row], b[:, row],
-            self.A_log, self.dt_bias, state, None, use_kernel=not self.training,
-        )
-        outs.append(out)
-        states.append(state)
+    # Every row's state kept: one launch where the patch's kernel takes it, else row by row.
+    out, states = gated_delta.rows(q, k, v, a, b, self.A_log, self.dt_bias, cache[1], not self.training)
     cache.hold(conv_input, states)
-    out = self.norm(mx.concatenate(outs, axis=1), z)
+    out = self.norm(out, z)
     return self.out_proj(out.reshape(B, S, -1))
 
 

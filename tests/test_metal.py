@@ -30,6 +30,7 @@ from mtp_splitk.launch import common, metal as launch_metal
 from mtp_splitk.plan import Plan
 
 SHIM_DIR = os.path.join(os.path.dirname(__file__), "metal_shim")
+SHIM_COMMON = os.path.join(os.path.dirname(__file__), "shim_common")
 
 # get_type_string in MLX's Metal backend.
 TYPE_NAMES = {
@@ -341,20 +342,7 @@ def _build_program(cases, workdir):
         lines.append("}")
         runners.append("\n".join(lines))
     host = ["#undef kernel", "#undef device", "#undef constant", "#undef thread", "#undef threadgroup",
-            "#include <cstdlib>", "#include <fstream>", "#include <iterator>", "#include <string>",
-            """template <class T>
-std::vector<T> load(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  std::vector<char> raw((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  std::vector<T> v(raw.size() / sizeof(T));
-  std::memcpy(v.data(), raw.data(), raw.size());
-  return v;
-}
-template <class T>
-void save(const std::string& path, const std::vector<T>& v) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}"""]
+            "#include <cstdlib>", '#include "shim_io.h"']
     dispatch = "\n".join(f"    case {n}: run_{n}(dir); break;" for n in range(len(cases)))
     main = f"""int main(int argc, char** argv) {{
   const std::string dir = argv[1];
@@ -458,7 +446,8 @@ def _emulate(cases, workdir, flags=()):
         f.write(_build_program(rec.calls, workdir))
     exe = os.path.join(workdir, "kernels")
     cmd = [gxx, "-std=c++20", "-O0", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-attributes",
-           "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable", *flags, "-I", SHIM_DIR,
+           "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable", *flags,
+           "-I", SHIM_DIR, "-I", SHIM_COMMON,
            src, "-o", exe]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if build.returncode != 0 and flags and "cannot find" in build.stderr:

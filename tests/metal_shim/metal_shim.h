@@ -43,27 +43,8 @@ struct uint4 {
   uint x, y, z, w;
 };
 
-// bfloat16 with round-to-nearest-even from float (as MLX converts).
-struct bfloat16_t {
-  uint16_t bits;
-  bfloat16_t() = default;
-  bfloat16_t(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
-      bits = uint16_t((u >> 16) | 0x40u);  // quiet NaN
-    } else {
-      bits = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-    }
-  }
-  operator float() const {
-    uint32_t u = uint32_t(bits) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-};
-static_assert(sizeof(bfloat16_t) == 2);
+#include "shim_bfloat16.h"
+typedef shim_bfloat16 bfloat16_t;
 
 typedef _Float16 half;
 typedef _Float16 float16_t;

@@ -345,10 +345,7 @@ def shim_outputs(tmp_path_factory):
     with open(src, "w") as f:
         f.write(shim._build_program(rec.calls, workdir))
     exe = os.path.join(workdir, "kernels")
-    cmd = [gxx, "-std=c++20", "-O0", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-attributes",
-           "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-I", shim.SHIM_DIR,
-           src, "-o", exe]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    build = shim.compile_program(gxx, src, exe)
     assert build.returncode == 0, build.stderr[-6000:]
     assert "warning" not in build.stderr, build.stderr[-6000:]
     run = subprocess.run([exe, workdir] + [str(n) for n in range(len(rec.calls))], capture_output=True,

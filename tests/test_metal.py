@@ -32,6 +32,15 @@ from mtp_splitk.plan import Plan
 SHIM_DIR = os.path.join(os.path.dirname(__file__), "metal_shim")
 SHIM_COMMON = os.path.join(os.path.dirname(__file__), "shim_common")
 
+
+def compile_program(gxx, src, exe, flags=()):
+    """Build a shim program; its generated source includes both shim directories' headers."""
+    cmd = [gxx, "-std=c++20", "-O0", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-attributes",
+           "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable", *flags,
+           "-I", SHIM_DIR, "-I", SHIM_COMMON, src, "-o", exe]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
 # get_type_string in MLX's Metal backend.
 TYPE_NAMES = {
     mx.bfloat16: "bfloat16_t",
@@ -445,11 +454,7 @@ def _emulate(cases, workdir, flags=()):
     with open(src, "w") as f:
         f.write(_build_program(rec.calls, workdir))
     exe = os.path.join(workdir, "kernels")
-    cmd = [gxx, "-std=c++20", "-O0", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-attributes",
-           "-Wno-unknown-pragmas", "-Wno-unused-variable", "-Wno-unused-but-set-variable", *flags,
-           "-I", SHIM_DIR, "-I", SHIM_COMMON,
-           src, "-o", exe]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    build = compile_program(gxx, src, exe, flags)
     if build.returncode != 0 and flags and "cannot find" in build.stderr:
         pytest.skip(f"g++ has no runtime for {' '.join(flags)}")
     assert build.returncode == 0, build.stderr[-6000:]

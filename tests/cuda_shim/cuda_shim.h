@@ -25,7 +25,7 @@
 #define __global__
 #define __forceinline__ inline
 
-#include "shim_bfloat16.h"
+#include "../shim_common/shim_bfloat16.h"
 typedef shim_bfloat16 __nv_bfloat16;
 typedef _Float16 __half;
 

@@ -43,7 +43,7 @@ struct uint4 {
   uint x, y, z, w;
 };
 
-#include "shim_bfloat16.h"
+#include "../shim_common/shim_bfloat16.h"
 typedef shim_bfloat16 bfloat16_t;
 
 typedef _Float16 half;

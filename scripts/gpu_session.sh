@@ -153,11 +153,15 @@ for step in "$@"; do
       # Llama-3-8B shape or STEP_MODEL's) under ncu, GPU time by kernel (scripts/profile_step.py).
       llama=$(step_model)
       until [ -e "$llama/config.json" ]; do sleep 2; done
-      for what in ${PROFILE_STEPS:-decode verify step}; do
-        timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none --cache-control none \
-          --metrics gpu__time_duration.sum --csv --log-file "$RES/ncu_$what.csv" \
-          python3 -m scripts.profile_step --model "$llama" --what "$what" --patched >"$RES/profile_$what.log" 2>&1
-        python3 -m scripts.profile_step --summarize "$RES/ncu_$what.csv" 2>&1 | tee "$RES/profile_$what.txt" | head -12
+      # PROFILE_STATES: "patched" (default), "unpatched", or both.
+      for state in ${PROFILE_STATES:-patched}; do
+        flag=$([ "$state" = patched ] && echo --patched); tag=$([ "$state" = patched ] || echo "_$state")
+        for what in ${PROFILE_STEPS:-decode verify step}; do
+          timeout "${PROFILE_TIMEOUT:-150}" ncu --profile-from-start off --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --log-file "$RES/ncu_$what$tag.csv" \
+            python3 -m scripts.profile_step --model "$llama" --what "$what" $flag >"$RES/profile_$what$tag.log" 2>&1
+          python3 -m scripts.profile_step --summarize "$RES/ncu_$what$tag.csv" 2>&1 | tee "$RES/profile_$what$tag.txt" | head -12
+        done
       done ;;
     attention)
       # One layer's attention as the synchronous verify runs it and as the overlapped step does.

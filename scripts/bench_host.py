@@ -24,8 +24,13 @@ drafts, the acceptance-controlled drafter): host ms to build one, as a chain of
 32 steps built lazily (bench.measure.step_split_ms's build), uncompiled and with
 the target's part through ``mx.compile`` (``compile_step``), unpatched and patched.
 
+With ``--model DIR --on-device`` (on a GPU) nothing is stubbed and the planner sees the
+real device: host ms to build a chain of forwards and ms to evaluate it, unpatched and
+patched; ``--profile N`` prints the N functions of most own time in one block of each
+(cProfile), to find host work that only the real device's path does.
+
 Usage: python -m scripts.bench_host [--device-name "NVIDIA H200"] [--calls 2000] [--blocks 41]
-       python -m scripts.bench_host --model DIR [--rows 5] [--step 4]
+       python -m scripts.bench_host --model DIR [--rows 5] [--step 4] [--on-device [--profile 25]]
 """
 import argparse
 import collections
@@ -67,7 +72,11 @@ def main():
     ap.add_argument("--model", help="time a whole forward of this mlx-lm model directory instead")
     ap.add_argument("--rows", type=int, default=5, help="with --model: rows of the forward")
     ap.add_argument("--step", type=int, metavar="K", help="with --model: the overlapped loop's step of K drafts")
+    ap.add_argument("--on-device", action="store_true", help="with --model: the real device and launches")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="with --on-device: cProfile's top N")
     args = ap.parse_args()
+    if args.on_device:
+        return device_forward_ms(args.model, args.rows, args.profile)
     device = plan.Device("cuda", args.device_name, 132)
     plan.current_device = lambda: device  # the planner believes it is on that GPU
     assert plan.load_tuning(device.name), f"no tuning table for {device.name}"
@@ -150,6 +159,49 @@ def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, block
     print(f"host ms to build a forward of {rows} rows ({model_dir}), planner on {device.name}'s table: "
           f"unpatched {statistics.median(base):.3f}, patched {statistics.median(patched):.3f}; "
           f"stub launches a forward: {per_forward}")
+
+
+def device_forward_ms(model_dir: str, rows: int, top: int, forwards: int = 32, blocks: int = 7):
+    """Host ms to build a chain of ``forwards`` dependent forwards of ``rows`` rows and ms
+    to evaluate it, on the real device, unpatched and patched (alternating blocks; median)."""
+    import cProfile
+    import pstats
+
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(model_dir)
+    vocab = model.args.vocab_size
+
+    def chain_ms(profile=None):
+        cache = make_prompt_cache(model)
+        x = mx.array([[3] * rows])
+        profile and profile.enable()  # the build only
+        t0 = time.perf_counter()
+        for _ in range(forwards):
+            x = (mx.argmax(model(x, cache=cache), axis=-1) + 1) % vocab
+        t1 = time.perf_counter()
+        profile and profile.disable()
+        mx.eval(x)
+        return (t1 - t0) / forwards * 1e3, (time.perf_counter() - t1) / forwards * 1e3
+
+    times = {False: [], True: []}
+    for i in range(blocks + 1):  # the first block warms up (routes, kernels)
+        for patched in times:
+            with patch.enabled(patched):
+                build, evaluate = chain_ms()
+            if i:
+                times[patched].append((build, evaluate))
+    for patched, runs in times.items():
+        print(f"{'patched' if patched else 'unpatched'}, {forwards} forwards of {rows} rows on "
+              f"{plan.current_device().name}: build {statistics.median(b for b, _ in runs):.3f} ms, "
+              f"evaluation {statistics.median(e for _, e in runs):.3f} ms a forward")
+    for patched in times if top else ():
+        profile = cProfile.Profile()
+        with patch.enabled(patched):
+            chain_ms(profile)
+        print(f"--- {'patched' if patched else 'unpatched'}: own time, top {top}")
+        pstats.Stats(profile).sort_stats("tottime").print_stats(top)
 
 
 def step_host_ms(model, k: int, device, blocks: int, steps: int = 32):

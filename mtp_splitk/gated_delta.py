@@ -11,8 +11,8 @@ and returns every row's state, and :func:`enable` sends mlx-lm's own
 ``gated_delta_update`` of qwen3_next and qwen3_5 to the same kernel, so that a
 decode step's row and a verify pass's row are the same arithmetic (the kernel
 computes T rows in one launch exactly as T launches of one row). Elsewhere, and
-for masked, bounded or negative-eigenvalue variants: mlx-lm's function. The
-kernel is opt-in (``MTP_SPLITK_GATED_DELTA=1``) until it has run on a GPU.
+for masked, bounded or negative-eigenvalue variants, and with
+``MTP_SPLITK_GATED_DELTA=0``: mlx-lm's function.
 """
 
 import mlx.core as mx

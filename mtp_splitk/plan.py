@@ -388,12 +388,12 @@ def plan_gated_delta(Hk: int, Hv: int, dk: int, dtype, device: Device) -> bool:
     """Whether the Gated DeltaNet recurrence kernel (kernels/gated_delta.cu) takes
     a pass: CUDA, a lane's dk / 32 state entries in registers (dk a multiple of 32,
     at most 256), whole groups of value heads a key head, bfloat16 or float16
-    activations; not with the split forced off. Only with MTP_SPLITK_GATED_DELTA=1
-    until the kernel has run on a GPU (tests/test_gated_delta_gpu.py)."""
+    activations; not with the split forced off, nor with MTP_SPLITK_GATED_DELTA=0
+    (MLX's ops, for comparison)."""
     return (
         device.backend == "cuda"
         and _forced != 0
-        and os.environ.get("MTP_SPLITK_GATED_DELTA", "0") == "1"
+        and os.environ.get("MTP_SPLITK_GATED_DELTA", "1") != "0"
         and dk % 32 == 0
         and 32 <= dk <= 256
         and Hk > 0

@@ -34,11 +34,13 @@ def inputs(B=1, S=4, Hk=2, Hv=4, dk=32, dv=32, seed=0):
 
 @pytest.fixture
 def kernel_on(monkeypatch):
-    monkeypatch.setenv("MTP_SPLITK_GATED_DELTA", "1")  # opt-in until it has run on a GPU
+    monkeypatch.delenv("MTP_SPLITK_GATED_DELTA", raising=False)  # on by default
 
 
-def test_the_kernel_is_opt_in(monkeypatch):
+def test_the_kernel_is_on_by_default_and_off_with_the_variable(monkeypatch):
     monkeypatch.delenv("MTP_SPLITK_GATED_DELTA", raising=False)
+    assert planner.plan_gated_delta(16, 32, 128, mx.bfloat16, CUDA)
+    monkeypatch.setenv("MTP_SPLITK_GATED_DELTA", "0")
     assert not planner.plan_gated_delta(16, 32, 128, mx.bfloat16, CUDA)
 
 

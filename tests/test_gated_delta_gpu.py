@@ -78,7 +78,7 @@ def test_gpu_patched_update_is_mlx_lms_within_rounding(monkeypatch):
     a, b = (mx.random.normal((B, T, Hv)).astype(mx.bfloat16) for _ in range(2))
     A_log, dt_bias = mx.random.normal((Hv,)) * 0.5, mx.random.normal((Hv,)).astype(mx.bfloat16)
     y_ref, final_ref = mlx_gd.gated_delta_update(q, k, v, a, b, A_log, dt_bias, state)
-    monkeypatch.setenv("MTP_SPLITK_GATED_DELTA", "1")
+    monkeypatch.delenv("MTP_SPLITK_GATED_DELTA", raising=False)  # on by default
     assert planner.plan_gated_delta(Hk, Hv, dk, q.dtype, planner.current_device())
     with patch.enabled():
         y, final = gated_delta.update(q, k, v, a, b, A_log, dt_bias, state)

@@ -52,12 +52,14 @@ def main():
             f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {rt}, {fast4}, 2>"
             f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
         )
-    src += (
-        "\n__global__ void gather_affine4(const __nv_bfloat16* x, const uint32_t* w, const __nv_bfloat16* s,"
-        " const __nv_bfloat16* b, const uint32_t* idx, __nv_bfloat16* y, int P, int E, int N, int K, int d) {\n"
-        "  splitk_gather_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 1>"
-        "(x, w, s, b, idx, y, P, E, N, K, d);\n}\n"
-    )
+    for rt in (1, 2):  # the grouped kernel at 1 and 2 row tiles a block (scripts/profile_kernel.py --moe)
+        src += (
+            f"\n__global__ void gather_affine4_rt{rt}(const __nv_bfloat16* x, const uint32_t* w,"
+            " const __nv_bfloat16* s, const __nv_bfloat16* b, const uint32_t* idx, __nv_bfloat16* y, int P, int E,"
+            " int N, int K, int d) {\n"
+            f"  splitk_gather_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, {rt}, true, 1>"
+            "(x, w, s, b, idx, y, P, E, N, K, d);\n}\n"
+        )
     # The Gated DeltaNet recurrence (kernels/gated_delta.cu): every state kept, and the last only.
     src += read_source("gated_delta.cu")
     for name, T, TB, dk, warps, keep in GATED_DELTA:

@@ -197,13 +197,14 @@ for step in "$@"; do
       done
       cp -r /tmp/tune-cache/tuning "$RES/tune" 2>/dev/null ;;
     profile)
-      # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone).
+      # Hardware counters of the dense kernel (Firecracker machines; leave the clocks alone);
+      # PROFILE_ARGS=--moe: the grouped MoE kernel's instead.
       # Only the matmul kernels: the random-weight set-up kernels took most of the
       # first profile's time limit.
-      timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm" \
+      timeout "${PROFILE_TIMEOUT:-200}" ncu --clock-control none -k "regex:mtp_splitk|qmv|qmm|gather" \
         --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --csv --log-file "$RES/ncu.csv" \
-        python3 -m scripts.profile_kernel 2>&1 | tee "$RES/profile_run.log" | tail -5
+        python3 -m scripts.profile_kernel ${PROFILE_ARGS:-} 2>&1 | tee "$RES/profile_run.log" | tail -5
       python3 -m scripts.profile_kernel --summarize "$RES/ncu.csv" 2>&1 | tee "$RES/profile.txt" | tail -40 ;;
     demo-model)
       # The demo model's GGUF cannot be fetched there (no index) nor carried in one call

@@ -5,6 +5,10 @@
       --section LaunchStats --section WarpStateStats --csv --log-file ncu.csv \
       python -m scripts.profile_kernel
   python -m scripts.profile_kernel --summarize ncu.csv
+
+With --moe: the grouped kernel on Qwen3-30B-A3B's experts (gate/up 768x2048, down
+2048x768, 128 experts, top-8) at 8 and 40 pairs (decode, a k = 4 verify) over
+(warps, depth, row tiles), and mx.gather_qmm on the same calls.
 """
 import csv
 import sys
@@ -25,6 +29,30 @@ def summarize(path):
     for i, k in kernels.items():
         print(i, k.pop("name"))
         print("    " + "; ".join(f"{key}={k[key]}" for key in KEYS if key in k))
+
+
+def main_moe():
+    import mlx.core as mx
+    import numpy as np
+
+    from mtp_splitk import plan as planner
+    from mtp_splitk.bench.kernels import gather_call, packed_experts, prepared_calls, routings
+
+    rng = np.random.default_rng(0)
+    configs = []
+    for name, N, K in (("gate/up", 768, 2048), ("down", 2048, 768)):
+        (parts,), _ = packed_experts(128, N, K)
+        for M in (1, 5):
+            call = prepared_calls(mx.random.normal((M, K)).astype(mx.bfloat16), routings(M, 128, 8, 1, rng), 8)[0]
+            mx.eval(gather_call(None, call, parts, 8))
+            configs.append(f"mlx {name} {N}x{K} pairs={8 * M}")
+            for wk, depth, rt in ((1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (2, 1, 2), (2, 2, 2), (4, 1, 2)):
+                if wk > -(-K // planner.K_PER_CHUNK):
+                    continue
+                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, 1, depth, rt)
+                mx.eval(gather_call(plan, call, parts, 8))
+                configs.append(f"ours {name} {N}x{K} pairs={8 * M} wk={wk} depth={depth} rt={rt}")
+    print("\n".join(f"launch order {i}: {c}" for i, c in enumerate(configs)))
 
 
 def main():
@@ -53,5 +81,7 @@ def main():
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
         summarize(sys.argv[2])
+    elif sys.argv[1:] == ["--moe"]:
+        main_moe()
     else:
         main()

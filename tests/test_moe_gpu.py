@@ -117,8 +117,9 @@ def test_planner_leaves_global_scale_and_lhs_indices_to_mlx():
 
 
 @pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("affine", 8, 128), ("mxfp4", 4, 32)])
-@pytest.mark.parametrize("warps,depth", [(1, 1), (2, 3), (4, 2)])
-def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits, group_size, warps, depth):
+@pytest.mark.parametrize("warps,depth,row_tiles", [(1, 1, 1), (2, 3, 1), (4, 2, 1), (2, 1, 2)])
+def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits, group_size, warps, depth,
+                                                                       row_tiles):
     """SwitchGLU's gate/up in one grouped launch: g and u as the grouped kernel
     stores them, then mlx-lm's swiglu, bit for bit, unsorted (x_div = top_k) and
     sorted (x_div = 1) calls, every output written (NaN poison)."""
@@ -128,7 +129,7 @@ def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits
 
     E, N, K, top_k = 32, 200, 640 if group_size != 32 else 544, 4
     gate, up = (experts(E, N, K, mode, bits, group_size, seed=s) for s in (21, 22))
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps, 1, depth)
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps, 1, depth, row_tiles)
     for M in (1, 5, 17):
         idx = routing(M, E, top_k, seed=M).reshape(-1)
         x = (mx.random.normal((M, K)) * 4).astype(mx.bfloat16)  # gate values across silu's range
@@ -141,3 +142,25 @@ def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits
             u = launch.gather(plan, xs, *up, ids, x_div)
             mismatched = (y != swiglu(g, u)).sum().item()
             assert y.shape == (M * top_k, N) and mismatched == 0, (mode, warps, depth, M, x_div, mismatched)
+
+
+@pytest.mark.parametrize("row_tiles,depth", [(2, 1), (2, 2)])
+def test_row_tiles_change_no_bit_of_the_grouped_kernel(row_tiles, depth):
+    """Row tiles (several 16-row tiles a block, sharing each x fragment; a
+    candidate for small pair counts) decide only which warp computes a row:
+    every output equals the one-tile kernel's bit for bit and the float32
+    reference within rounding, N not a multiple of the tiles, every output
+    written (NaN poison)."""
+    from mtp_splitk import launch
+
+    E, N, K, top_k = 128, 200, 768, 8  # Qwen3-30B-A3B's down K and routing, an odd N
+    w, s, b = experts(E, N, K, "affine", 4, 64, seed=31)
+    one = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, 1)
+    plan = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, depth, row_tiles)
+    for M in (1, 5):
+        idx = routing(M, E, top_k, seed=40 + M).reshape(-1)
+        x = mx.random.normal((M, K)).astype(mx.bfloat16)
+        ids = mx.array(idx)
+        y = launch.gather(plan, x, w, s, b, ids, top_k, poison=math.nan)
+        assert rel_err(y, reference(x, w, s, b, idx, top_k, "affine", 4, 64)) < TOL
+        assert mx.array_equal(y, launch.gather(one, x, w, s, b, ids, top_k)).item(), (row_tiles, depth, M)

@@ -213,8 +213,11 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 // The K loop of one block: accumulates x rows (xrow(t) gives the x row of
 // token tile t for this lane's g) times the block's weight rows into acc.
 // RT row tiles of 16 per warp share each x fragment. warp (0..WK-1) is the
-// warp's K slice: chunks warp, warp + WK, ...
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+// warp's K slice: chunks warp, warp + WK, ... LEAN (one token tile only):
+// the chunk is taken 8 k a lane at a time, one 16-byte x load and 4 weight
+// pairs a row, so 16 registers hold what 48 do (more warps an SM); the MMAs
+// and their order are the same, so are the outputs' bits.
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename XRow>
 __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* x, const uint32_t* w,
                                            const TS* scales, const TS* biases, const int (&rows)[RT][2], int K,
@@ -251,6 +254,43 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
       const int chunk = base + d * WK;
       if (chunk >= CHUNKS) break;  // warp-uniform
       const int k0 = chunk * 128 + 32 * c;
+      if constexpr (LEAN && NT == 1) {
+        const T* xr = x + (size_t)xrow(0) * K + k0;
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {  // k16 steps 2v and 2v + 1
+          uint32_t xv[4] = {0, 0, 0, 0};  // past the end of K: zeros, as load_x_run
+          if (k0 < K) {
+            const uint4 u = reinterpret_cast<const uint4*>(xr)[v];
+            xv[0] = __byte_perm(u.x, u.z, 0x5410);
+            xv[1] = __byte_perm(u.x, u.z, 0x7632);
+            xv[2] = __byte_perm(u.y, u.w, 0x5410);
+            xv[3] = __byte_perm(u.y, u.w, 0x7632);
+          }
+#pragma unroll
+          for (int r = 0; r < RT; ++r) {
+            // Only pairs 4v .. 4v + 3 are used: the rest is dead code.
+            uint32_t p0[16], p1[16];
+            dequant_run<T, MODE, BITS, G, FAST4>(p0, ring[d][r][0]);
+            dequant_run<T, MODE, BITS, G, FAST4>(p1, ring[d][r][1]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int s = 2 * v + h;
+              const uint32_t b[2] = {xv[2 * h], xv[2 * h + 1]};
+              const uint32_t a[4] = {p0[2 * s], p1[2 * s], p0[2 * s + 1], p1[2 * s + 1]};
+              Mma<T>::run(acc[0][r][s & 1], a, b);
+            }
+          }
+        }
+        const int refill = chunk + DEPTH * WK;
+        if (refill < CHUNKS) {
+#pragma unroll
+          for (int r = 0; r < RT; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], refill * 128 + 32 * c, K);
+        }
+        continue;
+      }
       // x of the first token tile first: its latency overlaps the dequant.
       uint32_t xb[16];
       load_x_run<T>(xb, x + (size_t)xrow(0) * K + k0, k0 < K);
@@ -372,7 +412,7 @@ __device__ __forceinline__ void lane_rows(int (&rows)[RT][2], int row0, int N) {
 
 // Row tile `tile` (16 * RT rows) of y[M, N] = x[M, K] @ dequant(w[N, K]).T;
 // out(i, v) stores element i = slot * N + row of the fp32 sum v.
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename Out>
 __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
                                            int M, int N, int K, int tile, Out out) {
@@ -382,7 +422,7 @@ __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const 
   lane_rows<RT>(rows, row0, N);
   float acc[NT][RT][2][4];
   // Padding tokens repeat the last real one; they are never stored.
-  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       acc, x, w, scales, biases, rows, K, [&](int t) { return min(t * 8 + g, M - 1); }, threadIdx.x >> 5);
   reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
     const int row = row0 + roff;
@@ -393,21 +433,21 @@ __device__ __forceinline__ void dense_tile(const T* x, const uint32_t* w, const 
 // Dense: y[M, N] = x[M, K] @ dequant(w[N, K]).T. N and K are run-time
 // values (one compiled variant serves every layer of a model). FAST4: 4-bit
 // affine with scales of the activation type (the launcher checks).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN>
 __device__ void splitk_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases, T* y,
                            int M, int N, int K) {
-  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       x, w, scales, biases, M, N, K, blockIdx.x, [&](size_t i, float v) { y[i] = static_cast<T>(v); });
 }
 
 // Dense with the residual add of the block after it: y = add(r, x @ dequant(w).T),
 // the product rounded to T first and add MLX's own Add functor (the launcher's),
 // so y is bit for bit the dense kernel's output then MLX's add: one launch fewer.
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename AddOp>
 __device__ void splitk_qmm_residual(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
                                     const T* r, T* y, int M, int N, int K, AddOp add) {
-  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       x, w, scales, biases, M, N, K, blockIdx.x, [&](size_t i, float v) { y[i] = add(r[i], static_cast<T>(v)); });
 }
 
@@ -419,7 +459,7 @@ __device__ void splitk_qmm_residual(const T* x, const uint32_t* w, const TS* sca
 // output is bit for bit the dense kernel's for that weight. The weight is
 // chosen before the one inlined K loop (block-uniform selects, no branches
 // around three copies of it).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN>
 __device__ void splitk_qmm_multi(const T* x, int M, int K,
                                  const uint32_t* w0, const TS* s0, const TS* b0, T* y0, int N0,
                                  const uint32_t* w1, const TS* s1, const TS* b1, T* y1, int N1,
@@ -434,7 +474,7 @@ __device__ void splitk_qmm_multi(const T* x, int M, int K,
   T* y = first ? y0 : second ? y1 : y2;
   const int N = first ? N0 : second ? N1 : N2;
   const int local = first ? tile : second ? tile - tiles0 : tile - tiles0 - tiles1;
-  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+  dense_tile<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       x, w, s, b, M, N, K, local, [&](size_t i, float v) { y[i] = static_cast<T>(v); });
 }
 
@@ -445,7 +485,7 @@ __device__ void splitk_qmm_multi(const T* x, int M, int K,
 // and u are bit for bit the dense kernel's outputs. act is the launcher's
 // (MLX's own elementwise functors, so that the product rounds as mlx-lm's
 // compiled swiglu does).
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename Act>
 __device__ void splitk_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, const TS* bg, const uint32_t* wu,
                                const TS* su, const TS* bu, T* y, int M, int N, int K, Act act) {
@@ -455,7 +495,7 @@ __device__ void splitk_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, con
   int rows[RT][2];
   lane_rows<RT>(rows, row0, N);
   float acc[NT][RT][2][4];
-  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+  accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       acc, x, up ? wu : wg, up ? su : sg, up ? bu : bg, rows, K, [&](int t) { return min(t * 8 + g, M - 1); },
       (threadIdx.x >> 5) - (up ? WK : 0));
   extern __shared__ float4 partial[];  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
@@ -554,7 +594,7 @@ struct ExpertWeights {
         biases(MODE == QC_AFFINE ? b_all + (size_t)e * N * (K / G) : b_all) {}
 };
 
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH>
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN>
 __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scales, const TS* biases,
                                   const uint32_t* idx, T* y, int P, int E, int N, int K, int x_div) {
   __shared__ int pairs[kMaxPairs];
@@ -570,7 +610,7 @@ __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scale
   for (int b0 = 0; b0 < count; b0 += 8 * NT) {
     const int n = min(8 * NT, count - b0);
     float acc[NT][RT][2][4];
-    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
         acc, x, we.w, we.scales, we.biases, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; },
         threadIdx.x >> 5);
     reduce_store<WK, NT, RT>(acc, [&](int slot, int roff, float v) {
@@ -586,7 +626,7 @@ __device__ void splitk_gather_qmm(const T* x, const uint32_t* w, const TS* scale
 // owns one row tile of its expert's gate and up rows (warps 0..WK-1 the gate,
 // WK..2WK-1 the up), each set with the grouped kernel's K split and
 // reduction order, so g and u are bit for bit splitk_gather_qmm's outputs.
-template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH,
+template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename Act>
 __device__ void splitk_gather_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, const TS* bg, const uint32_t* wu,
                                       const TS* su, const TS* bu, const uint32_t* idx, T* y, int P, int E, int N,
@@ -607,7 +647,7 @@ __device__ void splitk_gather_qmm_glu(const T* x, const uint32_t* wg, const TS* 
   for (int b0 = 0; b0 < count; b0 += 8 * NT) {
     const int n = min(8 * NT, count - b0);
     float acc[NT][RT][2][4];
-    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH>(
+    accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
         acc, x, we.w, we.scales, we.biases, rows, K, [&](int t) { return pairs[b0 + min(t * 8 + g, n - 1)] / x_div; },
         (threadIdx.x >> 5) - (up ? WK : 0));
     write_partials<NT, RT>(partial, acc);

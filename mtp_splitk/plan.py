@@ -47,7 +47,8 @@ class Plan:
     token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
     depth: int = 1  # K chunks in flight per warp (register prefetch ring)
     row_tiles: int = 1  # 16-row tiles per warp, sharing each x fragment
-    # depth and row_tiles only decide which warp computes a row and when its
+    lean: bool = False  # CUDA, one token tile: dequantize per 16-byte x load (fewer registers)
+    # depth, row_tiles and lean only decide which warp computes a row and when its
     # loads are issued, never the arithmetic of an output, so they may follow M.
 
     @property
@@ -241,7 +242,15 @@ def plan_dense(
         token_tiles=tiles,
         depth=int(depth),
         row_tiles=int(row_tiles),
+        lean=lean(device.backend, tiles),
     )
+
+
+def lean(backend: str, token_tiles: int) -> bool:
+    """Whether a launch takes the kernel's lean K loop (Plan.lean: CUDA, one token
+    tile; the same outputs with fewer registers). Only with MTP_SPLITK_LEAN=1 until
+    it has run on a GPU (tests/test_kernels_gpu.py, tests/test_moe_gpu.py)."""
+    return backend == "cuda" and token_tiles == 1 and os.environ.get("MTP_SPLITK_LEAN", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -288,7 +297,7 @@ def plan_multi(
     if any(p is None for p in plans) or len({p.warps_k for p in plans}) != 1:
         return None
     lead = max(plans, key=lambda p: p.N)
-    return FusedPlan(tuple(replace(p, depth=lead.depth, row_tiles=lead.row_tiles) for p in plans))
+    return FusedPlan(tuple(replace(p, depth=lead.depth, row_tiles=lead.row_tiles, lean=lead.lean) for p in plans))
 
 
 def plan_glu(
@@ -351,7 +360,7 @@ def plan_gather(
             return None
     warps, depth = moe_split(tuning, E, N, K, device.sm_count)
     return Plan(backend=device.backend, mode=mode, bits=bits, group_size=group_size, N=N, K=K,
-                warps_k=int(override or warps), token_tiles=1, depth=int(depth))
+                warps_k=int(override or warps), token_tiles=1, depth=int(depth), lean=lean(device.backend, 1))
 
 
 def plan_gather_glu(

@@ -87,7 +87,7 @@ def main():
             calls = prepared_calls(x, idxs, top_k)
             unique = float(np.mean([len(np.unique(i)) for i in idxs]))
             P = M * top_k
-            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth)
+            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth, lean=planner.lean("cuda", 1))
             t_mlx, t_ours = time_gather(sets, calls, top_k), time_gather(sets, calls, top_k, plan)
             c_mlx, c_ours = (gather_chain_us(p, x, idxs[0], sets, top_k) for p in (None, plan))
             min_time = unique * bytes_per_expert / bw
@@ -144,7 +144,7 @@ def sweep(name, E, N, K, top_k, sets, rng):
     worst = {}
     for warps in (w for w in planner.WARP_CHOICES if w <= -(-K // planner.K_PER_CHUNK)):
         for depth in tune.SPLIT_DEPTHS:
-            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth)
+            plan = planner.Plan("cuda", "affine", 4, 64, N, K, warps, 1, depth, lean=planner.lean("cuda", 1))
             worst[(warps, depth)] = max(gather_chain_us(plan, x, idx, sets, top_k) for x, idx in inputs)
     print(f"  {name}: split,depth (chain µs a call, worst of M = {SPLIT_MS}): "
           + ", ".join(f"{k}:{t:.1f}" for k, t in worst.items()), flush=True)

@@ -16,7 +16,8 @@ from mtp_splitk.launch import read_source
 
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
-# (name, T, TS, MODE, BITS, G, N, K, WK, NT, RT, FAST4); N and K are run-time values
+# (name, T, TS, MODE, BITS, G, N, K, WK, NT, RT, FAST4); N and K are run-time values; each
+# one-token-tile variant also as its lean K loop (Plan.lean)
 VARIANTS = [
     ("affine4_nt1_rt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 1, "true"),
     ("affine4_nt1_rt2", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 2, "true"),
@@ -46,20 +47,23 @@ def main():
     for v in VARIANTS:
         name, T, TS, mode, bits, g, n, k, wk, nt, rt, fast4 = v
         biases = "biases" if mode == 0 else "(const uint8_t*)nullptr"
-        src += (
-            f"\n__global__ void {name}(const {T}* x, const uint32_t* w, const {TS}* scales,"
-            f" const {TS}* biases, {T}* y, int M) {{\n"
-            f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {rt}, {fast4}, 2>"
-            f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
-        )
-    for rt in (1, 2):  # the grouped kernel at 1 and 2 row tiles a block (scripts/profile_kernel.py --moe)
-        src += (
-            f"\n__global__ void gather_affine4_rt{rt}(const __nv_bfloat16* x, const uint32_t* w,"
-            " const __nv_bfloat16* s, const __nv_bfloat16* b, const uint32_t* idx, __nv_bfloat16* y, int P, int E,"
-            " int N, int K, int d) {\n"
-            f"  splitk_gather_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, {rt}, true, 1>"
-            "(x, w, s, b, idx, y, P, E, N, K, d);\n}\n"
-        )
+        for lean in ("false", "true") if nt == 1 else ("false",):
+            src += (
+                f"\n__global__ void {name}{'_lean' if lean == 'true' else ''}(const {T}* x, const uint32_t* w,"
+                f" const {TS}* scales, const {TS}* biases, {T}* y, int M) {{\n"
+                f"  splitk_qmm<{T}, {TS}, {mode}, {bits}, {g}, {wk}, {nt}, {rt}, {fast4}, 2, {lean}>"
+                f"(x, w, scales, {biases}, y, M, {n}, {k});\n}}\n"
+            )
+    # The grouped kernel at 1 and 2 row tiles a block (scripts/profile_kernel.py --moe), each lean too.
+    for rt in (1, 2):
+        for lean in ("false", "true"):
+            src += (
+                f"\n__global__ void gather_affine4_rt{rt}{'_lean' if lean == 'true' else ''}(const __nv_bfloat16* x,"
+                " const uint32_t* w, const __nv_bfloat16* s, const __nv_bfloat16* b, const uint32_t* idx,"
+                " __nv_bfloat16* y, int P, int E, int N, int K, int d) {\n"
+                f"  splitk_gather_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, {rt}, true, 1, {lean}>"
+                "(x, w, s, b, idx, y, P, E, N, K, d);\n}\n"
+            )
     # The Gated DeltaNet recurrence (kernels/gated_delta.cu): every state kept, and the last only.
     src += read_source("gated_delta.cu")
     for name, T, TB, dk, warps, keep in GATED_DELTA:

@@ -129,7 +129,7 @@ def test_cuda_multi_launch(cuda_recorder):
     assert [y.shape for y in ys] == [(5, 40), (5, 24), (5, 24)]
     (kernel,) = cuda_recorder.kernels
     assert kernel["source"] == (
-        "splitk_qmm_multi<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 1>(x, x_shape[0], x_shape[1], "
+        "splitk_qmm_multi<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 1, false>(x, x_shape[0], x_shape[1], "
         "w0, scales0, biases0, y0, 40, w1, scales1, biases1, y1, 24, w2, scales2, biases2, y2, 24);"
     )
     assert kernel["input_names"] == ["x", "w0", "scales0", "biases0", "w1", "scales1", "biases1", "w2",
@@ -152,7 +152,7 @@ def test_cuda_multi_launch(cuda_recorder):
         "(x, x_shape[0], x_shape[1], w0, scales0, (const uint8_t*)nullptr, y0, 48, "
         "w1, scales1, (const uint8_t*)nullptr, y1, 48, w1, scales1, (const uint8_t*)nullptr, y1, 0);"
     )
-    assert kernel["source"].startswith("splitk_qmm_multi<__nv_bfloat16, uint8_t, 1, 4, 32, 4, 2, 2, false, 1>")
+    assert kernel["source"].startswith("splitk_qmm_multi<__nv_bfloat16, uint8_t, 1, 4, 32, 4, 2, 2, false, 1, false>")
     assert kernel["input_names"] == ["x", "w0", "scales0", "w1", "scales1"]
     assert call["grid"] == (2 * 2 * 128, 1, 1)  # ceil(48 / 32) row tiles per weight
     assert np.isnan(call["init_value"])
@@ -167,7 +167,7 @@ def test_cuda_glu_launch(cuda_recorder):
     assert y.shape == (3, 72) and y.dtype == mx.float16
     (kernel,) = cuda_recorder.kernels
     assert kernel["source"] == (
-        "splitk_qmm_glu<__half, __nv_bfloat16, 0, 4, 64, 4, 1, 1, false, 1>(x, w0, scales0, biases0, "
+        "splitk_qmm_glu<__half, __nv_bfloat16, 0, 4, 64, 4, 1, 1, false, 1, false>(x, w0, scales0, biases0, "
         "w1, scales1, biases1, y, x_shape[0], 72, x_shape[1], "
         "[](__half g, __half u) { return Multiply{}(Multiply{}(g, Sigmoid{}(g)), u); });"
     )
@@ -191,7 +191,7 @@ def test_cuda_residual_launch(cuda_recorder):
     assert y.shape == (3, 72) and y.dtype == mx.bfloat16
     (kernel,) = cuda_recorder.kernels
     assert kernel["source"] == (
-        "splitk_qmm_residual<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 4, 1, 1, true, 1>(x, w, scales, biases, r, y, "
+        "splitk_qmm_residual<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 4, 1, 1, true, 1, false>(x, w, scales, biases, r, y, "
         "x_shape[0], w_shape[0], x_shape[1], [](__nv_bfloat16 a, __nv_bfloat16 b) { return Add{}(a, b); });"
     )
     assert kernel["input_names"] == ["x", "w", "scales", "biases", "r"]

@@ -3,6 +3,7 @@
 """What mtp_splitk.launch hands mx.fast.cuda_kernel (recorded on the CPU), and that
 the text it hands over compiles (with nvcc, where this machine has one)."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def test_dense_kernel_carries_the_plan_in_its_body(recorder):
     launch.dense(plan, x, wq, s, b)
     assert y.shape == (5, 40)
     (kernel,) = recorder.kernels  # one object per plan, reused
-    assert kernel["source"] == ("splitk_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 2>"
+    assert kernel["source"] == ("splitk_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 2, false>"
                                 "(x, w, scales, biases, y, x_shape[0], w_shape[0], x_shape[1]);")
     # Only an include of the kernel file travels with every call.
     path = os.path.join(common.kernel_dir(), "splitk_qmm.cu")
@@ -65,10 +66,20 @@ def test_each_plan_and_dtype_gets_its_own_kernel_name(recorder):
     launch.dense(cuda_plan(5, 40, 256, "mxfp4", 4, 32), x, wq4, s4, None)
     names = [k["name"] for k in recorder.kernels]
     assert len(set(names)) == 4
-    assert "splitk_qmm<__half, __half, 0, 4, 64, 2, 1, 1, true, 1>" in recorder.kernels[2]["source"]
+    assert "splitk_qmm<__half, __half, 0, 4, 64, 2, 1, 1, true, 1, false>" in recorder.kernels[2]["source"]
     assert recorder.kernels[3]["source"].startswith("splitk_qmm<__nv_bfloat16, uint8_t, 1, 4, 32,")
     assert "(const uint8_t*)nullptr" in recorder.kernels[3]["source"]
     assert recorder.kernels[3]["input_names"] == ["x", "w", "scales"]
+
+
+def test_a_lean_plan_is_its_own_kernel_with_the_flag_in_its_body(recorder):
+    wq, s, b = quantized((40, 256))
+    x = mx.random.normal((5, 256)).astype(mx.bfloat16)
+    launch.dense(cuda_plan(5, 40, 256), x, wq, s, b)
+    launch.dense(dataclasses.replace(cuda_plan(5, 40, 256), lean=True), x, wq, s, b)
+    plain, lean = recorder.kernels
+    assert plain["name"] != lean["name"]
+    assert lean["source"].startswith("splitk_qmm<__nv_bfloat16, __nv_bfloat16, 0, 4, 64, 2, 1, 1, true, 1, true>(")
 
 
 def test_gather_kernel_bakes_in_the_row_divisor(recorder):

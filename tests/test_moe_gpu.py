@@ -117,9 +117,10 @@ def test_planner_leaves_global_scale_and_lhs_indices_to_mlx():
 
 
 @pytest.mark.parametrize("mode,bits,group_size", [("affine", 4, 64), ("affine", 8, 128), ("mxfp4", 4, 32)])
-@pytest.mark.parametrize("warps,depth,row_tiles", [(1, 1, 1), (2, 3, 1), (4, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("warps,depth,row_tiles,lean", [(1, 1, 1, False), (2, 3, 1, False), (4, 2, 1, False),
+                                                     (2, 1, 2, False), (2, 2, 1, True)])
 def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits, group_size, warps, depth,
-                                                                       row_tiles):
+                                                                       row_tiles, lean):
     """SwitchGLU's gate/up in one grouped launch: g and u as the grouped kernel
     stores them, then mlx-lm's swiglu, bit for bit, unsorted (x_div = top_k) and
     sorted (x_div = 1) calls, every output written (NaN poison)."""
@@ -129,7 +130,7 @@ def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits
 
     E, N, K, top_k = 32, 200, 640 if group_size != 32 else 544, 4
     gate, up = (experts(E, N, K, mode, bits, group_size, seed=s) for s in (21, 22))
-    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps, 1, depth, row_tiles)
+    plan = planner.Plan("cuda", mode, bits, group_size, N, K, warps, 1, depth, row_tiles, lean)
     for M in (1, 5, 17):
         idx = routing(M, E, top_k, seed=M).reshape(-1)
         x = (mx.random.normal((M, K)) * 4).astype(mx.bfloat16)  # gate values across silu's range
@@ -144,19 +145,19 @@ def test_gather_glu_is_the_grouped_kernel_then_mlx_swiglu_bit_for_bit(mode, bits
             assert y.shape == (M * top_k, N) and mismatched == 0, (mode, warps, depth, M, x_div, mismatched)
 
 
-@pytest.mark.parametrize("row_tiles,depth", [(2, 1), (2, 2)])
-def test_row_tiles_change_no_bit_of_the_grouped_kernel(row_tiles, depth):
+@pytest.mark.parametrize("row_tiles,depth,lean", [(2, 1, False), (2, 2, False), (1, 1, True), (2, 2, True)])
+def test_row_tiles_and_lean_change_no_bit_of_the_grouped_kernel(row_tiles, depth, lean):
     """Row tiles (several 16-row tiles a block, sharing each x fragment; a
-    candidate for small pair counts) decide only which warp computes a row:
-    every output equals the one-tile kernel's bit for bit and the float32
-    reference within rounding, N not a multiple of the tiles, every output
-    written (NaN poison)."""
+    candidate for small pair counts) and the lean K loop (Plan.lean) decide
+    only which warp computes a row and when: every output equals the one-tile
+    kernel's bit for bit and the float32 reference within rounding, N not a
+    multiple of the tiles, every output written (NaN poison)."""
     from mtp_splitk import launch
 
     E, N, K, top_k = 128, 200, 768, 8  # Qwen3-30B-A3B's down K and routing, an odd N
     w, s, b = experts(E, N, K, "affine", 4, 64, seed=31)
     one = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, 1)
-    plan = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, depth, row_tiles)
+    plan = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, depth, row_tiles, lean)
     for M in (1, 5):
         idx = routing(M, E, top_k, seed=40 + M).reshape(-1)
         x = mx.random.normal((M, K)).astype(mx.bfloat16)

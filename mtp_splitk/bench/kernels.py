@@ -36,7 +36,7 @@ def dense_plan(backend, mode, bits, group_size, N, K, M, warps_k, depth=1, row_t
     split (row tiles only beside one or two token tiles)."""
     tiles = planner.token_tiles_for(M)
     return planner.Plan(backend, mode, bits, group_size, N, K, warps_k, tiles, depth,
-                        row_tiles if tiles <= 2 else 1)
+                        row_tiles if tiles <= 2 else 1, planner.lean(backend, tiles))
 
 
 def weight_sets(N, K, mode, bits, group_size, dtype=mx.bfloat16, l2_bytes=L2_BYTES):

@@ -163,7 +163,8 @@ def _plan(variant: Variant, device, M: int, split: Tuple[int, int, int]):
     if v.op == "dense":
         return kernels.dense_plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, M,
                                   warps, depth, row_tiles)
-    return planner.Plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, warps, 1, depth)
+    return planner.Plan(device.backend, v.mode, v.bits, v.group_size, v.N, v.K, warps, 1, depth,
+                        lean=planner.lean(device.backend, 1))
 
 
 def _weights(variant: Variant, copies_for_l2: bool):

@@ -52,6 +52,7 @@ def _cuda_call(function: str, plan: Plan, dtype, scales_dtype) -> str:
             values.append(_CUDA_TYPES[v])
         else:
             raise ValueError(f"no CUDA type for {name} = {v}")
+    values.append("true" if plan.lean else "false")  # LEAN, a CUDA-only constant
     return f"{function}<{', '.join(values)}>"
 
 

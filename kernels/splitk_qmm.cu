@@ -37,6 +37,11 @@ __device__ __forceinline__ float qc_half_bits_to_float(uint32_t u) {
   return __half2float(__ushort_as_half((unsigned short)u));
 }
 
+// The block's partial sums (dynamic shared memory; the CPU shim has its own).
+#ifndef SPLITK_SHARED_PARTIALS
+#define SPLITK_SHARED_PARTIALS(name) extern __shared__ float4 name[]
+#endif
+
 // (quant_core.h is pasted here by the launcher)
 #include "quant_core.h"
 
@@ -50,11 +55,15 @@ struct Mma<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ __forceinline__ static void run(float* c, const uint32_t* a, const uint32_t* b) {
+#ifdef SPLITK_SHIM  // tests/cuda_shim: the MMA emulated on the CPU
+    shim::mma_m16n8k16<__nv_bfloat16>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   // 128 + q as a bf16 pair; the mantissa holds q exactly for q < 128.
   static constexpr uint32_t kMagic = 0x43004300u;
@@ -76,11 +85,15 @@ struct Mma<__half> {
     return *reinterpret_cast<uint32_t*>(&v);
   }
   __device__ __forceinline__ static void run(float* c, const uint32_t* a, const uint32_t* b) {
+#ifdef SPLITK_SHIM  // tests/cuda_shim: the MMA emulated on the CPU
+    shim::mma_m16n8k16<__half>(c, a, b);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
   // 1024 + q as a half pair.
   static constexpr uint32_t kMagic = 0x64006400u;
@@ -155,9 +168,13 @@ __device__ __forceinline__ void load_run(RowRun<BITS>& r, const uint32_t* w, con
 // (v & 0x000F000F) | magic in one instruction (the compiler splits it in two
 // because LOP3 takes one immediate).
 __device__ __forceinline__ uint32_t nibbles_with_magic(uint32_t v, uint32_t magic) {
+#ifdef SPLITK_SHIM
+  return (v & 0x000F000Fu) | magic;
+#else
   uint32_t out;
   asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(out) : "r"(v), "r"(0x000F000Fu), "r"(magic));
   return out;
+#endif
 }
 
 // The run's 32 weights as 16 packed pairs in MMA K-slot order: pair 4v + j
@@ -376,7 +393,7 @@ template <int WK, int NT, int RT, typename Store>
 __device__ __forceinline__ void reduce_store(const float (&acc)[NT][RT][2][4], Store store) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  extern __shared__ float4 partial[];  // [WK][NT][RT][32 lanes]
+  SPLITK_SHARED_PARTIALS(partial);  // [WK][NT][RT][32 lanes]
 #pragma unroll
   for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -498,7 +515,7 @@ __device__ void splitk_qmm_glu(const T* x, const uint32_t* wg, const TS* sg, con
   accumulate<T, TS, MODE, BITS, G, WK, NT, RT, FAST4, DEPTH, LEAN>(
       acc, x, up ? wu : wg, up ? su : sg, up ? bu : bg, rows, K, [&](int t) { return min(t * 8 + g, M - 1); },
       (threadIdx.x >> 5) - (up ? WK : 0));
-  extern __shared__ float4 partial[];  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
+  SPLITK_SHARED_PARTIALS(partial);  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
   write_partials<NT, RT>(partial, acc);
   __syncthreads();
   const float* flat = reinterpret_cast<const float*>(partial);
@@ -642,7 +659,7 @@ __device__ void splitk_gather_qmm_glu(const T* x, const uint32_t* wg, const TS* 
   const ExpertWeights<MODE, BITS, G, TS> we(up ? wu : wg, up ? su : sg, up ? bu : bg, e, N, K);
   int rows[RT][2];
   lane_rows<RT>(rows, row0, N);
-  extern __shared__ float4 partial[];  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
+  SPLITK_SHARED_PARTIALS(partial);  // [2][WK][NT][RT][32 lanes]: the gate's warps, then the up's
   const float* flat = reinterpret_cast<const float*>(partial);
   for (int b0 = 0; b0 < count; b0 += 8 * NT) {
     const int n = min(8 * NT, count - b0);

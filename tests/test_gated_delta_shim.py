@@ -22,8 +22,9 @@ from _stand_ins import gated_delta_by_ops
 
 SHIM_DIR = os.path.join(os.path.dirname(__file__), "cuda_shim")
 SHIM_COMMON = os.path.join(os.path.dirname(__file__), "shim_common")
-TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float"}
-BITS = {2: mx.uint16, 4: mx.uint32}
+TYPES = {mx.bfloat16: "__nv_bfloat16", mx.float16: "__half", mx.float32: "float", mx.uint32: "uint32_t",
+         mx.uint8: "uint8_t"}
+BITS = {1: mx.uint8, 2: mx.uint16, 4: mx.uint32}
 
 # (name, B, T, Hk, Hv, dk, dv, dtype)
 CASES = [
@@ -66,7 +67,8 @@ def _dump(path, a):
 
 
 def _load(path, shape, dtype):
-    return mx.array(np.fromfile(path, dtype={2: np.uint16, 4: np.uint32}[dtype.size]).reshape(shape)).view(dtype)
+    raw = np.fromfile(path, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32}[dtype.size])
+    return mx.array(raw.reshape(shape)).view(dtype)
 
 
 def _program(calls, workdir):
@@ -105,35 +107,47 @@ def _program(calls, workdir):
     return "\n".join(parts + runners + [main]) + "\n"
 
 
-def _emulate(requests, workdir):
-    """Each request (the arguments of launch.gated_delta) through the g++-built
-    kernel: its outputs, NaN where unwritten."""
+def emulate(launches, workdir, name):
+    """The kernel calls ``launches()`` makes (through launch.*, with
+    mx.fast.cuda_kernel recorded, not run) built with g++ on the shim and run:
+    each call's outputs, NaN where unwritten."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ is not installed: the CUDA kernel cannot be compiled through the C++ shim")
     recorder = Recorder()
     original = mx.fast.cuda_kernel
+    caches = (cuda.gated_delta_launch, cuda.dense_launch, cuda.gather_launch)
     mx.fast.cuda_kernel = recorder
-    cuda.gated_delta_launch.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
     try:
-        for args, all_states in requests:
-            launch.gated_delta(*args, all_states=all_states)
+        launches()
     finally:
         mx.fast.cuda_kernel = original
-        cuda.gated_delta_launch.cache_clear()
-    src, exe = os.path.join(workdir, "gated_delta.cpp"), os.path.join(workdir, "gated_delta")
+        for cache in caches:
+            cache.cache_clear()
+    src, exe = os.path.join(workdir, f"{name}.cpp"), os.path.join(workdir, name)
     with open(src, "w") as f:
         f.write(_program(recorder.calls, workdir))
     cmd = [gxx, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-I", SHIM_DIR, "-I", SHIM_COMMON,
            src, "-o", exe]
-    build = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0 and "warning" not in build.stderr, build.stderr[-6000:]
     run = subprocess.run([exe, workdir, *map(str, range(len(recorder.calls)))], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=600)
     assert run.returncode == 0, run.stderr[-6000:]
     return [[_load(os.path.join(workdir, f"{n}_out{i}.bin"), s, d)
              for i, (s, d) in enumerate(zip(c["output_shapes"], c["output_dtypes"]))]
             for n, c in enumerate(recorder.calls)]
+
+
+def _emulate(requests, workdir):
+    """Each request (the arguments of launch.gated_delta) through the g++-built kernel."""
+    def launches():
+        for args, all_states in requests:
+            launch.gated_delta(*args, all_states=all_states)
+
+    return emulate(launches, workdir, "gated_delta")
 
 
 def _rel(a, b):

@@ -209,6 +209,24 @@ __device__ __forceinline__ void dequant_run(uint32_t* pairs, const RowRun<BITS>&
   }
 }
 
+// 8 consecutive activations x[8v .. 8v+7] as the pairs 4v .. 4v+3.
+__device__ __forceinline__ void x_pairs(uint32_t* pairs, uint4 u) {
+  pairs[0] = __byte_perm(u.x, u.z, 0x5410);  // (x0, x4)
+  pairs[1] = __byte_perm(u.x, u.z, 0x7632);  // (x1, x5)
+  pairs[2] = __byte_perm(u.y, u.w, 0x5410);  // (x2, x6)
+  pairs[3] = __byte_perm(u.y, u.w, 0x7632);  // (x3, x7)
+}
+
+// One chunk's raw runs of a lane's rows, k0 its first K.
+template <int MODE, int BITS, int G, int RT, typename TS>
+__device__ __forceinline__ void load_chunk(RowRun<BITS> (&runs)[RT][2], const uint32_t* w, const TS* scales,
+                                           const TS* biases, const int (&rows)[RT][2], int k0, int K) {
+#pragma unroll
+  for (int r = 0; r < RT; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) load_run<MODE, BITS, G>(runs[r][h], w, scales, biases, rows[r][h], k0, K);
+}
+
 // 32 consecutive activations of one token, permuted into the same pairs.
 template <typename T>
 __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool valid) {
@@ -218,13 +236,7 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
     return;
   }
 #pragma unroll
-  for (int v = 0; v < 4; ++v) {
-    uint4 u = reinterpret_cast<const uint4*>(x)[v];  // x[8v .. 8v+7]
-    pairs[4 * v + 0] = __byte_perm(u.x, u.z, 0x5410);  // (x0, x4)
-    pairs[4 * v + 1] = __byte_perm(u.x, u.z, 0x7632);  // (x1, x5)
-    pairs[4 * v + 2] = __byte_perm(u.y, u.w, 0x5410);  // (x2, x6)
-    pairs[4 * v + 3] = __byte_perm(u.y, u.w, 0x7632);  // (x3, x7)
-  }
+  for (int v = 0; v < 4; ++v) x_pairs(pairs + 4 * v, reinterpret_cast<const uint4*>(x)[v]);
 }
 
 // The K loop of one block: accumulates x rows (xrow(t) gives the x row of
@@ -257,13 +269,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
     const int chunk = warp + d * WK;
-    if (chunk < CHUNKS) {
-#pragma unroll
-      for (int r = 0; r < RT; ++r)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], chunk * 128 + 32 * c, K);
-    }
+    if (chunk < CHUNKS) load_chunk<MODE, BITS, G, RT>(ring[d], w, scales, biases, rows, chunk * 128 + 32 * c, K);
   }
   for (int base = warp; base < CHUNKS; base += DEPTH * WK) {
 #pragma unroll
@@ -276,13 +282,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
 #pragma unroll
         for (int v = 0; v < 4; ++v) {  // k16 steps 2v and 2v + 1
           uint32_t xv[4] = {0, 0, 0, 0};  // past the end of K: zeros, as load_x_run
-          if (k0 < K) {
-            const uint4 u = reinterpret_cast<const uint4*>(xr)[v];
-            xv[0] = __byte_perm(u.x, u.z, 0x5410);
-            xv[1] = __byte_perm(u.x, u.z, 0x7632);
-            xv[2] = __byte_perm(u.y, u.w, 0x5410);
-            xv[3] = __byte_perm(u.y, u.w, 0x7632);
-          }
+          if (k0 < K) x_pairs(xv, reinterpret_cast<const uint4*>(xr)[v]);
 #pragma unroll
           for (int r = 0; r < RT; ++r) {
             // Only pairs 4v .. 4v + 3 are used: the rest is dead code.
@@ -299,13 +299,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
           }
         }
         const int refill = chunk + DEPTH * WK;
-        if (refill < CHUNKS) {
-#pragma unroll
-          for (int r = 0; r < RT; ++r)
-#pragma unroll
-            for (int h = 0; h < 2; ++h)
-              load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], refill * 128 + 32 * c, K);
-        }
+        if (refill < CHUNKS) load_chunk<MODE, BITS, G, RT>(ring[d], w, scales, biases, rows, refill * 128 + 32 * c, K);
         continue;
       }
       // x of the first token tile first: its latency overlaps the dequant.
@@ -317,13 +311,7 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
 #pragma unroll
         for (int h = 0; h < 2; ++h) dequant_run<T, MODE, BITS, G, FAST4>(wp[r][h], ring[d][r][h]);
       const int refill = chunk + DEPTH * WK;
-      if (refill < CHUNKS) {
-#pragma unroll
-        for (int r = 0; r < RT; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            load_run<MODE, BITS, G>(ring[d][r][h], w, scales, biases, rows[r][h], refill * 128 + 32 * c, K);
-      }
+      if (refill < CHUNKS) load_chunk<MODE, BITS, G, RT>(ring[d], w, scales, biases, rows, refill * 128 + 32 * c, K);
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         uint32_t xn[16];

@@ -116,7 +116,7 @@ def emulate(launches, workdir, name):
         pytest.skip("g++ is not installed: the CUDA kernel cannot be compiled through the C++ shim")
     recorder = Recorder()
     original = mx.fast.cuda_kernel
-    caches = (cuda.gated_delta_launch, cuda.dense_launch, cuda.gather_launch)
+    caches = (cuda.gated_delta_launch, cuda.dense_launch, cuda.gather_launch, cuda.multi_launch)
     mx.fast.cuda_kernel = recorder
     for cache in caches:
         cache.cache_clear()

@@ -126,17 +126,20 @@ def grouped(tmp_path_factory):
     idx = np.stack([rng.choice(E, top_k, replace=False) for _ in range(M)]).astype(np.uint32)
     base = planner.Plan("cuda", "affine", 4, 64, N, K, 2, 1, 1)
     plans = [base, dataclasses.replace(base, lean=True), dataclasses.replace(base, row_tiles=2, depth=2)]
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")  # mlx-lm's sorted call: x's rows in expert order, x_div = 1
 
     def launches():
         for plan in plans:
-            launch.gather(plan, x, wq, scales, biases, mx.array(idx.reshape(-1)), top_k)
+            launch.gather(plan, x, wq, scales, biases, mx.array(flat), top_k)
+        launch.gather(base, x[mx.array(order // top_k)], wq, scales, biases, mx.array(flat[order]), 1)
 
     outputs = emulate(launches, str(tmp_path_factory.mktemp("splitk_gather")), "splitk_gather")
-    return [o[0] for o in outputs], (x, wq, scales, biases, idx, top_k)
+    return [o[0] for o in outputs], (x, wq, scales, biases, idx, top_k, order)
 
 
 def test_emulated_grouped_kernel_matches_gather_qmm_and_its_variants_agree(grouped):
-    (plain, lean, tiled), (x, wq, scales, biases, idx, top_k) = grouped
+    (plain, lean, tiled, sorted_call), (x, wq, scales, biases, idx, top_k, order) = grouped
     M, K = x.shape
     deq = mx.dequantize(wq, scales, biases, 64, 4).astype(mx.float32)
     ref = mx.einsum("pk,pnk->pn", x.astype(mx.float32)[mx.array(np.arange(idx.size) // top_k)],
@@ -147,3 +150,28 @@ def test_emulated_grouped_kernel_matches_gather_qmm_and_its_variants_agree(group
         assert y.shape == (idx.size, N)
         assert rel(y, ref) < TOL and rel(y, theirs.reshape(idx.size, N)) < TOL
     assert mx.array_equal(lean, plain).item() and mx.array_equal(tiled, plain).item()
+    # The sorted call's row i is pair order[i] of the unsorted one, bit for bit.
+    assert mx.array_equal(sorted_call, plain[mx.array(order)]).item()
+
+
+def test_emulated_fused_projections_are_each_weights_dense_kernel(tmp_path):
+    """q, k and v in one launch (launch.dense_multi): each output the dense
+    kernel's for that weight bit for bit, plain and lean."""
+    K, Ns = 576, (40, 24, 24)
+    weights = [quantized((n, K), "affine", 4, 64, seed=50 + i) for i, n in enumerate(Ns)]
+    x = mx.random.normal((3, K)).astype(mx.bfloat16)
+    cases = [(2, 1, False), (4, 2, True)]
+
+    def launches():
+        for warps, depth, lean in cases:
+            members = tuple(planner.Plan("cuda", "affine", 4, 64, n, K, warps, 1, depth, 1, lean) for n in Ns)
+            launch.dense_multi(planner.FusedPlan(members), x, weights)
+            for plan, w in zip(members, weights):
+                launch.dense(plan, x, *w)
+
+    outputs = emulate(launches, str(tmp_path), "splitk_multi")
+    for c in range(len(cases)):
+        fused, singles = outputs[4 * c], [o[0] for o in outputs[4 * c + 1 : 4 * c + 4]]
+        for y, alone, w in zip(fused, singles, weights):
+            assert rel(y, reference(x, *w, "affine", 4, 64)) < TOL
+            assert mx.array_equal(y, alone).item(), cases[c]

@@ -244,7 +244,7 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 // RT row tiles of 16 per warp share each x fragment. warp (0..WK-1) is the
 // warp's K slice: chunks warp, warp + WK, ... LEAN (one token tile only):
 // the chunk is taken 8 k a lane at a time, one 16-byte x load and 4 weight
-// pairs a row, so 16 registers hold what 48 do (more warps an SM); the MMAs
+// pairs a row, so 12 registers hold what 48 do (more warps an SM); the MMAs
 // and their order are the same, so are the outputs' bits.
 template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename XRow>

@@ -44,9 +44,9 @@ def op(kind, x, parts):
     K = x.shape[1]
     table = planner.load_tuning(planner.current_device().name)
     key = f"{N}x{K}"
-    plan = planner.Plan("cuda", "affine", 4, 64, N, K, table.get("warps_k", {}).get(key, 2),
-                        planner.token_tiles_for(x.shape[0]), table.get("depth", {}).get(key, 1), 1,
-                        planner.lean("cuda", planner.token_tiles_for(x.shape[0])))
+    tiles = planner.token_tiles_for(x.shape[0])
+    plan = planner.Plan("cuda", "affine", 4, 64, N, K, table.get("warps_k", {}).get(key, 2), tiles,
+                        table.get("depth", {}).get(key, 1), 1, planner.lean("cuda", tiles))
     return launch.dense(plan, x, w, s, b)
 
 

@@ -176,12 +176,14 @@ def device_forward_ms(model_dir: str, rows: int, top: int, forwards: int = 32, b
     def chain_ms(profile=None):
         cache = make_prompt_cache(model)
         x = mx.array([[3] * rows])
-        profile and profile.enable()  # the build only
+        if profile:  # the build only
+            profile.enable()
         t0 = time.perf_counter()
         for _ in range(forwards):
             x = (mx.argmax(model(x, cache=cache), axis=-1) + 1) % vocab
         t1 = time.perf_counter()
-        profile and profile.disable()
+        if profile:
+            profile.disable()
         mx.eval(x)
         return (t1 - t0) / forwards * 1e3, (time.perf_counter() - t1) / forwards * 1e3
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mtp_splitk import launch, plan as planner
-from test_gated_delta_shim import emulate
+from _cuda_shim import emulate
 
 TOL = 1e-2  # bfloat16 operands
 # (mode, bits, group size, K): the 4-bit fast path, generic affine, the float formats.

@@ -8,7 +8,8 @@
 
 With --moe: the grouped kernel on Qwen3-30B-A3B's experts (gate/up 768x2048, down
 2048x768, 128 experts, top-8) at 8 and 40 pairs (decode, a k = 4 verify) over
-(warps, depth, row tiles), and mx.gather_qmm on the same calls.
+(warps, depth, row tiles), and mx.gather_qmm on the same calls. Both modes take each
+one-token-tile variant also with the lean K loop (Plan.lean).
 """
 import csv
 import sys
@@ -46,12 +47,14 @@ def main_moe():
             call = prepared_calls(mx.random.normal((M, K)).astype(mx.bfloat16), routings(M, 128, 8, 1, rng), 8)[0]
             mx.eval(gather_call(None, call, parts, 8))
             configs.append(f"mlx {name} {N}x{K} pairs={8 * M}")
-            for wk, depth, rt in ((1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 1), (2, 1, 2), (2, 2, 2), (4, 1, 2)):
+            for wk, depth, rt, lean in ((1, 1, 1, False), (2, 1, 1, False), (2, 2, 1, False), (4, 1, 1, False),
+                                        (2, 1, 2, False), (2, 2, 2, False), (4, 1, 2, False), (2, 2, 1, True),
+                                        (4, 2, 1, True), (2, 2, 2, True)):
                 if wk > -(-K // planner.K_PER_CHUNK):
                     continue
-                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, 1, depth, rt)
+                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, 1, depth, rt, lean)
                 mx.eval(gather_call(plan, call, parts, 8))
-                configs.append(f"ours {name} {N}x{K} pairs={8 * M} wk={wk} depth={depth} rt={rt}")
+                configs.append(f"ours {name} {N}x{K} pairs={8 * M} wk={wk} depth={depth} rt={rt} lean={lean}")
     print("\n".join(f"launch order {i}: {c}" for i, c in enumerate(configs)))
 
 
@@ -69,12 +72,14 @@ def main():
             mx.eval(wq, s, b, x)
             mx.eval(mx.quantized_matmul(x, wq, s, b))
             configs.append(f"mlx {N}x{K} M={M}")
-            for wk, depth, rt in ((2, 1, 1), (4, 2, 1), (4, 2, 2), (8, 2, 2)):
-                if wk > -(-K // planner.K_PER_CHUNK):
-                    continue  # more warps than K has chunks
-                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, planner.token_tiles_for(M), depth, rt)
+            tiles = planner.token_tiles_for(M)
+            for wk, depth, rt, lean in ((2, 1, 1, False), (4, 2, 1, False), (4, 2, 2, False), (8, 2, 2, False),
+                                        (4, 2, 1, True), (4, 3, 1, True)):
+                if wk > -(-K // planner.K_PER_CHUNK) or (lean and tiles > 1):
+                    continue  # more warps than K has chunks; the lean loop takes one token tile
+                plan = planner.Plan("cuda", "affine", 4, 64, N, K, wk, tiles, depth, rt, lean)
                 mx.eval(launch.dense(plan, x, wq, s, b))
-                configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth} rt={rt}")
+                configs.append(f"ours {N}x{K} M={M} wk={wk} depth={depth} rt={rt} lean={lean}")
     print("\n".join(f"launch order {i}: {c}" for i, c in enumerate(configs)))
 
 

@@ -133,6 +133,7 @@ def forward_host_ms(model_dir: str, rows: int, device, forwards: int = 20, block
     launch.dense = stub("dense", lambda p, x, *r: mx.zeros((x.shape[0], p.N), x.dtype))
     launch.dense_multi = stub("multi", lambda p, x, w: [mx.zeros((x.shape[0], m.N), x.dtype) for m in p.members])
     launch.dense_glu = stub("glu", lambda p, x, *r: mx.zeros((x.shape[0], p.members[0].N), x.dtype))
+    launch.dense_residual = stub("residual", lambda p, x, *r: mx.zeros((x.shape[0], p.N), x.dtype))
     launch.gather = stub("gather", lambda p, x, w, s, b, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
     launch.gather_glu = stub("gather_glu", lambda p, x, g, u, idx, x_div: mx.zeros((idx.size, p.N), x.dtype))
     model, _ = load(model_dir)

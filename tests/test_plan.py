@@ -178,14 +178,14 @@ def test_fused_gate_up_of_experts_only_where_the_grouped_kernel_is_planned():
         planner.set_split(None)
 
 
-def test_the_lean_k_loop_is_opt_in_and_takes_one_token_tile_only(monkeypatch):
+def test_the_lean_k_loop_is_the_default_and_takes_one_token_tile_only(monkeypatch):
     METAL = planner.Device("metal", "Apple M2", 10)
     with planner.split(4):
         take = lambda M, device=H100: planner.plan_dense(M, 4096, 4096, 4, 64, "affine", mx.bfloat16, device=device)
         moe = lambda P: planner.plan_gather(P, 128, 768, 2048, 4, 64, "affine", mx.bfloat16, H100)
-        monkeypatch.delenv("MTP_SPLITK_LEAN", raising=False)
+        monkeypatch.setenv("MTP_SPLITK_LEAN", "0")
         assert not take(1).lean and not moe(8).lean
-        monkeypatch.setenv("MTP_SPLITK_LEAN", "1")
+        monkeypatch.delenv("MTP_SPLITK_LEAN", raising=False)
         assert take(1).lean and take(8).lean and moe(40).lean
         assert not take(9).lean and not take(64).lean  # two or more token tiles: the plain loop
         assert not take(1, METAL).lean  # the Metal kernel has one K loop

@@ -271,7 +271,7 @@ def test_the_grouped_kernel_takes_its_split_and_depth_from_the_table(user_cache)
     assert (other.warps_k, other.depth) == (planner.choose_warps_k(8 * 2048, 768, H200.sm_count), 1)
 
 
-def test_install_tuning_merges_the_moe_run_or_keeps_the_installed_entries(tmp_path, monkeypatch):
+def test_install_tuning_merges_the_moe_run_per_shape_or_keeps_the_installed_entries(tmp_path, monkeypatch):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("install_tuning", tune.__file__.replace(
@@ -293,6 +293,15 @@ def test_install_tuning_merges_the_moe_run_or_keeps_the_installed_entries(tmp_pa
     assert install.main("gpu", str(kernels)) == 0  # no MoE run: the installed MoE entries stay
     installed = json.loads((tmp_path / "tuning" / "gpu.json").read_text())
     assert installed["m_range"] == {"a": [3, 5]} and installed["moe_depth"] == {"s": 3}
+    (kernels / "gpu.json").unlink()
+    (moe / "gpu_moe.json").write_text(json.dumps({"moe_p_range": {"c": [1, 40]}, "moe_depth": {"s": 2}}))
+    assert install.main("gpu", str(kernels), str(moe)) == 0  # an MoE run alone, of one more shape
+    installed = json.loads((tmp_path / "tuning" / "gpu.json").read_text())
+    assert installed == {"m_range": {"a": [3, 5]}, "moe_p_range": {"b": [8, 64], "c": [1, 40]},
+                         "moe_warps_k": {"s": 2}, "moe_depth": {"s": 2}}
+    (moe / "gpu_moe.json").unlink()
+    assert install.main("gpu", str(kernels), str(moe)) == 1  # nothing measured: nothing touched
+    assert json.loads((tmp_path / "tuning" / "gpu.json").read_text()) == installed
 
 
 def test_the_fused_gate_up_of_experts_needs_its_own_measured_range(user_cache):

@@ -119,6 +119,36 @@ def test_the_h200_tables_other_modes_are_what_tune_wrote():
     assert any(k.startswith("affine5:") for k in table["m_range"])
 
 
+def test_the_h200_tables_moe_entries_are_what_run_21_measured():
+    """The H200 table's 4-bit MoE entries for the shapes run 21's bench_moe --tune
+    measured (lean loop): every measured pair count inside a range cleared
+    plan.required_speedup (the grouped kernel's judged speedup; the fused gate/up
+    launch's against MLX's three ops), the range starts where bench_moe's ranges
+    from those records start, and the split and depth are the sweep's."""
+    import json
+    import pathlib
+
+    from mtp_splitk.bench.kernels import moe_ranges
+
+    root = pathlib.Path(__file__).parent.parent / "benchmarks/h200/run21"
+    rows = []
+    for name in ("moe_qwen30b_c1", "moe_others_c3"):
+        rows += json.loads((root / name / "bench_moe.json").read_text())["rows"]
+    table = planner.load_tuning("NVIDIA H200")
+    glu = [{**{k: r[k] for k in ("E", "N", "K", "pairs", "M")}, "speedup": r["us_glu_mlx"] / r["us_glu_ours"]}
+           for r in rows if "us_glu_ours" in r]  # as bench_moe.write_ranges: independent calls, no M = 1
+    for section, measured in (("moe_p_range", rows), ("moe_glu_p_range", glu)):
+        keys = {f"affine4:{r['E'] * r['N']}x{r['K']}" for r in measured}
+        for key in keys:
+            lo, hi = table[section][key]
+            mine = [r for r in measured if f"affine4:{r['E'] * r['N']}x{r['K']}" == key]
+            assert all(r["speedup"] >= planner.required_speedup(r["M"]) for r in mine if lo <= r["pairs"] <= hi), key
+            assert lo == moe_ranges(mine)[key][0], key
+    for r in rows:
+        shape = f"{r['E']}x{r['N']}x{r['K']}"
+        assert (table["moe_warps_k"][shape], table["moe_depth"][shape]) == (r["warps_k"], r["depth"]), shape
+
+
 def test_unsupported_inputs_stay_on_mlx():
     planner.set_split(4)
     try:

@@ -153,6 +153,18 @@ def _moe_glu_min_m2_17(data):
     return min(r["us_glu_mlx"] / r["us_glu_ours"] for r in data["rows"] if "us_glu_ours" in r and 2 <= r["M"] <= 17)
 
 
+def _moe_m1_where_planned(data):
+    from mtp_splitk import plan as planner
+
+    ranges = planner.load_tuning("NVIDIA H200")["moe_p_range"]
+
+    def planned(r):
+        lo, hi = ranges.get(f"affine4:{r['E'] * r['N']}x{r['K']}", (0, 0))
+        return lo <= r["pairs"] <= hi
+
+    return min(r["speedup"] for r in data["rows"] if r["M"] == 1 and planned(r))
+
+
 def _first_draft_acceptance(data):
     return data["eval"]["accept"][0]
 
@@ -164,6 +176,7 @@ DERIVED = {
     "dense.t16_over_t1.max": _t16_over_t1_max,
     "moe.vs_mlx.min_m8_17": _moe_min_m8_17,
     "moe.switch_glu_fused_vs_mlx.min_m2_17": _moe_glu_min_m2_17,
+    "moe.vs_mlx.m1": _moe_m1_where_planned,
     "qwen3-next-80b-a3b.mtp_k3_p0.8.patched_over_mlx_plain": _qwen3_next_mtp_k3,
 }
 

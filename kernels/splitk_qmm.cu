@@ -242,10 +242,10 @@ __device__ __forceinline__ void load_x_run(uint32_t* pairs, const T* x, bool val
 // The K loop of one block: accumulates x rows (xrow(t) gives the x row of
 // token tile t for this lane's g) times the block's weight rows into acc.
 // RT row tiles of 16 per warp share each x fragment. warp (0..WK-1) is the
-// warp's K slice: chunks warp, warp + WK, ... LEAN (one token tile only):
-// the chunk is taken 8 k a lane at a time, one 16-byte x load and 4 weight
-// pairs a row, so 12 registers hold what 48 do (more warps an SM); the MMAs
-// and their order are the same, so are the outputs' bits.
+// warp's K slice: chunks warp, warp + WK, ... LEAN: the chunk is taken 8 k a
+// lane at a time, one 16-byte x load a token tile and 4 weight pairs a row, so
+// 12 registers hold what 48 do (more warps an SM); each accumulator gets the
+// same MMAs in the same order, so the outputs' bits are the plain loop's.
 template <typename T, typename TS, int MODE, int BITS, int G, int WK, int NT, int RT, bool FAST4, int DEPTH, bool LEAN,
           typename XRow>
 __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* x, const uint32_t* w,
@@ -277,12 +277,15 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
       const int chunk = base + d * WK;
       if (chunk >= CHUNKS) break;  // warp-uniform
       const int k0 = chunk * 128 + 32 * c;
-      if constexpr (LEAN && NT == 1) {
-        const T* xr = x + (size_t)xrow(0) * K + k0;
+      if constexpr (LEAN) {
 #pragma unroll
         for (int v = 0; v < 4; ++v) {  // k16 steps 2v and 2v + 1
-          uint32_t xv[4] = {0, 0, 0, 0};  // past the end of K: zeros, as load_x_run
-          if (k0 < K) x_pairs(xv, reinterpret_cast<const uint4*>(xr)[v]);
+          uint32_t xv[NT][4];  // past the end of K: zeros, as load_x_run
+#pragma unroll
+          for (int t = 0; t < NT; ++t) {
+            xv[t][0] = xv[t][1] = xv[t][2] = xv[t][3] = 0;
+            if (k0 < K) x_pairs(xv[t], reinterpret_cast<const uint4*>(x + (size_t)xrow(t) * K + k0)[v]);
+          }
 #pragma unroll
           for (int r = 0; r < RT; ++r) {
             // Only pairs 4v .. 4v + 3 are used: the rest is dead code.
@@ -290,12 +293,14 @@ __device__ __forceinline__ void accumulate(float (&acc)[NT][RT][2][4], const T* 
             dequant_run<T, MODE, BITS, G, FAST4>(p0, ring[d][r][0]);
             dequant_run<T, MODE, BITS, G, FAST4>(p1, ring[d][r][1]);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int s = 2 * v + h;
-              const uint32_t b[2] = {xv[2 * h], xv[2 * h + 1]};
-              const uint32_t a[4] = {p0[2 * s], p1[2 * s], p0[2 * s + 1], p1[2 * s + 1]};
-              Mma<T>::run(acc[0][r][s & 1], a, b);
-            }
+            for (int t = 0; t < NT; ++t)
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                const int s = 2 * v + h;
+                const uint32_t b[2] = {xv[t][2 * h], xv[t][2 * h + 1]};
+                const uint32_t a[4] = {p0[2 * s], p1[2 * s], p0[2 * s + 1], p1[2 * s + 1]};
+                Mma<T>::run(acc[t][r][s & 1], a, b);
+              }
           }
         }
         const int refill = chunk + DEPTH * WK;

@@ -47,7 +47,7 @@ class Plan:
     token_tiles: int  # see token_tiles_for; the only M-dependent field, it never changes the math
     depth: int = 1  # K chunks in flight per warp (register prefetch ring)
     row_tiles: int = 1  # 16-row tiles per warp, sharing each x fragment
-    lean: bool = False  # CUDA, one token tile: dequantize per 16-byte x load (fewer registers)
+    lean: bool = False  # CUDA: dequantize per 16-byte x load (fewer registers)
     # depth, row_tiles and lean only decide which warp computes a row and when its
     # loads are issued, never the arithmetic of an output, so they may follow M.
 
@@ -247,10 +247,13 @@ def plan_dense(
 
 
 def lean(backend: str, token_tiles: int) -> bool:
-    """Whether a launch takes the kernel's lean K loop (Plan.lean: CUDA, one token
-    tile; the same outputs with fewer registers, 7-18% faster per op on layers of
-    16 MB and more in run 20). MTP_SPLITK_LEAN=0 keeps the plain loop."""
-    return backend == "cuda" and token_tiles == 1 and os.environ.get("MTP_SPLITK_LEAN", "1") != "0"
+    """Whether a launch takes the kernel's lean K loop (Plan.lean, CUDA: the same
+    outputs with fewer registers; 7-18% faster per op on layers of 16 MB and more
+    at one token tile in run 20). MTP_SPLITK_LEAN=0 keeps the plain loop; it takes
+    up to MTP_SPLITK_LEAN_TILES token tiles (1 until more are measured on a GPU)."""
+    if backend != "cuda" or os.environ.get("MTP_SPLITK_LEAN", "1") == "0":
+        return False
+    return token_tiles <= int(os.environ.get("MTP_SPLITK_LEAN_TILES", "1"))
 
 
 @dataclass(frozen=True)

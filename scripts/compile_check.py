@@ -17,7 +17,7 @@ from mtp_splitk.launch import read_source
 PRELUDE = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cstdint>\n"
 
 # (name, T, TS, MODE, BITS, G, N, K, WK, NT, RT, FAST4); N and K are run-time values; each
-# one-token-tile variant also as its lean K loop (Plan.lean)
+# variant of one or two token tiles also as its lean K loop (Plan.lean)
 VARIANTS = [
     ("affine4_nt1_rt1", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 1, "true"),
     ("affine4_nt1_rt2", "__nv_bfloat16", "__nv_bfloat16", 0, 4, 64, 4096, 4096, 4, 1, 2, "true"),
@@ -47,7 +47,7 @@ def main():
     for v in VARIANTS:
         name, T, TS, mode, bits, g, n, k, wk, nt, rt, fast4 = v
         biases = "biases" if mode == 0 else "(const uint8_t*)nullptr"
-        for lean in ("false", "true") if nt == 1 else ("false",):
+        for lean in ("false", "true") if nt <= 2 else ("false",):
             src += (
                 f"\n__global__ void {name}{'_lean' if lean == 'true' else ''}(const {T}* x, const uint32_t* w,"
                 f" const {TS}* scales, const {TS}* biases, {T}* y, int M) {{\n"

@@ -100,16 +100,16 @@ def test_shapes_and_splits(N, K, warps_k):
 
 @pytest.mark.parametrize("mode,bits,group_size", MODES)
 def test_lean_k_loop_is_the_plain_one_bit_for_bit(mode, bits, group_size):
-    """Plan.lean (one token tile: dequantized per 16-byte x load, fewer registers)
-    makes the same MMAs in the same order: every output equals the plain K
-    loop's bit for bit, at depths 1-3 and 1-2 row tiles, every output written."""
+    """Plan.lean (dequantized per 16-byte x load, fewer registers) makes the same
+    MMAs in the same order: every output equals the plain K loop's bit for bit,
+    at one and two token tiles, depths 1-3 and 1-2 row tiles, every output written."""
     N, K = 1000, {16: 544, 32: 544, 64: 576, 128: 640}[group_size]
     wq, scales, biases = quantized(N, K, mode, bits, group_size, mx.bfloat16, seed=bits * 5 + group_size)
-    for M in (1, 3, 8):
+    for M in (1, 3, 8, 12, 16):  # one and two token tiles
         x = mx.random.normal((M, K)).astype(mx.bfloat16)
         ref = reference(x, wq, scales, biases, mode, bits, group_size)
         for depth, row_tiles in ((1, 1), (2, 1), (3, 1), (2, 2)):
-            plan = planner.Plan("cuda", mode, bits, group_size, N, K, 4, 1, depth, row_tiles)
+            plan = planner.Plan("cuda", mode, bits, group_size, N, K, 4, planner.token_tiles_for(M), depth, row_tiles)
             plain = launch.dense(plan, x, wq, scales, biases, poison=math.nan)
             lean = launch.dense(dataclasses.replace(plan, lean=True), x, wq, scales, biases, poison=math.nan)
             assert rel_err(lean, ref) < TOL[mx.bfloat16], (mode, M, depth, row_tiles)

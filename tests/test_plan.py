@@ -208,7 +208,7 @@ def test_fused_gate_up_of_experts_only_where_the_grouped_kernel_is_planned():
         planner.set_split(None)
 
 
-def test_the_lean_k_loop_is_the_default_and_takes_one_token_tile_only(monkeypatch):
+def test_the_lean_k_loop_is_the_default_and_takes_one_token_tile_unless_told(monkeypatch):
     METAL = planner.Device("metal", "Apple M2", 10)
     with planner.split(4):
         take = lambda M, device=H100: planner.plan_dense(M, 4096, 4096, 4, 64, "affine", mx.bfloat16, device=device)
@@ -218,6 +218,8 @@ def test_the_lean_k_loop_is_the_default_and_takes_one_token_tile_only(monkeypatc
         monkeypatch.delenv("MTP_SPLITK_LEAN", raising=False)
         assert take(1).lean and take(8).lean and moe(40).lean
         assert not take(9).lean and not take(64).lean  # two or more token tiles: the plain loop
+        monkeypatch.setenv("MTP_SPLITK_LEAN_TILES", "2")  # the measurement knob for more tiles
+        assert take(9).lean and take(16).lean and not take(17).lean
         assert not take(1, METAL).lean  # the Metal kernel has one K loop
         fused = planner.plan_multi(1, [4096, 1024], 4096, 4, 64, "affine", mx.bfloat16, H100)
         assert all(p.lean for p in fused.members)

@@ -22,7 +22,7 @@ TOL = 1e-2  # bfloat16 operands
 MODES = [("affine", 4, 64, 576), ("affine", 3, 32, 544), ("affine", 8, 128, 640), ("mxfp4", 4, 32, 544),
          ("nvfp4", 4, 16, 544)]
 N = 40  # two full 16-row tiles and a partial one
-# (warps along K, depth, row tiles) of the plain K loop; each also lean where M fits one token tile.
+# (warps along K, depth, row tiles) of the plain K loop; each also lean at one and two token tiles.
 SPLITS = [(2, 1, 1), (4, 2, 1), (2, 2, 2)]
 MS = (1, 3, 8, 13)
 
@@ -61,7 +61,7 @@ def dense_cases():
     for mode, bits, group_size, K in MODES:
         for M in MS:
             for split in SPLITS:
-                for lean in (False, True) if planner.token_tiles_for(M) == 1 else (False,):
+                for lean in (False, True) if planner.token_tiles_for(M) <= 2 else (False,):
                     yield mode, bits, group_size, K, M, split, lean
 
 
@@ -105,7 +105,7 @@ def test_emulated_lean_loop_is_the_plain_one_bit_for_bit(dense):
             plain = outputs[mode, bits, group_size, K, M, split, False]
             assert mx.array_equal(y, plain).item(), (mode, bits, M, split)
             compared += 1
-    assert compared == len(MODES) * 3 * len(SPLITS)  # M = 1, 3, 8
+    assert compared == len(MODES) * 4 * len(SPLITS)  # M = 1, 3, 8 and 13 (two token tiles)
 
 
 def test_emulated_rows_are_computed_independently(dense):

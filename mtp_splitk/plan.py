@@ -206,8 +206,11 @@ def plan_dense(
     mode: str,
     dtype,
     device: Optional[Device] = None,
+    in_range: bool = True,
 ) -> Optional[Plan]:
-    """A Plan for ``x (M, K) @ dequant(w (N, K)).T``, or None for MLX's own op."""
+    """A Plan for ``x (M, K) @ dequant(w (N, K)).T``, or None for MLX's own op;
+    with ``in_range=False`` the plan the kernel would take whatever the table's M
+    range (a rider of a fused launch, :func:`plan_multi`)."""
     device = device or current_device()
     if device.backend not in ("cuda", "metal") or M < 1:
         return None
@@ -219,7 +222,7 @@ def plan_dense(
         return None
     if failed(tuning, "dense", mode, bits, group_size, f"{N}x{K}"):
         return None
-    if override is None:
+    if override is None and in_range:
         lo, hi = m_range(tuning, mode, bits, N, K)
         if not lo <= M <= hi:
             return None
@@ -289,7 +292,9 @@ def plan_multi(
     Only where :func:`plan_dense` plans the kernel for every weight at this M (so
     the fused and the unfused path agree on which path each weight takes) and
     gives all of them the same split, the one field that fixes a row's
-    arithmetic: then each fused output is bit-identical to the unfused one.
+    arithmetic: then each fused output is bit-identical to the unfused one. With
+    :func:`riders` on, weights outside their M range join a planned widest weight
+    (at their own split, so still bit-identical to their kernel alone).
     Depth and row tiles, which never change the arithmetic, are those of the
     weight with the most rows.
     """
@@ -297,10 +302,22 @@ def plan_multi(
         return None
     device = device or current_device()
     plans = [plan_dense(M, N, K, bits, group_size, mode, dtype, device) for N in Ns]
+    if riders() and plans[Ns.index(max(Ns))] is not None:
+        # A weight MLX would take rides along in the widest weight's launch at the plan
+        # the kernel gives it alone (its split: each of its rows the same bits at every M).
+        plans = [p or plan_dense(M, N, K, bits, group_size, mode, dtype, device, in_range=False)
+                 for p, N in zip(plans, Ns)]
     if any(p is None for p in plans) or len({p.warps_k for p in plans}) != 1:
         return None
     lead = max(plans, key=lambda p: p.N)
     return FusedPlan(tuple(replace(p, depth=lead.depth, row_tiles=lead.row_tiles, lean=lead.lean) for p in plans))
+
+
+def riders() -> bool:
+    """Whether :func:`plan_multi` lets weights MLX would take ride in the widest
+    weight's fused launch (q/k/v: k and v beside a planned q). Only with
+    MTP_SPLITK_RIDERS=1 until measured on a GPU."""
+    return os.environ.get("MTP_SPLITK_RIDERS", "0") == "1"
 
 
 def plan_glu(

@@ -6,6 +6,7 @@ import pytest
 from mtp_splitk import plan as planner
 
 H100 = planner.Device("cuda", "NVIDIA H100 80GB HBM3", 132)
+H200 = planner.Device("cuda", "NVIDIA H200", 132)
 CPU = planner.Device("cpu", "cpu", 0)
 TABLE = planner.load_tuning(H100.name)
 
@@ -223,3 +224,21 @@ def test_the_lean_k_loop_is_the_default_and_takes_one_token_tile_unless_told(mon
         assert not take(1, METAL).lean  # the Metal kernel has one K loop
         fused = planner.plan_multi(1, [4096, 1024], 4096, 4, 64, "affine", mx.bfloat16, H100)
         assert all(p.lean for p in fused.members)
+
+
+def test_riders_join_a_planned_widest_weight_at_their_own_split(monkeypatch):
+    """With MTP_SPLITK_RIDERS=1, q/k/v at a k = 4 verify on the H200 table (q 4096x2048
+    planned at M = 2..7, k and v 512x2048 never) fuse, k and v at the plan the kernel
+    gives them alone; not without the switch, not where q is not planned."""
+    args = (2048, 4, 64, "affine", mx.bfloat16, H200)
+    multi = lambda M: planner.plan_multi(M, (4096, 512, 512), *args)
+    monkeypatch.delenv("MTP_SPLITK_RIDERS", raising=False)
+    assert multi(5) is None
+    monkeypatch.setenv("MTP_SPLITK_RIDERS", "1")
+    fused = multi(5)
+    alone = planner.plan_dense(5, 512, *args, in_range=False)
+    assert planner.plan_dense(5, 512, *args) is None and alone is not None
+    assert fused.members[0] == planner.plan_dense(5, 4096, *args)
+    assert fused.members[1].warps_k == fused.members[2].warps_k == alone.warps_k
+    assert multi(1) is None  # q on MLX at M = 1: nothing to ride in
+    assert planner.plan_multi(5, (4096, 64), *args) is None  # the table splits 64x2048 in 8, not 4

@@ -41,8 +41,10 @@ def test_smoke_run_is_complete_and_written(smoke_doc):
     assert json.loads((out / "bench_e2e.json").read_text()) == doc
     md = (out / "bench_e2e.md").read_text()
     for heading in ("## tiny-llama", "acceptance-controlled drafter", "draft model", "MTP head",
-                    "Verify step", "breakdown"):
+                    "Verify step", "breakdown", "Host probe"):
         assert heading in md
+    probes = doc["meta"]["host_probe"]  # the host's speed at the start and the end
+    assert len(probes) == 2 and all(p["build_us_per_op"] > 0 and p["eval_us_per_op"] > 0 for p in probes)
     models = doc["models"]
     assert set(models) == {"tiny-llama", "qwen3_next-tiny-mtp"}
     plain = models["tiny-llama"]["plain"]

@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..commands import check_model_path
 from . import models, report
-from .harness import ByteProgress, Deadline, Progress, Results, device_meta
+from .harness import ByteProgress, Deadline, Progress, Results, device_meta, host_probe
 from .measure import LOOPS, loop_options
 from .tasks import model_tasks, mtp_tasks
 
@@ -249,6 +249,7 @@ def run(args) -> Dict:
     meta.update(
         max_tokens=settings["max_tokens"],
         repeats=settings["repeats"],
+        host_probe=[host_probe()],  # again at the end: a host that slows mid-run shows
     )
     results = Results(Path(args.out), meta, "bench_e2e", report.e2e_markdown)
 
@@ -311,6 +312,7 @@ def run(args) -> Dict:
             break
         task()
     results.doc["meta"]["complete"] = progress.done == len(tasks)
+    results.doc["meta"]["host_probe"].append(host_probe())
     results.save()
     progress.finish()
     out = results.out.resolve()

@@ -124,6 +124,26 @@ def device_meta() -> Dict:
     }
 
 
+def host_probe(ops: int = 256, reps: int = 5) -> Dict[str, float]:
+    """µs an op to build and to evaluate a chain of tiny dependent adds on the
+    default device (medians): how fast this process's host builds and submits
+    work, which the patched path leans on more than MLX's (run 21: one of two
+    processes ran the patched loop at half speed while MLX's figures held)."""
+    build, run = [], []
+    for _ in range(reps + 1):
+        y = mx.zeros((8,))
+        mx.eval(y)
+        t0 = time.perf_counter()
+        for _ in range(ops):
+            y = y + 1
+        t1 = time.perf_counter()
+        mx.eval(y)
+        build.append((t1 - t0) / ops * 1e6)
+        run.append((time.perf_counter() - t1) / ops * 1e6)
+    return {"build_us_per_op": round(sorted(build[1:])[reps // 2], 3),
+            "eval_us_per_op": round(sorted(run[1:])[reps // 2], 3)}
+
+
 class Results:
     """A benchmark's JSON document and its markdown (``render(doc)``),
     rewritten after every measurement as <out>/<name>.json and .md; with

@@ -9,6 +9,14 @@ import os
 from typing import Dict
 
 
+def _host_probe_text(probes) -> str:
+    """The host's speed at the start and end of the run (harness.host_probe)."""
+    if not probes:
+        return ""
+    said = " → ".join(f"{p['build_us_per_op']:.2f} / {p['eval_us_per_op']:.2f}" for p in probes)
+    return f" Host probe (µs an op of a chain of tiny adds, built / evaluated; start → end): {said}."
+
+
 def e2e_markdown(doc: Dict) -> str:
     """bench_e2e.md: per model, plain decode, the speculative runs, verify latency, breakdown."""
     meta = doc["meta"]
@@ -18,7 +26,7 @@ def e2e_markdown(doc: Dict) -> str:
         "",
         f"Command: `{meta['command']}` ({meta['date']}). Tokens/s of generation (prompt "
         f"excluded), median over {meta.get('repeats', '?')} runs of "
-        f"{meta.get('max_tokens', '?')} tokens.",
+        f"{meta.get('max_tokens', '?')} tokens." + _host_probe_text(meta.get("host_probe")),
     ]
     for name, m in doc["models"].items():
         lines += ["", f"## {name}", ""]

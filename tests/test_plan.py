@@ -139,12 +139,14 @@ def test_the_h200_tables_moe_entries_are_what_run_21_measured():
     glu = [{**{k: r[k] for k in ("E", "N", "K", "pairs", "M")}, "speedup": r["us_glu_mlx"] / r["us_glu_ours"]}
            for r in rows if "us_glu_ours" in r]  # as bench_moe.write_ranges: independent calls, no M = 1
     for section, measured in (("moe_p_range", rows), ("moe_glu_p_range", glu)):
-        keys = {f"affine4:{r['E'] * r['N']}x{r['K']}" for r in measured}
-        for key in keys:
+        by_key = {}
+        for r in measured:
+            by_key.setdefault(f"affine4:{r['E'] * r['N']}x{r['K']}", []).append(r)
+        ranges = moe_ranges(measured)
+        for key, mine in by_key.items():
             lo, hi = table[section][key]
-            mine = [r for r in measured if f"affine4:{r['E'] * r['N']}x{r['K']}" == key]
             assert all(r["speedup"] >= planner.required_speedup(r["M"]) for r in mine if lo <= r["pairs"] <= hi), key
-            assert lo == moe_ranges(mine)[key][0], key
+            assert lo == ranges[key][0], key
     for r in rows:
         shape = f"{r['E']}x{r['N']}x{r['K']}"
         assert (table["moe_warps_k"][shape], table["moe_depth"][shape]) == (r["warps_k"], r["depth"]), shape

@@ -7,6 +7,7 @@ measurements come in (so a time-boxed run keeps what it measured)."""
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -130,7 +131,7 @@ def host_probe(ops: int = 256, reps: int = 5) -> Dict[str, float]:
     work, which the patched path leans on more than MLX's (run 21: one of two
     processes ran the patched loop at half speed while MLX's figures held)."""
     build, run = [], []
-    for _ in range(reps + 1):
+    for i in range(reps + 1):  # the first is a warm-up
         y = mx.zeros((8,))
         mx.eval(y)
         t0 = time.perf_counter()
@@ -138,10 +139,10 @@ def host_probe(ops: int = 256, reps: int = 5) -> Dict[str, float]:
             y = y + 1
         t1 = time.perf_counter()
         mx.eval(y)
-        build.append((t1 - t0) / ops * 1e6)
-        run.append((time.perf_counter() - t1) / ops * 1e6)
-    return {"build_us_per_op": round(sorted(build[1:])[reps // 2], 3),
-            "eval_us_per_op": round(sorted(run[1:])[reps // 2], 3)}
+        if i:
+            build.append((t1 - t0) / ops * 1e6)
+            run.append((time.perf_counter() - t1) / ops * 1e6)
+    return {"build_us_per_op": round(statistics.median(build), 3), "eval_us_per_op": round(statistics.median(run), 3)}
 
 
 class Results:
